@@ -1,0 +1,91 @@
+"""``ccrk`` command line. Bad input is reported as one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from ccrk_ray.config import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _int_pair(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX or N (integers), got {text!r}") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX or N, got {text!r}")
+    return values[0], values[1]
+
+
+def _languages(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ccrk_ray.demo import DemoConfig
+
+    d = DemoConfig(out="")
+    parser = _Parser(prog="ccrk", description="Cross-lingual cross-modal retrieval (CCRK) on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = sub.add_parser("demo", help="synthetic data -> tokenizer -> 1-to-K pretraining on Ray -> report")
+    demo.add_argument("--out", required=True, help="output directory (new, empty, or an earlier demo's)")
+    demo.add_argument("--train-images", type=int, default=d.train_images)
+    demo.add_argument("--val-images", type=int, default=d.val_images)
+    demo.add_argument("--test-images", type=int, default=d.test_images)
+    demo.add_argument("--image-size", type=int, default=d.image_size)
+    demo.add_argument("--languages", type=_languages, default=d.languages,
+                      help="comma-separated language codes (default: %(default)s)")
+    demo.add_argument("--captions-per-image", type=int, default=None, help="K (default: all languages)")
+    demo.add_argument("--omit-prob", type=float, default=d.omit_prob,
+                      help="chance that a language's caption leaves out an optional attribute")
+    demo.add_argument("--epochs", type=int, default=d.epochs)
+    demo.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
+    demo.add_argument("--lr", type=float, default=d.lr)
+    demo.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    demo.add_argument("--vision-model", default=d.vision_model, help="any timm.create_model name")
+    demo.add_argument("--text-model", default=None, help="HF name or path (default: tiny XLM-R config)")
+    demo.add_argument("--tokenizer", default=None, help="HF name or path (default: train one)")
+    demo.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    demo.add_argument("--max-length", type=int, default=d.max_length)
+    demo.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    demo.add_argument("--workers", type=_int_pair, default=d.workers, help="MIN,MAX Ray Train workers")
+    demo.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
+    demo.add_argument("--seed", type=int, default=d.seed)
+    return parser
+
+
+def _quiet_ray_env() -> None:
+    for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                       "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}.items():
+        os.environ.setdefault(key, value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "demo":
+            from ccrk_ray.demo import DemoConfig, run_demo
+
+            opts = {k: v for k, v in vars(args).items() if k != "command"}
+            cfg = DemoConfig(**opts).validate()
+            _quiet_ray_env()
+            run_demo(cfg)
+        return 0
+    except ConfigError as exc:
+        print(f"ccrk: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Per-row work on image–caption rows as plain functions (no Ray): decode, augment, normalise,
+choose the K languages of a row, tokenise. ``data/pipeline.py`` wires these into Ray Data; any
+other driver (a DataLoader, the evaluator) calls the same functions.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ccrk_ray.data import schema
+from ccrk_ray.tokenizer import load_tokenizer, tokenize
+
+# ImageNet statistics: timm's default for the encoders we build.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BadRowError(ValueError):
+    """A row that cannot be used, with the row's id and the field at fault in the message."""
+
+
+def decode_image(data: bytes, image_id: str = "?") -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:  # PIL raises several types for corrupt data
+        raise BadRowError(f"row {image_id!r}: field {schema.IMAGE!r} is not a decodable image ({exc})") from None
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize (eval) or random-resized-crop + optional flip (train), then normalise to CHW float32.
+
+    ``hflip_prob`` defaults to 0: flipping swaps "left" and "right" in the picture but not in the
+    caption, which teaches the model the wrong thing on data whose captions say where things are.
+    """
+
+    image_size: int = 64
+    train: bool = False
+    scale: tuple[float, float] = (0.8, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_prob: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0 <= self.hflip_prob <= 1:
+            raise ValueError(f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
+
+    def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """The random-resized-crop box (left, top, right, bottom), as torchvision samples it."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(rng.integers(0, width - w + 1))
+                top = int(rng.integers(0, height - h + 1))
+                return left, top, left + w, top + h
+        return 0, 0, width, height
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
+        size = (self.image_size, self.image_size)
+        if self.train:
+            rng = rng if rng is not None else np.random.default_rng()
+            img = img.resize(size, Image.BILINEAR, box=self.crop_box(img.width, img.height, rng))
+            if self.hflip_prob and rng.random() < self.hflip_prob:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        elif img.size != size:
+            img = img.resize(size, Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def choose_captions(row: Mapping[str, Any], languages: Sequence[str], k: int,
+                    rng: np.random.Generator | None) -> list[str]:
+    """The K captions of one row, in the order of ``languages`` (image-major layout per row).
+
+    With K = len(languages) every language is used; with K smaller, K languages are drawn at
+    random among those the row has. A language with several captions contributes one, drawn at
+    random (the first when ``rng`` is None). A row with fewer than K of the languages is a bad
+    row (BadRowError naming the row and the missing language columns).
+    """
+    available = []
+    for lang in languages:
+        caps = row.get(schema.caption_column(lang))
+        if caps is not None and len(caps) > 0:
+            available.append((lang, caps))
+    if len(available) < k:
+        missing = [lang for lang in languages if lang not in {a for a, _ in available}]
+        raise BadRowError(f"row {row.get(schema.IMAGE_ID)!r}: needs captions in {k} languages, missing "
+                          + ", ".join(schema.caption_column(m) for m in missing))
+    if k < len(available):
+        idx = sorted(rng.choice(len(available), size=k, replace=False)) if rng is not None else range(k)
+        available = [available[i] for i in idx]
+    return [str(caps[int(rng.integers(len(caps)))] if rng is not None else caps[0]) for _, caps in available]
+
+
+class OneToKBatchTransform:
+    """Rows (a dict of column arrays) → a 1-to-K training/eval batch of numpy arrays.
+
+    Output: ``pixel_values`` N×3×H×W float32, ``input_ids`` and ``attention_mask`` N×K×L int64
+    (the K captions of each image in ``languages`` order), ``image_id`` N strings.
+    """
+
+    def __init__(self, tokenizer: Any, languages: Sequence[str], k: int, max_length: int,
+                 image_transform: ImageTransform, seed: int | None = None):
+        if not 1 <= k <= len(languages):
+            raise ValueError(f"captions_per_image K={k} must be between 1 and the {len(languages)} languages")
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, bytes)) or hasattr(
+            tokenizer, "__fspath__") else tokenizer
+        self.languages, self.k, self.max_length = tuple(languages), k, max_length
+        self.image_transform = image_transform
+        # Train: fresh randomness per batch; eval: deterministic (first caption, all K in order).
+        self.rng = np.random.default_rng(seed) if image_transform.train else None
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch[schema.IMAGE_ID]
+        n = len(ids)
+        pixels = np.stack([self.image_transform(decode_image(batch[schema.IMAGE][i], ids[i]), self.rng)
+                           for i in range(n)])
+        cap_cols = [c for c in batch if c.startswith(schema.CAPTION_PREFIX)]
+        captions: list[str] = []
+        for i in range(n):
+            captions += choose_captions({schema.IMAGE_ID: ids[i], **{c: batch[c][i] for c in cap_cols}},
+                                        self.languages, self.k, self.rng)
+        input_ids, mask = tokenize(self.tokenizer, captions, self.max_length)
+        shape = (n, self.k, self.max_length)
+        return {schema.IMAGE_ID: np.asarray(ids, dtype=object), "pixel_values": pixels,
+                "input_ids": input_ids.reshape(shape), "attention_mask": mask.reshape(shape)}

@@ -1,0 +1,240 @@
+"""``ccrk demo``: synthetic data → tokenizer → 1-to-K pretraining on Ray → report.
+
+Everything lands under one output directory:
+
+    DIR/data/{train,val,test}/part-*.parquet   the generated data set
+    DIR/tokenizer/                             the trained tokenizer (AutoTokenizer-loadable)
+    DIR/ray_results/pretrain/                  Ray Train run: checkpoints (per epoch, newest 2)
+    DIR/tensorboard/                           TensorBoard event files
+    DIR/model/                                 the final model (CCRKModel.from_pretrained)
+    DIR/report.json                            per-language recall with chance level, MRV
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ccrk_ray.config import ConfigError, check_range
+from ccrk_ray.languages import CCRK_LANGUAGES, validate_languages
+
+MARKER = "ccrk-demo.json"
+OUTPUTS = ("data", "tokenizer", "ray_results", "tensorboard", "model", "report.json", MARKER)
+
+
+@dataclass
+class DemoConfig:
+    out: str
+    train_images: int = 4000
+    val_images: int = 200
+    test_images: int = 500
+    image_size: int = 64
+    languages: tuple[str, ...] = CCRK_LANGUAGES
+    captions_per_image: int | None = None      # K; default: every language
+    omit_prob: float = 0.2                     # chance a language's caption leaves out an attribute
+    epochs: int = 6
+    batch_size: int = 64                       # images per worker per step
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    vision_model: str = "resnet10t"
+    vision_kwargs: dict[str, Any] = field(default_factory=dict)
+    text_model: str | None = None              # HF name/path; None = tiny XLM-R config below
+    text_layers: int = 2
+    text_width: int = 128
+    tokenizer: str | None = None               # HF name/path; None = train one on the captions
+    vocab_size: int = 2000
+    max_length: int = 32
+    embed_dim: int = 128
+    workers: tuple[int, int] = (1, 2)
+    cpus_per_worker: int = 1
+    seed: int = 0
+
+    def validate(self) -> "DemoConfig":
+        self.languages = validate_languages(self.languages)
+        if self.captions_per_image is None:
+            self.captions_per_image = len(self.languages)
+        check_range("--captions-per-image", self.captions_per_image, 1, len(self.languages))
+        check_range("--train-images", self.train_images, 1)
+        check_range("--test-images", self.test_images, 2)
+        check_range("--val-images", self.val_images, 0)
+        check_range("--image-size", self.image_size, 32, 1024)
+        check_range("--omit-prob", self.omit_prob, 0.0, 1.0)
+        check_range("--epochs", self.epochs, 1)
+        check_range("--batch-size", self.batch_size, 2)
+        check_range("--lr", self.lr, 1e-8, 1.0)
+        check_range("--max-length", self.max_length, 8, 512)
+        check_range("--embed-dim", self.embed_dim, 8)
+        check_range("--vocab-size", self.vocab_size, 100)
+        check_range("--cpus-per-worker", self.cpus_per_worker, 1)
+        lo, hi = self.workers
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"--workers must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
+        if self.train_images < self.batch_size * hi:
+            raise ConfigError(f"--train-images {self.train_images} is less than one batch per worker "
+                              f"({self.batch_size} x {hi} workers)")
+        return self
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Refuse a directory holding unrelated files; clear our own outputs of an earlier demo run."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory")
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and MARKER not in entries:
+            raise ConfigError(f"output directory {out} is not empty and not a ccrk demo output "
+                              f"(holds {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
+        foreign = [e for e in entries if e not in OUTPUTS]
+        if foreign:
+            raise ConfigError(f"output directory {out} holds files the demo did not write: {', '.join(foreign[:3])}")
+        for name in entries:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _log(msg: str, t0: float) -> None:
+    print(f"[demo {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
+
+def text_model_config(cfg: DemoConfig, tokenizer) -> dict[str, Any]:
+    """The tiny XLM-R text encoder of the demo (ignored when --text-model names a real one)."""
+    if cfg.text_model:
+        return {}
+    return dict(model_type="xlm-roberta", vocab_size=len(tokenizer), hidden_size=cfg.text_width,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=max(1, cfg.text_width // 32),
+                intermediate_size=cfg.text_width * 2, max_position_embeddings=cfg.max_length + 2,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def init_ray(num_cpus: int) -> bool:
+    """Join the cluster in RAY_ADDRESS, or start a local one; True when we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return True
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    return True
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    cfg.validate()
+    t0 = time.perf_counter()
+    out = Path(cfg.out).resolve()
+    prepare_out_dir(out)
+    (out / MARKER).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
+
+    # 1. data
+    from ccrk_ray.data.synthetic import generate_split
+
+    splits = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
+    for i, (split, n) in enumerate(splits.items()):
+        if n:
+            generate_split(out / "data" / split, split, n, languages=cfg.languages, seed=cfg.seed * 10 + i,
+                           omit_prob=cfg.omit_prob, image_size=cfg.image_size)
+    _log(f"generated {cfg.train_images}/{cfg.val_images}/{cfg.test_images} train/val/test images with captions "
+         f"in {len(cfg.languages)} languages under {out / 'data'}", t0)
+
+    # 2. tokenizer
+    from ccrk_ray.tokenizer import load_tokenizer, train_tokenizer
+
+    if cfg.tokenizer:
+        tokenizer_path = cfg.tokenizer
+    else:
+        tokenizer_path = str(train_tokenizer(iter_captions(out / "data" / "train", cfg.languages),
+                                             out / "tokenizer", vocab_size=cfg.vocab_size))
+    tokenizer = load_tokenizer(tokenizer_path)
+    _log(f"tokenizer {tokenizer_path}: {len(tokenizer)} tokens", t0)
+
+    # 3. pretraining on Ray
+    import ray
+
+    from ccrk_ray.data.pipeline import count_rows, one_to_k_dataset
+    from ccrk_ray.data.transforms import ImageTransform
+    from ccrk_ray.model import ModelConfig
+    from ccrk_ray.train.state import load_model
+    from ccrk_ray.train.trainer import build_trainer
+
+    started = init_ray(num_cpus=cfg.workers[1] * cfg.cpus_per_worker + 2)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        k = cfg.captions_per_image
+        data_kwargs = dict(languages=cfg.languages, k=k, tokenizer=tokenizer_path, max_length=cfg.max_length)
+        train_ds = one_to_k_dataset(str(out / "data" / "train"), batch_size=cfg.batch_size,
+                                    image_transform=ImageTransform(cfg.image_size, train=True), with_ids=False,
+                                    **data_kwargs)
+        model_cfg = ModelConfig(vision_name=cfg.vision_model, vision_kwargs=dict(cfg.vision_kwargs),
+                                text_name_or_path=cfg.text_model, text_pretrained=bool(cfg.text_model),
+                                text_config=text_model_config(cfg, tokenizer), embed_dim=cfg.embed_dim)
+        loop_config = dict(model=model_cfg.to_dict(), objective="one_to_k", epochs=cfg.epochs,
+                           batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           warmup_steps=cfg.warmup_steps, rows=count_rows(str(out / "data" / "train")),
+                           threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed,
+                           tensorboard_dir=str(out / "tensorboard"))
+        trainer = build_trainer(train_ds, loop_config, storage_path=str(out / "ray_results"), name="pretrain",
+                                num_workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker)
+        _log(f"pretraining {cfg.vision_model} + {cfg.text_model or 'tiny XLM-R'} with 1-to-K ITC (K={k}) "
+             f"on {cfg.workers[0]}-{cfg.workers[1]} Ray Train workers", t0)
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as ckpt:
+            load_model(ckpt).save_pretrained(out / "model")
+        train_metrics = dict(result.metrics or {})
+        _log(f"pretraining done: {train_metrics.get('step')} steps, final loss {train_metrics.get('loss', float('nan')):.4f}; "
+             f"model saved to {out / 'model'}", t0)
+
+        # 4. evaluation
+        report = evaluate_split(str(out / "data" / "test"), str(out / "model"), cfg.languages, tokenizer_path,
+                                cfg.max_length, cfg.image_size)
+    finally:
+        if started:
+            ray.shutdown()
+    report["train"] = train_metrics
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    from ccrk_ray.eval.report import format_table
+
+    print(format_table(report), flush=True)
+    _log(f"report written to {out / 'report.json'}", t0)
+    return report
+
+
+def evaluate_split(uri: str, model_dir: str, languages, tokenizer: str, max_length: int, image_size: int,
+                   num_actors: int = 1) -> dict[str, Any]:
+    """Per-language retrieval report of a saved model on a parquet split (embedding on Ray actors)."""
+    from ccrk_ray.data.pipeline import one_to_k_dataset
+    from ccrk_ray.data.transforms import ImageTransform
+    from ccrk_ray.eval.actors import embed_dataset
+    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.eval.retrieval import rank_per_language
+
+    ds = one_to_k_dataset(uri, languages=languages, k=len(languages), tokenizer=tokenizer, max_length=max_length,
+                          image_transform=ImageTransform(image_size, train=False), batch_size=128,
+                          shuffle_files=False)
+    _, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=num_actors)
+    t2i, i2t = rank_per_language(image_emb, text_emb)
+    return build_report(t2i, i2t, languages)
+
+
+def iter_captions(path: Path, languages):
+    """Every caption of a local parquet directory (tokenizer training corpus)."""
+    import pyarrow.parquet as pq
+
+    from ccrk_ray.data.schema import caption_column
+
+    for f in sorted(Path(path).glob("*.parquet")):
+        table = pq.read_table(f, columns=[caption_column(lang) for lang in languages])
+        for col in table.columns:
+            for caps in col.to_pylist():
+                yield from caps or ()

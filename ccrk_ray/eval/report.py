@@ -1,0 +1,61 @@
+"""The evaluation report: per-language recall with chance level, and MRV both ways.
+
+Shape (a contract other tools read; recall and chance in percent):
+``{"num_images", "languages": {lang: {"t2i": {"R@1", "R@5", "R@10", "chance@1", ...,
+"MedR", "MeanR"}, "i2t": {...}}}, "mrv": {"t2i", "i2t"}, "mean": {...}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ccrk_ray.metrics import chance_recall_at_k, mean_rank, mean_rank_variance, median_rank, recall_at_k
+
+KS = (1, 5, 10)
+DIRECTIONS = ("t2i", "i2t")
+
+
+def direction_metrics(ranks: np.ndarray, num_candidates: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in KS:
+        out[f"R@{k}"] = recall_at_k(ranks, k)
+        out[f"chance@{k}"] = chance_recall_at_k(num_candidates, k)
+    out["MedR"] = median_rank(ranks)
+    out["MeanR"] = mean_rank(ranks)
+    return out
+
+
+def build_report(t2i: np.ndarray, i2t: np.ndarray, languages: Sequence[str]) -> dict[str, Any]:
+    """Report from N×K rank matrices (column k = languages[k])."""
+    n, k = t2i.shape
+    if i2t.shape != (n, k) or len(languages) != k:
+        raise ValueError(f"rank matrices {t2i.shape}/{i2t.shape} do not match {len(languages)} languages")
+    per_lang = {lang: {d: direction_metrics(r[:, j], n) for d, r in zip(DIRECTIONS, (t2i, i2t))}
+                for j, lang in enumerate(languages)}
+    mean = {d: {f"R@{kk}": float(np.mean([per_lang[l][d][f"R@{kk}"] for l in languages])) for kk in KS}
+            for d in DIRECTIONS}
+    r_mean = float(np.mean([mean[d][f"R@{kk}"] for d in DIRECTIONS for kk in KS]))
+    report = {"num_images": int(n), "languages": per_lang, "mean": {**mean, "r_mean": r_mean},
+              "recall_std_across_languages": {
+                  d: float(np.std([per_lang[l][d]["R@1"] for l in languages])) for d in DIRECTIONS}}
+    report["mrv"] = ({d: mean_rank_variance(r) for d, r in zip(DIRECTIONS, (t2i, i2t))} if k >= 2
+                     else {d: None for d in DIRECTIONS})
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Plain-text table: one row per language, recall (chance) both directions."""
+    head = (f"{'lang':<5}" + "".join(f"{d + ' R@' + str(k):>18}" for d in DIRECTIONS for k in KS))
+    lines = [f"N = {report['num_images']} test images; recall % (chance %)", head, "-" * len(head)]
+    for lang, m in report["languages"].items():
+        cells = "".join(f"{m[d][f'R@{k}']:>10.1f} ({m[d][f'chance@{k}']:>4.1f})" for d in DIRECTIONS for k in KS)
+        lines.append(f"{lang:<5}{cells}")
+    mean = report["mean"]
+    lines.append(f"{'mean':<5}" + "".join(f"{mean[d][f'R@{k}']:>10.1f}{'':>8}" for d in DIRECTIONS for k in KS))
+    mrv = report["mrv"]
+    if mrv["t2i"] is not None:
+        lines.append(f"MRV (mean rank std across languages, lower = more consistent): "
+                     f"t2i {mrv['t2i']:.2f}   i2t {mrv['i2t']:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Multilingual subword tokenizer: train one on captions, or load any HF tokenizer by name/path.
+
+The trained tokenizer is a SentencePiece-style byte-pair-encoding model (``▁`` word boundaries, as
+XLM-R's SentencePiece uses; CJK characters and sentence punctuation are split off first, as BERT
+does, so that pieces never straddle Chinese/Japanese words) with XLM-R's special tokens (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` last) and XLM-R's
+``<s> A </s>`` template, saved with ``save_pretrained`` so that
+``transformers.AutoTokenizer.from_pretrained(path)`` loads it — the same call that loads
+``xlm-roberta-large``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
+MASK_TOKEN = "<mask>"
+# CJK ideographs, full-width forms and CJK/ASCII sentence punctuation: one pre-token each (kana runs
+# stay together so that BPE can learn okurigana and particles).
+CJK_OR_PUNCT = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef.,!?;:]"
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 4000) -> Path:
+    """Train a Unigram tokenizer on ``texts`` and save it HF-style under ``out_dir``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 100:
+        raise ValueError(f"vocab_size must be >= 100, got {vocab_size}")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(),
+        pre_tokenizers.Split(Regex(CJK_OR_PUNCT), behavior="isolated"),
+    ])
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), max_token_length=12)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([MASK_TOKEN])
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   sep_token="</s>", cls_token="<s>", pad_token="<pad>", mask_token=MASK_TOKEN,
+                                   model_max_length=512)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out))
+    return out
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """Load a tokenizer by HF name (e.g. ``xlm-roberta-large``) or local path."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask, padded/truncated to ``max_length``: two int64 arrays T×L."""
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)

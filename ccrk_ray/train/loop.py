@@ -1,0 +1,112 @@
+"""The per-worker training function run by Ray Train's TorchTrainer.
+
+``config`` keys: model (ModelConfig dict), objective, epochs, batch_size (per worker), lr,
+weight_decay, warmup_steps, rows (training rows per epoch), threads_per_worker, seed,
+tensorboard_dir, log_every.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from ccrk_ray.model import CCRKModel, ModelConfig
+from ccrk_ray.objectives import get_objective
+from ccrk_ray.train.state import load_training_state, save_checkpoint
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR multiplier per optimiser step: linear warm-up, then cosine decay to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+def unwrap(model: torch.nn.Module) -> CCRKModel:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(config.get("threads_per_worker", 1)))
+    torch.manual_seed(int(config.get("seed", 0)))
+
+    model = CCRKModel(ModelConfig.from_dict(config["model"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    batch_size, epochs = int(config["batch_size"]), int(config["epochs"])
+    steps_per_epoch = int(config["rows"]) // (batch_size * world)
+    if steps_per_epoch < 1:
+        raise ValueError(f"{config['rows']} training rows make no full batch of {batch_size} x {world} workers")
+    total_steps = steps_per_epoch * epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(min(int(config["warmup_steps"]), total_steps // 2), total_steps))
+
+    start_epoch, step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            progress = load_training_state(d, model, optimizer, scheduler)
+        start_epoch, step = progress["epoch"], progress["step"]
+
+    model = ray.train.torch.prepare_model(model)
+    objective = get_objective(config.get("objective", "one_to_k"))
+    writer = None
+    if rank == 0 and config.get("tensorboard_dir"):
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(config["tensorboard_dir"], purge_step=step or None)
+
+    shard = ray.train.get_dataset_shard("train")
+    log_every = int(config.get("log_every", 10))
+    metrics: dict[str, Any] = {}
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        t_epoch, wait, seen, losses = time.perf_counter(), 0.0, 0, []
+        t_wait = time.perf_counter()
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+            wait += time.perf_counter() - t_wait
+            out = objective(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += batch["pixel_values"].shape[0]
+            losses.append(out["loss"].detach())
+            if writer is not None and step % log_every == 0:
+                for name, value in out.items():
+                    writer.add_scalar(f"train/{name}", float(value), step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            t_wait = time.perf_counter()
+        elapsed = time.perf_counter() - t_epoch
+        metrics = {"epoch": epoch + 1, "step": step,
+                   "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
+                   "samples_per_s": seen * world / elapsed, "data_wait_fraction": wait / elapsed,
+                   "world_size": world}
+        if writer is not None:
+            for name in ("samples_per_s", "data_wait_fraction"):
+                writer.add_scalar(f"epoch/{name}", metrics[name], epoch + 1)
+            writer.add_scalar("epoch/loss", metrics["loss"], epoch + 1)
+            writer.flush()
+        if rank == 0:
+            print(f"[train] epoch {epoch + 1}/{epochs} step {step} loss {metrics['loss']:.4f} "
+                  f"{metrics['samples_per_s']:.0f} samples/s, data wait {100 * metrics['data_wait_fraction']:.0f}%",
+                  flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, unwrap(model), optimizer, scheduler, {"epoch": epoch + 1, "step": step})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+    if writer is not None:
+        writer.close()
+    return metrics

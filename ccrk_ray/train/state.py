@@ -1,0 +1,47 @@
+"""Checkpoint layout (no pickled objects anywhere):
+
+    <ckpt>/model/config.json, model.safetensors   the model (CCRKModel.save_pretrained)
+    <ckpt>/training_state.pt                      optimiser + scheduler state dicts (tensors and
+                                                  plain containers: loads with weights_only=True)
+    <ckpt>/progress.json                          epoch, step
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ccrk_ray.model import CCRKModel
+
+MODEL_DIR = "model"
+STATE_FILE = "training_state.pt"
+PROGRESS_FILE = "progress.json"
+
+
+def save_checkpoint(directory: str | Path, model: CCRKModel, optimizer, scheduler, progress: dict[str, Any]) -> Path:
+    d = Path(directory)
+    model.save_pretrained(d / MODEL_DIR)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / STATE_FILE)
+    (d / PROGRESS_FILE).write_text(json.dumps(progress, sort_keys=True))
+    return d
+
+
+def load_training_state(directory: str | Path, model: CCRKModel, optimizer, scheduler) -> dict[str, Any]:
+    """Load weights into ``model`` and states into optimiser/scheduler; return the progress dict."""
+    from safetensors.torch import load_model
+
+    d = Path(directory)
+    load_model(model, str(d / MODEL_DIR / "model.safetensors"))
+    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return json.loads((d / PROGRESS_FILE).read_text())
+
+
+def load_model(checkpoint_dir: str | Path) -> CCRKModel:
+    """The model of a training checkpoint (or of a plain saved model directory)."""
+    d = Path(checkpoint_dir)
+    return CCRKModel.from_pretrained(d / MODEL_DIR if (d / MODEL_DIR).is_dir() else d)

@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ccrk_ray.losses import one_to_k_contrastive
+
+
+def naive_one_to_k(img, txt, temperature):
+    """The definition written as loops, one row and one column at a time."""
+    n, k = img.shape[0], txt.shape[0] // img.shape[0]
+    logits = img @ txt.t() / temperature
+    i2t = 0.0
+    for i in range(n):
+        logp = torch.log_softmax(logits[i], dim=0)
+        i2t = i2t - sum(logp[i * k + j] for j in range(k))
+    t2i = 0.0
+    for c in range(n * k):
+        t2i = t2i - torch.log_softmax(logits[:, c], dim=0)[c // k]
+    return (i2t / n + t2i / (n * k)) / 2 / k
+
+
+def test_hand_computed_value():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    e = math.e
+    # i2t row: logits [1,1,0,0] -> -2*(1 - log(2e+2)); t2i column: -(1 - log(e+1))
+    expected = ((2 * math.log(2 * e + 2) - 2) + (math.log(e + 1) - 1)) / 2 / 2
+    got = one_to_k_contrastive(img, txt, 1.0)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.58152, abs=1e-4)
+
+
+@pytest.mark.parametrize("n,k", [(3, 1), (4, 3), (5, 10)])
+def test_matches_loop_definition_value_and_gradients(n, k):
+    g = torch.Generator().manual_seed(n * 100 + k)
+    img = F.normalize(torch.randn(n, 8, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(n * k, 8, generator=g), dim=-1).requires_grad_()
+    tau = torch.tensor(0.07, requires_grad=True)
+    fast = one_to_k_contrastive(img, txt, tau)
+    g_fast = torch.autograd.grad(fast, (img, txt, tau))
+    slow = naive_one_to_k(img, txt, tau)
+    g_slow = torch.autograd.grad(slow, (img, txt, tau))
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_matches_closed_form():
+    # dL/dlogits: i2t rows give (K·softmax - Y)/(N·2K); t2i columns give (softmax - onehot)/(N·K·2K)
+    n, k, tau = 3, 2, 0.5
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(n, 4, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(n * k, 4, generator=g), dim=-1)
+    one_to_k_contrastive(img, txt, tau).backward()
+    logits = (img @ txt.t() / tau).detach()
+    y = torch.zeros(n, n * k)
+    for i in range(n):
+        y[i, i * k:(i + 1) * k] = 1
+    d_i2t = (k * logits.softmax(1) - y) / (n * 2 * k)
+    d_t2i = (logits.softmax(0) - y) / (n * k * 2 * k)
+    expected = (d_i2t + d_t2i) @ txt / tau
+    torch.testing.assert_close(img.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_k1_is_symmetric_clip_infonce():
+    g = torch.Generator().manual_seed(7)
+    img = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    logits = img @ txt.t() / 0.1
+    labels = torch.arange(6)
+    clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    assert one_to_k_contrastive(img, txt, 0.1).item() == pytest.approx(clip.item(), rel=1e-6)
+
+
+def test_aligned_features_give_lower_loss_than_shuffled():
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    txt = img.repeat_interleave(4, dim=0)
+    aligned = one_to_k_contrastive(img, txt, 0.07)
+    shuffled = one_to_k_contrastive(img, txt[torch.randperm(32, generator=g)], 0.07)
+    assert aligned.item() < 0.1 * shuffled.item()
+
+
+def test_rejects_text_rows_not_multiple_of_images():
+    with pytest.raises(ValueError, match=r"text rows \(7\).*image rows \(3\)"):
+        one_to_k_contrastive(torch.randn(3, 4), torch.randn(7, 4), 0.07)
+    with pytest.raises(ValueError, match="N×d"):
+        one_to_k_contrastive(torch.randn(3, 4), torch.randn(6, 5), 0.07)
