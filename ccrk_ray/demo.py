@@ -38,7 +38,7 @@ class DemoConfig:
     languages: tuple[str, ...] = CCRK_LANGUAGES
     captions_per_image: int | None = None      # K; default: every language
     omit_prob: float = 0.2                     # chance a language's caption leaves out an attribute
-    epochs: int = 6
+    epochs: int = 4
     batch_size: int = 64                       # images per worker per step
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -148,7 +148,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
          f"in {len(cfg.languages)} languages under {out / 'data'}", t0)
 
     # 2. tokenizer
-    from ccrk_ray.tokenizer import load_tokenizer, train_tokenizer
+    from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
 
     if cfg.tokenizer:
         tokenizer_path = cfg.tokenizer
@@ -156,6 +156,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         tokenizer_path = str(train_tokenizer(iter_captions(out / "data" / "train", cfg.languages),
                                              out / "tokenizer", vocab_size=cfg.vocab_size))
     tokenizer = load_tokenizer(tokenizer_path)
+    caption_tokenizer = CaptionTokenizer(tokenizer, cfg.max_length)
     _log(f"tokenizer {tokenizer_path}: {len(tokenizer)} tokens", t0)
 
     # 3. pretraining on Ray
@@ -171,7 +172,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         k = cfg.captions_per_image
-        data_kwargs = dict(languages=cfg.languages, k=k, tokenizer=tokenizer_path, max_length=cfg.max_length)
+        data_kwargs = dict(languages=cfg.languages, k=k, tokenizer=caption_tokenizer)
         train_ds = one_to_k_dataset(str(out / "data" / "train"), batch_size=cfg.batch_size,
                                     image_transform=ImageTransform(cfg.image_size, train=True), with_ids=False,
                                     **data_kwargs)
@@ -195,8 +196,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
              f"model saved to {out / 'model'}", t0)
 
         # 4. evaluation
-        report = evaluate_split(str(out / "data" / "test"), str(out / "model"), cfg.languages, tokenizer_path,
-                                cfg.max_length, cfg.image_size)
+        report = evaluate_split(str(out / "data" / "test"), str(out / "model"), cfg.languages, caption_tokenizer,
+                                cfg.image_size)
     finally:
         if started:
             ray.shutdown()
@@ -210,7 +211,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return report
 
 
-def evaluate_split(uri: str, model_dir: str, languages, tokenizer: str, max_length: int, image_size: int,
+def evaluate_split(uri: str, model_dir: str, languages, tokenizer, image_size: int,
                    num_actors: int = 1) -> dict[str, Any]:
     """Per-language retrieval report of a saved model on a parquet split (embedding on Ray actors)."""
     from ccrk_ray.data.pipeline import one_to_k_dataset
@@ -219,7 +220,7 @@ def evaluate_split(uri: str, model_dir: str, languages, tokenizer: str, max_leng
     from ccrk_ray.eval.report import build_report
     from ccrk_ray.eval.retrieval import rank_per_language
 
-    ds = one_to_k_dataset(uri, languages=languages, k=len(languages), tokenizer=tokenizer, max_length=max_length,
+    ds = one_to_k_dataset(uri, languages=languages, k=len(languages), tokenizer=tokenizer,
                           image_transform=ImageTransform(image_size, train=False), batch_size=128,
                           shuffle_files=False)
     _, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=num_actors)

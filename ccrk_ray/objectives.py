@@ -12,9 +12,17 @@ from ccrk_ray.distributed import gather_with_grad
 from ccrk_ray.losses import one_to_k_contrastive
 
 
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop padding columns beyond the longest caption of the batch (batches arrive padded to
+    the configured max length; most captions are far shorter, and text cost grows with length)."""
+    longest = int(attention_mask.sum(dim=-1).max())
+    return input_ids[..., :longest], attention_mask[..., :longest]
+
+
 def one_to_k(model, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CCRK ITC: every image against its K captions at once, negatives over the global batch."""
-    image_feat, text_feat, temperature = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    input_ids, attention_mask = trim_padding(batch["input_ids"], batch["attention_mask"])
+    image_feat, text_feat, temperature = model(batch["pixel_values"], input_ids, attention_mask)
     itc = one_to_k_contrastive(gather_with_grad(image_feat), gather_with_grad(text_feat), temperature)
     return {"loss": itc, "itc": itc, "temperature": temperature.detach()}
 

@@ -58,8 +58,39 @@ def load_tokenizer(name_or_path: str | Path):
     return AutoTokenizer.from_pretrained(str(name_or_path))
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask, padded/truncated to ``max_length``: two int64 arrays T×L."""
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="np")
-    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+class CaptionTokenizer:
+    """Fixed-length batch tokenisation for the data path: ``(input_ids, attention_mask)`` T×L int64.
+
+    Uses the tokenizer's Rust backend directly (``encode_batch``, padding and truncation set once),
+    which gives the same ids as calling the HF tokenizer with ``padding="max_length",
+    truncation=True`` at a fraction of the Python overhead; slow (Python) tokenizers go through
+    the HF call. Build it once in the driver and ship it to data workers: with a fast tokenizer
+    it pickles without ``transformers``, so workers start quickly.
+    """
+
+    def __init__(self, tokenizer, max_length: int):
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        hf = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+        self.max_length = max_length
+        self.vocab_size = len(hf)
+        backend = getattr(hf, "backend_tokenizer", None)
+        self.backend, self.hf = None, None
+        if backend is None:
+            self.hf = hf
+        else:
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_str(backend.to_str())
+            self.backend.enable_truncation(max_length)
+            self.backend.enable_padding(length=max_length, pad_id=hf.pad_token_id, pad_token=hf.pad_token)
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.backend is None:
+            enc = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                          return_tensors="np")
+            return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        encodings = self.backend.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), self.max_length)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(ids.shape)
+        return ids, mask

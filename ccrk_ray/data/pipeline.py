@@ -12,6 +12,7 @@ import ray
 
 from ccrk_ray.data import schema
 from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
+from ccrk_ray.tokenizer import CaptionTokenizer
 
 
 def count_rows(path: str) -> int:
@@ -25,7 +26,7 @@ def read_captions(uri: str, languages: Sequence[str], shuffle_files: bool = True
     return ray.data.read_parquet(uri, columns=columns, shuffle="files" if shuffle_files else None, **read_kwargs)
 
 
-def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: str, max_length: int,
+def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: CaptionTokenizer,
                      image_transform: ImageTransform, batch_size: int = 64, num_actors: int = 1,
                      cpus_per_actor: float = 1.0, shuffle_files: bool = True, with_ids: bool = True,
                      **read_kwargs) -> ray.data.Dataset:
@@ -36,8 +37,8 @@ def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: s
     ds = read_captions(uri, languages, shuffle_files=shuffle_files, **read_kwargs)
     ds = ds.map_batches(
         OneToKBatchTransform,
-        fn_constructor_kwargs=dict(tokenizer=str(tokenizer), languages=tuple(languages), k=k,
-                                   max_length=max_length, image_transform=image_transform),
+        fn_constructor_kwargs=dict(tokenizer=tokenizer, languages=tuple(languages), k=k,
+                                   image_transform=image_transform),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),

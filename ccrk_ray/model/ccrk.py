@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccrk_ray.losses import TEMPERATURE_INIT, TEMPERATURE_MAX, TEMPERATURE_MIN
-from ccrk_ray.model.encoders import build_text_encoder, build_vision_encoder, text_cls
+from ccrk_ray.model.encoders import build_text_encoder, build_vision_encoder, text_cls, vision_mean_std
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -64,14 +64,24 @@ class CCRKModel(nn.Module):
         self.vision_proj = nn.Linear(self.vision.num_features, config.embed_dim)
         self.text_proj = nn.Linear(self.text.config.hidden_size, config.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(config.temperature)))
+        mean, std = vision_mean_std(self.vision)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def temperature(self) -> torch.Tensor:
         """Learnable temperature, clamped to [0.001, 0.5]."""
         return self.temp.clamp(TEMPERATURE_MIN, TEMPERATURE_MAX)
 
+    def normalize_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """uint8 N×3×H×W in [0, 255] → float, normalised with the vision encoder's mean/std.
+        Float input is taken as already normalised."""
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        return (pixel_values.float() / 255.0 - self.pixel_mean) / self.pixel_std
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vision_proj(self.vision(pixel_values)), dim=-1)
+        return F.normalize(self.vision_proj(self.vision(self.normalize_pixels(pixel_values))), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(text_cls(self.text, input_ids, attention_mask)), dim=-1)

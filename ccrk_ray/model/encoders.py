@@ -34,6 +34,14 @@ def build_vision_encoder(name: str, pretrained: bool = False, checkpoint_path: s
         raise
 
 
+def vision_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean/std the timm model was (pre)trained with (ImageNet's when unknown)."""
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
 def build_text_encoder(name_or_path: str | None = None, pretrained: bool = True,
                        config: Mapping[str, Any] | None = None) -> nn.Module:
     """A transformers encoder without its pooler; ``.config.hidden_size`` is its width."""

@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         model.train()
         t_epoch, wait, seen, losses = time.perf_counter(), 0.0, 0, []
         t_wait = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2):
             wait += time.perf_counter() - t_wait
             out = objective(model, batch)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,55 @@
+"""Shared fixtures. Ray tests share one small local cluster per module and always shut it down."""
+
+from __future__ import annotations
+
+import os
+
+# Quiet, fast Ray on 2 cores (must be set before ray is imported anywhere).
+for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DEDUP_LOGS": "1",
+                     "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+import numpy as np
+import pytest
+
+from ccrk_ray.languages import CCRK_LANGUAGES
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray cluster with explicit small resources (4 logical CPUs on 2 cores)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small synthetic data set (train 96 / test 40 images, 10 languages) and a tokenizer."""
+    from ccrk_ray.data.synthetic import generate_split
+    from ccrk_ray.demo import iter_captions
+    from ccrk_ray.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    generate_split(root / "train", "train", 96, seed=1, rows_per_shard=48)
+    generate_split(root / "test", "test", 40, seed=2)
+    tok = train_tokenizer(iter_captions(root / "train", CCRK_LANGUAGES), root / "tokenizer", vocab_size=600)
+    return {"root": root, "train": root / "train", "test": root / "test", "tokenizer": tok}
+
+
+def tiny_text_config(vocab_size: int, max_length: int = 32) -> dict:
+    return dict(model_type="xlm-roberta", vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=64, max_position_embeddings=max_length + 2,
+                pad_token_id=1, bos_token_id=0, eos_token_id=2)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

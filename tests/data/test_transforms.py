@@ -1,0 +1,81 @@
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ccrk_ray.data.transforms import BadRowError, ImageTransform, OneToKBatchTransform, choose_captions, decode_image
+from ccrk_ray.languages import CCRK_LANGUAGES
+from ccrk_ray.tokenizer import CaptionTokenizer
+
+
+def jpeg(w=40, h=30, colour=(200, 10, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_decode_names_the_row_and_field_of_corrupt_images():
+    assert decode_image(jpeg()).size == (40, 30)
+    with pytest.raises(BadRowError, match=r"row 'img-7': field 'image' is not a decodable image"):
+        decode_image(b"\xff\xd8 not really a jpeg", "img-7")
+
+
+def test_eval_transform_is_deterministic_uint8_chw():
+    t = ImageTransform(image_size=16, train=False)
+    a, b = t(decode_image(jpeg())), t(decode_image(jpeg()))
+    assert a.shape == (3, 16, 16) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert abs(int(a[0].mean()) - 200) < 6 and a[1].mean() < 20
+
+
+def test_train_crop_box_stays_inside_and_respects_scale():
+    t = ImageTransform(image_size=16, train=True, scale=(0.5, 0.9))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, right, bottom = t.crop_box(64, 48, rng)
+        assert 0 <= left < right <= 64 and 0 <= top < bottom <= 48
+        assert 0.45 * 64 * 48 <= (right - left) * (bottom - top) <= 0.95 * 64 * 48
+    out = t(decode_image(jpeg(64, 48)), rng)
+    assert out.shape == (3, 16, 16)
+
+
+def test_hflip_mirrors_the_image():
+    img = Image.new("RGB", (16, 16), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 8, 16))               # white left half
+    flipped = ImageTransform(16, train=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_prob=1.0)(img)
+    assert flipped[0, :, 12:].mean() > 250 and flipped[0, :, :4].mean() < 5
+    with pytest.raises(ValueError, match="hflip_prob"):
+        ImageTransform(16, hflip_prob=2)
+
+
+def test_choose_captions_keeps_language_order_and_samples_k():
+    row = {"image_id": "a", "captions_en": ["hello"], "captions_de": ["hallo", "servus"], "captions_fr": ["salut"]}
+    assert choose_captions(row, ["en", "de", "fr"], 3, None) == ["hello", "hallo", "salut"]
+    rng = np.random.default_rng(0)
+    picks = [tuple(choose_captions(row, ["en", "de", "fr"], 2, rng)) for _ in range(200)]
+    assert all(len(p) == 2 for p in picks)
+    assert {p[0] for p in picks} >= {"hello", "hallo", "servus"}  # every language and caption can come first
+    assert ("salut", "hello") not in picks                         # order follows the language list
+
+
+def test_rows_missing_languages_are_named():
+    row = {"image_id": "x9", "captions_en": ["hi"], "captions_de": [], "captions_fr": None}
+    with pytest.raises(BadRowError, match=r"row 'x9': needs captions in 2 languages, missing captions_de, captions_fr"):
+        choose_captions(row, ["en", "de", "fr"], 2, None)
+
+
+def test_batch_transform_on_real_shards(tiny_data):
+    table = pq.read_table(sorted(tiny_data["train"].glob("*.parquet"))[0]).slice(0, 5)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    tok = CaptionTokenizer(tiny_data["tokenizer"], max_length=24)
+    out = OneToKBatchTransform(tok, CCRK_LANGUAGES, 10, ImageTransform(64, train=False))(batch)
+    assert out["pixel_values"].shape == (5, 3, 64, 64) and out["pixel_values"].dtype == np.uint8
+    assert out["input_ids"].shape == (5, 10, 24) and out["attention_mask"].shape == (5, 10, 24)
+    assert list(out["image_id"]) == list(batch["image_id"])
+    # image-major: caption k of image i is the language k caption of row i
+    ids, _ = tok([batch["captions_ru"][3][0]])
+    np.testing.assert_array_equal(out["input_ids"][3, CCRK_LANGUAGES.index("ru")], ids[0])
+    with pytest.raises(ValueError, match="K=11"):
+        OneToKBatchTransform(tok, CCRK_LANGUAGES, 11, ImageTransform(64))

@@ -1,0 +1,54 @@
+"""Bad input to the command line: one line on stderr naming the problem, exit code 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def ccrk(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ccrk_ray", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--languages", "en,xx"], "unknown language code(s) 'xx'"),
+    (["--languages", "en,en"], "more than once: en"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--omit-prob", "1.5"], "--omit-prob must be in [0.0, 1.0], got 1.5"),
+    (["--workers", "2,1"], "--workers must be MIN,MAX with 1 <= MIN <= MAX, got 2,1"),
+    (["--workers", "a,b"], "expected MIN,MAX or N (integers)"),
+    (["--captions-per-image", "11"], "--captions-per-image must be in [1, 10], got 11"),
+    (["--train-images", "10"], "--train-images 10 is less than one batch per worker"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_flags(tmp_path, args, needle):
+    res = ccrk("demo", "--out", str(tmp_path / "out"), *args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_directory_with_unrelated_files_is_refused(tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    res = ccrk("demo", "--out", str(tmp_path))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"ccrk: error: output directory {tmp_path} is not empty and not a ccrk demo output (holds thesis.tex)"]
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_a_file_as_output_directory_and_a_missing_command(tmp_path):
+    (tmp_path / "f").write_text("x")
+    res = ccrk("demo", "--out", str(tmp_path / "f"))
+    assert res.returncode == 2 and "exists and is not a directory" in res.stderr
+    res = ccrk()
+    assert res.returncode == 2 and "required" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_help_lists_the_demo():
+    res = ccrk("--help")
+    assert res.returncode == 0 and "demo" in res.stdout

@@ -1,0 +1,103 @@
+"""The whole demo path at tiny size through a real local Ray cluster."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ccrk_ray.demo import MARKER, DemoConfig, prepare_out_dir, run_demo
+from ccrk_ray.languages import CCRK_LANGUAGES
+
+pytestmark = pytest.mark.ray
+
+TRAIN, TEST, BATCH, EPOCHS = 128, 40, 16, 2
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(out=str(out), train_images=TRAIN, val_images=8, test_images=TEST, epochs=EPOCHS,
+                     batch_size=BATCH, warmup_steps=2, text_width=32, embed_dim=32, vocab_size=600)
+    report = run_demo(cfg)
+    return out, cfg, report
+
+
+def test_report_has_the_contract_shape(demo_run):
+    out, cfg, report = demo_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["num_images"] == TEST
+    assert list(on_disk["languages"]) == list(CCRK_LANGUAGES)
+    for lang, dirs in on_disk["languages"].items():
+        for d in ("t2i", "i2t"):
+            m = dirs[d]
+            assert (m["chance@1"], m["chance@5"], m["chance@10"]) == (2.5, 12.5, 25.0)
+            assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100
+    assert set(on_disk["mrv"]) == {"t2i", "i2t"} and all(v >= 0 for v in on_disk["mrv"].values())
+
+
+def test_training_ran_on_ray_workers_and_learned(demo_run):
+    out, cfg, report = demo_run
+    train = report["train"]
+    world = train["world_size"]
+    assert world in (1, 2)
+    assert train["epoch"] == EPOCHS and train["step"] == EPOCHS * (TRAIN // (BATCH * world))
+    checkpoints = sorted(p for p in (out / "ray_results" / "pretrain").glob("checkpoint_*") if p.is_dir())
+    assert 1 <= len(checkpoints) <= 2
+    state = torch.load(checkpoints[-1] / "training_state.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == train["step"]
+    progress = json.loads((checkpoints[-1] / "progress.json").read_text())
+    assert progress == {"epoch": EPOCHS, "step": train["step"]}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert "epoch/loss" in acc.Tags()["scalars"]
+    losses = [e.value for e in acc.Scalars("epoch/loss")]
+    assert len(losses) == EPOCHS and losses[-1] < losses[0]
+
+
+def test_report_equals_single_process_evaluation_of_the_saved_model(demo_run):
+    """The Ray evaluation path (actors) gives exactly what one process computes from the model."""
+    out, cfg, report = demo_run
+    from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
+    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.eval.retrieval import Embedder, rank_per_language
+    from ccrk_ray.tokenizer import CaptionTokenizer
+
+    table = pq.read_table(out / "data" / "test").sort_by("image_id")
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    rows = OneToKBatchTransform(CaptionTokenizer(out / "tokenizer", cfg.max_length), CCRK_LANGUAGES, 10,
+                                ImageTransform(cfg.image_size, train=False))(batch)
+    emb = Embedder(out / "model")(rows)
+    expected = build_report(*rank_per_language(emb["image_emb"], emb["text_emb"]), CCRK_LANGUAGES)
+    assert report["languages"] == expected["languages"]
+    assert report["mrv"] == pytest.approx(expected["mrv"], abs=1e-9)
+
+
+def test_outputs_are_reloadable(demo_run):
+    out, cfg, report = demo_run
+    from transformers import AutoTokenizer
+
+    from ccrk_ray.model import CCRKModel
+
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert tok.mask_token == "<mask>"
+    model = CCRKModel.from_pretrained(out / "model")
+    assert model.config.text_pretrained is False and model.text.config.hidden_size == 32
+    assert (out / MARKER).is_file()
+
+
+def test_rerun_clears_only_its_own_outputs(demo_run, tmp_path):
+    out, _, _ = demo_run
+    (tmp_path / MARKER).write_text("{}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "report.json").write_text("{}")
+    prepare_out_dir(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / MARKER).write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="did not write: notes.txt"):
+        prepare_out_dir(tmp_path)

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
+
+CAPTIONS = ["There is a small red circle on the left on a white background.",
+            "Ein kleiner roter Kreis links auf weißem Hintergrund.",
+            "白色背景上，左边有一个红色小圆形。",
+            "白い背景の左側に小さな赤い円が一つあります。",
+            "Маленький красный круг слева на белом фоне."] * 40
+
+
+def test_trained_tokenizer_loads_with_autotokenizer_and_has_xlmr_specials(tmp_path):
+    path = train_tokenizer(CAPTIONS, tmp_path / "tok", vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert tok.mask_token == "<mask>" and tok.mask_token_id == len(tok) - 1
+    ids = tok(CAPTIONS[0])["input_ids"]
+    assert ids[0] == 0 and ids[-1] == 2
+    # words of a repeated corpus become whole pieces; CJK characters are split off one by one
+    assert "▁circle" in tok.convert_ids_to_tokens(ids)
+    zh = tok.convert_ids_to_tokens(tok(CAPTIONS[2])["input_ids"])
+    assert "红" in zh and "圆" in zh
+    assert tok.decode(ids, skip_special_tokens=True) == CAPTIONS[0]
+
+
+def test_caption_tokenizer_equals_hf_call_and_pads_to_length(tmp_path):
+    path = train_tokenizer(CAPTIONS, tmp_path / "tok", vocab_size=300)
+    hf = load_tokenizer(path)
+    fast = CaptionTokenizer(path, max_length=12)
+    ids, mask = fast(CAPTIONS[:5])
+    ref = hf(CAPTIONS[:5], padding="max_length", truncation=True, max_length=12, return_tensors="np")
+    np.testing.assert_array_equal(ids, ref["input_ids"])
+    np.testing.assert_array_equal(mask, ref["attention_mask"])
+    assert ids.shape == (5, 12) and ids.dtype == np.int64
+    short = CaptionTokenizer(hf, max_length=40)(["Маленький круг."])
+    assert short[1].sum() < 40 and short[0][0, short[1].sum():].tolist() == [1] * (40 - short[1].sum())
+
+
+def test_caption_tokenizer_pickles_without_the_hf_object(tmp_path):
+    import pickle
+
+    fast = CaptionTokenizer(train_tokenizer(CAPTIONS, tmp_path / "tok", vocab_size=300), max_length=16)
+    again = pickle.loads(pickle.dumps(fast))
+    assert again.hf is None
+    np.testing.assert_array_equal(again(CAPTIONS[:3])[0], fast(CAPTIONS[:3])[0])
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(CAPTIONS, tmp_path, vocab_size=10)
+    with pytest.raises(OSError):
+        load_tokenizer(tmp_path / "does-not-exist")
