@@ -124,7 +124,7 @@ def init_ray(num_cpus: int) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return True
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=num_cpus, log_to_driver=True,
              runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
     return True
 

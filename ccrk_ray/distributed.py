@@ -8,6 +8,8 @@ global-batch loss.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -21,4 +23,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private API (torch.distributed._functional_collectives) but
+        # still the public autograd-aware gather in torch 2.4 ... 2.14; keep the logs clean.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)

@@ -21,7 +21,8 @@ def ray_local():
     """A local Ray cluster with explicit small resources (4 logical CPUs on 2 cores)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # The dashboard stays on: without it Train's placement-group cleaner cannot query the State API.
+    ray.init(num_cpus=4, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
