@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Sequence
@@ -26,6 +27,16 @@ def _int_pair(text: str) -> tuple[int, int]:
     if len(values) != 2:
         raise argparse.ArgumentTypeError(f"expected MIN,MAX or N, got {text!r}")
     return values[0], values[1]
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _languages(text: str) -> tuple[str, ...]:
@@ -54,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=d.lr)
     demo.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     demo.add_argument("--vision-model", default=d.vision_model, help="any timm.create_model name")
+    demo.add_argument("--vision-kwargs", type=_json_object, default={},
+                      help='JSON keyword arguments for timm.create_model, e.g. \'{"drop_path_rate": 0.1}\'')
     demo.add_argument("--text-model", default=None, help="HF name or path (default: tiny XLM-R config)")
     demo.add_argument("--tokenizer", default=None, help="HF name or path (default: train one)")
     demo.add_argument("--vocab-size", type=int, default=d.vocab_size)

@@ -79,7 +79,16 @@ class DemoConfig:
         if self.train_images < self.batch_size * hi:
             raise ConfigError(f"--train-images {self.train_images} is less than one batch per worker "
                               f"({self.batch_size} x {hi} workers)")
+        check_vision_model(self.vision_model)  # last: it imports timm
         return self
+
+
+def check_vision_model(name: str) -> None:
+    """Fail before Ray starts on a vision model name timm does not know (hub names pass)."""
+    import timm
+
+    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+        raise ConfigError(f"--vision-model {name!r} is not a timm model (see timm.list_models())")
 
 
 def prepare_out_dir(out: Path) -> None:

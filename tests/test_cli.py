@@ -22,6 +22,9 @@ def ccrk(*args, cwd=None):
     (["--captions-per-image", "11"], "--captions-per-image must be in [1, 10], got 11"),
     (["--train-images", "10"], "--train-images 10 is less than one batch per worker"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--vision-kwargs", "[1]"], "expected a JSON object"),
+    (["--vision-model", "resnet_nonesuch"], "--vision-model 'resnet_nonesuch' is not a timm model"),
+    (["--vision-kwargs", "{oops"], "not valid JSON"),
 ])
 def test_bad_flags(tmp_path, args, needle):
     res = ccrk("demo", "--out", str(tmp_path / "out"), *args)
