@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--vision-kwargs", type=_json_object, default={},
                       help='JSON keyword arguments for timm.create_model, e.g. \'{"drop_path_rate": 0.1}\'')
     demo.add_argument("--text-model", default=None, help="HF name or path (default: tiny XLM-R config)")
-    demo.add_argument("--tokenizer", default=None, help="HF name or path (default: train one)")
+    demo.add_argument("--tokenizer", default=None,
+                      help="HF name or path (default: --text-model's tokenizer, else train one on the captions)")
     demo.add_argument("--vocab-size", type=int, default=d.vocab_size)
     demo.add_argument("--max-length", type=int, default=d.max_length)
     demo.add_argument("--embed-dim", type=int, default=d.embed_dim)

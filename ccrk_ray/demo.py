@@ -40,7 +40,7 @@ class DemoConfig:
     omit_prob: float = 0.2                     # chance a language's caption leaves out an attribute
     epochs: int = 4
     batch_size: int = 64                       # images per worker per step
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 30
     vision_model: str = "resnet10t"
@@ -48,7 +48,7 @@ class DemoConfig:
     text_model: str | None = None              # HF name/path; None = tiny XLM-R config below
     text_layers: int = 2
     text_width: int = 128
-    tokenizer: str | None = None               # HF name/path; None = train one on the captions
+    tokenizer: str | None = None               # HF name/path; None = --text-model's, else train one
     vocab_size: int = 2000
     max_length: int = 32
     embed_dim: int = 128
@@ -159,8 +159,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # 2. tokenizer
     from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
 
-    if cfg.tokenizer:
-        tokenizer_path = cfg.tokenizer
+    if cfg.tokenizer or cfg.text_model:
+        # A pretrained text encoder comes with its own vocabulary: use its tokenizer by default.
+        tokenizer_path = cfg.tokenizer or cfg.text_model
     else:
         tokenizer_path = str(train_tokenizer(iter_captions(out / "data" / "train", cfg.languages),
                                              out / "tokenizer", vocab_size=cfg.vocab_size))

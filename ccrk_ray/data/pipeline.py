@@ -32,16 +32,15 @@ def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: C
                      **read_kwargs) -> ray.data.Dataset:
     """A dataset of 1-to-K batches (see OneToKBatchTransform) streamed from ``uri``.
 
-    ``with_ids=False`` drops the string ``image_id`` column, leaving only tensors (for training).
+    ``with_ids=False`` leaves out the string ``image_id`` column: only tensors (for training).
     """
     ds = read_captions(uri, languages, shuffle_files=shuffle_files, **read_kwargs)
-    ds = ds.map_batches(
+    return ds.map_batches(
         OneToKBatchTransform,
         fn_constructor_kwargs=dict(tokenizer=tokenizer, languages=tuple(languages), k=k,
-                                   image_transform=image_transform),
+                                   image_transform=image_transform, with_ids=with_ids),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
         num_cpus=cpus_per_actor,
     )
-    return ds if with_ids else ds.drop_columns([schema.IMAGE_ID])

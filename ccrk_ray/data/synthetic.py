@@ -281,6 +281,11 @@ _EN = {
 }
 
 
+def _place_phrases(t: dict, s: Scene, m: frozenset[str]) -> list[str]:
+    """The position and background phrases a caption mentions, in that order."""
+    return [t[a][getattr(s, a)] for a in ("position", "background") if a in m]
+
+
 def _caption_en(s: Scene, m: frozenset[str]) -> str:
     t = _EN
     words = [t["size"][s.size]] if "size" in m else []
@@ -291,10 +296,7 @@ def _caption_en(s: Scene, m: frozenset[str]) -> str:
     else:
         parts = ["There are", t["number"][s.count]]
     parts += words
-    if "position" in m:
-        parts.append(t["position"][s.position])
-    if "background" in m:
-        parts.append(t["background"][s.background])
+    parts += _place_phrases(t, s, m)
     return _capitalise(" ".join(parts), "en") + "."
 
 
@@ -325,10 +327,7 @@ def _caption_de(s: Scene, m: frozenset[str]) -> str:
     adjectives.append(t["colour"][s.colour])
     parts = [t["number"][s.count]] + [a + ending for a in adjectives]
     parts.append(singular if s.count == 1 else plural)
-    if "position" in m:
-        parts.append(t["position"][s.position])
-    if "background" in m:
-        parts.append(t["background"][s.background])
+    parts += _place_phrases(t, s, m)
     return _capitalise(" ".join(parts), "de") + "."
 
 
@@ -362,10 +361,7 @@ def _caption_fr(s: Scene, m: frozenset[str]) -> str:
     if "size" in m:
         parts.append(t["size"][s.size][form])
     parts += [singular if s.count == 1 else plural, t["colour"][s.colour][form]]
-    if "position" in m:
-        parts.append(t["position"][s.position])
-    if "background" in m:
-        parts.append(t["background"][s.background])
+    parts += _place_phrases(t, s, m)
     return _capitalise(" ".join(parts), "fr") + "."
 
 
@@ -400,10 +396,7 @@ def _caption_es(s: Scene, m: frozenset[str]) -> str:
              singular if s.count == 1 else plural, t["colour"][s.colour][form]]
     if "size" in m:
         parts.append(t["size"][s.size][form])
-    if "position" in m:
-        parts.append(t["position"][s.position])
-    if "background" in m:
-        parts.append(t["background"][s.background])
+    parts += _place_phrases(t, s, m)
     return _capitalise(" ".join(parts), "es") + "."
 
 
@@ -434,10 +427,7 @@ def _caption_cs(s: Scene, m: frozenset[str]) -> str:
     if "size" in m:
         parts.append(t["size"][s.size][form])
     parts += [t["colour"][s.colour][form], singular if s.count == 1 else plural]
-    if "position" in m:
-        parts.append(t["position"][s.position])
-    if "background" in m:
-        parts.append(t["background"][s.background])
+    parts += _place_phrases(t, s, m)
     return _capitalise(" ".join(parts), "cs") + "."
 
 
@@ -475,10 +465,7 @@ def _caption_ru(s: Scene, m: frozenset[str]) -> str:
     if "size" in m:
         parts.append(t["size"][s.size][form])
     parts += [t["colour"][s.colour][form], nominative if s.count == 1 else genitive]
-    if "position" in m:
-        parts.append(t["position"][s.position])
-    if "background" in m:
-        parts.append(t["background"][s.background])
+    parts += _place_phrases(t, s, m)
     return _capitalise(" ".join(parts), "ru") + "."
 
 
@@ -541,10 +528,7 @@ def _caption_id(s: Scene, m: frozenset[str]) -> str:
     parts = ["ada", t["number"][s.count], t["kind"][s.kind], t["colour"][s.colour]]
     if "size" in m:
         parts.append(t["size"][s.size])
-    if "position" in m:
-        parts.append(t["position"][s.position])
-    if "background" in m:
-        parts.append(t["background"][s.background])
+    parts += _place_phrases(t, s, m)
     return _capitalise(" ".join(parts), "id") + "."
 
 

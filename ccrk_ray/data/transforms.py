@@ -110,15 +110,16 @@ class OneToKBatchTransform:
     """Rows (a dict of column arrays) → a 1-to-K training/eval batch of numpy arrays.
 
     Output: ``pixel_values`` N×3×H×W uint8, ``input_ids`` and ``attention_mask`` N×K×L int64
-    (the K captions of each image in ``languages`` order), ``image_id`` N strings.
+    (the K captions of each image in ``languages`` order), and unless ``with_ids=False`` (tensors
+    only, as training wants) ``image_id`` N strings.
     """
 
     def __init__(self, tokenizer: CaptionTokenizer, languages: Sequence[str], k: int,
-                 image_transform: ImageTransform, seed: int | None = None):
+                 image_transform: ImageTransform, seed: int | None = None, with_ids: bool = True):
         if not 1 <= k <= len(languages):
             raise ValueError(f"captions_per_image K={k} must be between 1 and the {len(languages)} languages")
         self.tokenize = tokenizer
-        self.languages, self.k = tuple(languages), k
+        self.languages, self.k, self.with_ids = tuple(languages), k, with_ids
         self.image_transform = image_transform
         # Train: fresh randomness per batch; eval: deterministic (first caption, all K in order).
         self.rng = np.random.default_rng(seed) if image_transform.train else None
@@ -135,5 +136,7 @@ class OneToKBatchTransform:
                                         self.languages, self.k, self.rng)
         input_ids, mask = self.tokenize(captions)
         shape = (n, self.k, input_ids.shape[-1])
-        return {schema.IMAGE_ID: np.asarray(ids, dtype=object), "pixel_values": pixels,
-                "input_ids": input_ids.reshape(shape), "attention_mask": mask.reshape(shape)}
+        out = {"pixel_values": pixels, "input_ids": input_ids.reshape(shape), "attention_mask": mask.reshape(shape)}
+        if self.with_ids:
+            out[schema.IMAGE_ID] = np.asarray(ids, dtype=object)
+        return out
