@@ -1,4 +1,12 @@
-"""The dual encoder with projections to a shared space, and its save/load round trip.
+"""The CCRK model (CCLM / X-VLM design) and its save/load round trip.
+
+- a timm vision encoder giving a pooled token plus patch tokens;
+- a transformers text encoder whose first ``text_layers`` layers encode text alone;
+- ``fusion_layers`` fusion layers in which text attends to image tokens (cross-attention),
+  initialised from the text model's upper layers (self-attention, feed-forward);
+- heads: image/text projections to the shared space (ITC), a 2-way matching head (ITM) and an
+  MLM head tied to the word embeddings (CMLM). With ``fusion_layers=0`` the model is a plain dual
+  encoder (ITC only), which is what the demo trains.
 
 ``save_pretrained(dir)`` writes ``config.json`` (everything needed to rebuild the architecture
 offline, including the text encoder's full HF config) and ``model.safetensors``;
@@ -18,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ccrk_ray.losses import TEMPERATURE_INIT, TEMPERATURE_MAX, TEMPERATURE_MIN
-from ccrk_ray.model.encoders import build_text_encoder, build_vision_encoder, text_cls, vision_mean_std
+from ccrk_ray.model.encoders import build_text_encoder, build_vision_encoder, vision_mean_std
+from ccrk_ray.model.fusion import FRESH_PREFIXES, FusionLayer, ITMHead, MLMHead
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -33,8 +42,12 @@ class ModelConfig:
     text_name_or_path: str | None = None
     text_pretrained: bool = True
     text_config: dict[str, Any] = field(default_factory=dict)
+    text_layers: int | None = None      # text-only layers (None: all but the fusion layers)
+    fusion_layers: int = 0              # cross-attention layers taken from the layers above
+    cross_proj: bool = True             # project vision tokens to the text width for fusion
     embed_dim: int = 256
     temperature: float = TEMPERATURE_INIT
+    lr_mult: float = 2.0                # LR multiplier of newly initialised parameters
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -48,6 +61,17 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+def _token_layout(features: torch.Tensor, width: int, output_fmt: str | None) -> torch.Tensor:
+    """timm ``forward_features`` output → B×T×C tokens (NCHW, NHWC or already B×T×C)."""
+    if features.dim() == 3:
+        return features
+    if features.dim() != 4:
+        raise ValueError(f"unexpected vision feature shape {tuple(features.shape)}")
+    if output_fmt == "NHWC" or (output_fmt is None and features.shape[-1] == width and features.shape[1] != width):
+        return features.flatten(1, 2)
+    return features.flatten(2).transpose(1, 2)
+
+
 class CCRKModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -56,23 +80,70 @@ class CCRKModel(nn.Module):
         if not TEMPERATURE_MIN <= config.temperature <= TEMPERATURE_MAX:
             raise ValueError(f"temperature must be in [{TEMPERATURE_MIN}, {TEMPERATURE_MAX}], "
                              f"got {config.temperature}")
+        if config.lr_mult <= 0:
+            raise ValueError(f"lr_mult must be > 0, got {config.lr_mult}")
         self.config = config
         self.vision = build_vision_encoder(config.vision_name, pretrained=config.vision_pretrained,
                                            checkpoint_path=config.vision_checkpoint, **config.vision_kwargs)
         self.text = build_text_encoder(config.text_name_or_path, pretrained=config.text_pretrained,
                                        config=config.text_config)
+        text_cfg = self.text.config
+        hidden = text_cfg.hidden_size
+        self._split_text_layers(config)
+
         self.vision_proj = nn.Linear(self.vision.num_features, config.embed_dim)
-        self.text_proj = nn.Linear(self.text.config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(hidden, config.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(config.temperature)))
         mean, std = vision_mean_std(self.vision)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+        self.vision_to_text = None
+        if config.fusion_layers:
+            if self.vision.num_features != hidden:
+                if not config.cross_proj:
+                    raise ValueError(f"vision width {self.vision.num_features} != text width {hidden} and "
+                                     "cross_proj is off: fusion needs a projection")
+                self.vision_to_text = nn.Linear(self.vision.num_features, hidden)
+            eps = getattr(text_cfg, "layer_norm_eps", 1e-12)
+            self.itm_head = ITMHead(hidden, eps)
+            self.mlm_head = MLMHead(self.text.get_input_embeddings(), eps)
+
+    def _split_text_layers(self, config: ModelConfig) -> None:
+        layers = getattr(getattr(self.text, "encoder", None), "layer", None)
+        if layers is None:
+            if config.fusion_layers or config.text_layers:
+                raise ValueError(f"{type(self.text).__name__} has no encoder.layer list to split into text and "
+                                 "fusion layers")
+            self.fusion = nn.ModuleList()
+            return
+        total = len(layers)
+        n_fusion = config.fusion_layers
+        n_text = config.text_layers if config.text_layers is not None else total - n_fusion
+        if n_fusion < 0 or n_text < 1 or n_text + n_fusion > total:
+            raise ValueError(f"text_layers={n_text} + fusion_layers={n_fusion} do not fit the text encoder's "
+                             f"{total} layers")
+        cfg = self.text.config
+        fusion = []
+        for layer in layers[n_text:n_text + n_fusion]:
+            f = FusionLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
+                            getattr(cfg, "layer_norm_eps", 1e-12))
+            f.load_hf_layer(layer)
+            fusion.append(f)
+        self.fusion = nn.ModuleList(fusion)
+        self.text.encoder.layer = nn.ModuleList(list(layers)[:n_text])
+        self.text.config.num_hidden_layers = n_text
 
     @property
     def temperature(self) -> torch.Tensor:
         """Learnable temperature, clamped to [0.001, 0.5]."""
         return self.temp.clamp(TEMPERATURE_MIN, TEMPERATURE_MAX)
 
+    @property
+    def has_fusion(self) -> bool:
+        return len(self.fusion) > 0
+
+    # --- encoders ---------------------------------------------------------------------------
     def normalize_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """uint8 N×3×H×W in [0, 255] → float, normalised with the vision encoder's mean/std.
         Float input is taken as already normalised."""
@@ -80,21 +151,79 @@ class CCRKModel(nn.Module):
             return pixel_values
         return (pixel_values.float() / 255.0 - self.pixel_mean) / self.pixel_std
 
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """B×(1+T)×C_vision: the pooled token first, then the patch tokens."""
+        features = self.vision.forward_features(self.normalize_pixels(pixel_values))
+        pooled = self.vision.forward_head(features, pre_logits=True)
+        tokens = _token_layout(features, self.vision.num_features, getattr(self.vision, "output_fmt", None))
+        return torch.cat([pooled.unsqueeze(1), tokens], dim=1)
+
+    def image_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The normalised ITC feature of the pooled token."""
+        return F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vision_proj(self.vision(self.normalize_pixels(pixel_values))), dim=-1)
+        return self.image_feature(self.image_tokens(pixel_values))
+
+    def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """B×L×h from the text-only layers."""
+        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def text_feature(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(text_cls(self.text, input_ids, attention_mask)), dim=-1)
+        return self.text_feature(self.text_hidden(input_ids, attention_mask))
+
+    def fuse(self, text_hidden: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Text states conditioned on the image through the fusion layers: B×L×h."""
+        if not self.has_fusion:
+            raise ValueError("this model has no fusion layers (fusion_layers=0): ITM/MLM need them")
+        image = self.vision_to_text(image_tokens) if self.vision_to_text is not None else image_tokens
+        h = text_hidden
+        for layer in self.fusion:
+            h = layer(h, text_mask, image)
+        return h
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(image features N×d, text features (N·K)×d image-major, temperature) of a 1-to-K batch.
 
-        ``input_ids``/``attention_mask`` are N×K×L (or already flat (N·K)×L). Everything the loss
-        needs comes out of forward so that DDP sees every parameter used in its forward pass.
+        ``input_ids``/``attention_mask`` are N×K×L (or already flat (N·K)×L).
         """
         if input_ids.dim() == 3:
             input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
         return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), self.temperature
+
+    # --- optimisation -----------------------------------------------------------------------
+    def new_parameter_names(self) -> set[str]:
+        """Parameters initialised fresh while others come from pre-trained weights (these get
+        ``lr_mult``). Empty when nothing is pre-trained: then there is nothing to favour."""
+        cfg = self.config
+        vision_pre = cfg.vision_pretrained or bool(cfg.vision_checkpoint)
+        text_pre = bool(cfg.text_name_or_path) and cfg.text_pretrained
+        if not (vision_pre or text_pre):
+            return set()
+        new = set()
+        for name, _ in self.named_parameters():
+            from_vision = name.startswith("vision.") and vision_pre
+            from_text = text_pre and (name.startswith("text.") or (
+                name.startswith("fusion.") and not name.split(".", 2)[2].startswith(FRESH_PREFIXES)))
+            if not (from_vision or from_text):
+                new.add(name)
+        return new
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: (pre-trained | new) × (decayed | not: biases, norms, temperature)."""
+        new = self.new_parameter_names()
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_decay = p.dim() < 2 or name == "temp"
+            groups.setdefault((name in new, no_decay), []).append(p)
+        return [{"params": ps, "lr": lr * (self.config.lr_mult if is_new else 1.0),
+                 "weight_decay": 0.0 if no_decay else weight_decay}
+                for (is_new, no_decay), ps in sorted(groups.items())]
 
     # --- save / load -------------------------------------------------------------------------
     def frozen_config(self) -> dict[str, Any]:
@@ -103,8 +232,10 @@ class CCRKModel(nn.Module):
         text_cfg = self.text.config.to_dict()
         for k in ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"):
             text_cfg.pop(k, None)
+        n_text = self.text.config.num_hidden_layers
+        text_cfg["num_hidden_layers"] = n_text + len(self.fusion)
         d.update(vision_pretrained=False, vision_checkpoint=None, text_name_or_path=None,
-                 text_pretrained=False, text_config=text_cfg)
+                 text_pretrained=False, text_config=text_cfg, text_layers=n_text)
         return d
 
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -62,9 +62,3 @@ def build_text_encoder(name_or_path: str | None = None, pretrained: bool = True,
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # unused: we take the first token; an unused pooler breaks DDP
     return model
-
-
-def text_cls(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden state of the first (``<s>``/CLS) token."""
-    out = encoder(input_ids=input_ids, attention_mask=attention_mask)
-    return out.last_hidden_state[:, 0]

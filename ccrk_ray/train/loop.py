@@ -43,7 +43,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(int(config.get("seed", 0)))
 
     model = CCRKModel(ModelConfig.from_dict(config["model"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = torch.optim.AdamW(model.param_groups(config["lr"], config["weight_decay"]))
     batch_size, epochs = int(config["batch_size"]), int(config["epochs"])
     steps_per_epoch = int(config["rows"]) // (batch_size * world)
     if steps_per_epoch < 1:

@@ -90,3 +90,96 @@ def test_bad_model_configs():
         ModelConfig.from_dict({"vision": "x"})
     with pytest.raises(ValueError, match="temperature"):
         tiny_model(temperature=0.9)
+
+
+# --- fusion (CCLM / X-VLM design) -------------------------------------------------------------
+
+def hf_text_dir(tmp_path, layers=3):
+    from transformers import AutoConfig, AutoModel
+
+    cfg = dict(tiny_text_config(100), num_hidden_layers=layers)
+    torch.manual_seed(1)
+    src = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    src.save_pretrained(tmp_path / "text")
+    return tmp_path / "text", src
+
+
+def fusion_model(text_dir, **kw) -> CCRKModel:
+    torch.manual_seed(0)
+    return CCRKModel(ModelConfig(vision_name="resnet10t", text_name_or_path=str(text_dir), text_layers=2,
+                                 fusion_layers=1, embed_dim=16, **kw))
+
+
+def test_fusion_layers_take_self_attention_and_ffn_from_the_upper_text_layer(tmp_path):
+    text_dir, src = hf_text_dir(tmp_path)
+    model = fusion_model(text_dir)
+    assert len(model.text.encoder.layer) == 2 and len(model.fusion) == 1
+    upper = src.encoder.layer[2]
+    f = model.fusion[0]
+    q, k, v = f.self_attn.in_proj_weight.chunk(3)
+    torch.testing.assert_close(q, upper.attention.self.query.weight)
+    torch.testing.assert_close(v, upper.attention.self.value.weight)
+    torch.testing.assert_close(f.ffn_in.weight, upper.intermediate.dense.weight)
+    torch.testing.assert_close(f.ffn_norm.weight, upper.output.LayerNorm.weight)
+    # the two text-only layers are the pre-trained first two
+    torch.testing.assert_close(model.text.encoder.layer[1].output.dense.weight, src.encoder.layer[1].output.dense.weight)
+    # the MLM head's output matrix is the word embedding matrix itself (tied)
+    assert model.mlm_head.word_embeddings.weight is model.text.get_input_embeddings().weight
+
+
+def test_fusion_forward_shapes_and_image_conditioning(tmp_path):
+    text_dir, _ = hf_text_dir(tmp_path)
+    model = fusion_model(text_dir).eval()
+    pixels, ids, mask = batch(n=3, k=1, length=7)
+    tokens = model.image_tokens(pixels)
+    assert tokens.shape == (3, 1 + 1, 512)            # pooled + 1×1 patch grid of resnet10t at 32 px
+    hidden = model.text_hidden(ids[:, 0], mask[:, 0])
+    fused = model.fuse(hidden, mask[:, 0], tokens)
+    assert fused.shape == (3, 7, 32)
+    assert model.itm_head(fused).shape == (3, 2)
+    assert model.mlm_head(fused).shape == (3, 7, 100)
+    # the same text fused with another image gives other states: the image is attended to
+    other = model.fuse(hidden, mask[:, 0], tokens.flip(0))
+    assert not torch.allclose(fused, other)
+
+
+def test_lr_mult_applies_to_new_parameters_only(tmp_path):
+    text_dir, _ = hf_text_dir(tmp_path)
+    model = fusion_model(text_dir, lr_mult=3.0)
+    new = model.new_parameter_names()
+    assert "fusion.0.cross_attn.in_proj_weight" in new and "itm_head.net.0.weight" in new and "temp" in new
+    assert "vision.conv1.0.weight" in new                  # vision not pre-trained here
+    assert "fusion.0.self_attn.in_proj_weight" not in new and "text.embeddings.word_embeddings.weight" not in new
+    groups = model.param_groups(lr=1e-4, weight_decay=0.01)
+    by_lr = {}
+    for g in groups:
+        by_lr.setdefault(g["lr"], 0)
+        by_lr[g["lr"]] += sum(p.numel() for p in g["params"])
+    assert sorted(by_lr) == pytest.approx([1e-4, 3e-4])
+    assert sum(by_lr.values()) == sum(p.numel() for p in model.parameters())
+    assert all(g["weight_decay"] == 0.0 for g in groups if any(p.dim() < 2 for p in g["params"]))
+    # nothing pre-trained: no favourites
+    assert tiny_model().new_parameter_names() == set()
+
+
+def test_fusion_model_round_trip(tmp_path):
+    text_dir, _ = hf_text_dir(tmp_path)
+    model = fusion_model(text_dir).eval()
+    model.save_pretrained(tmp_path / "saved")
+    again = CCRKModel.from_pretrained(tmp_path / "saved").eval()
+    assert len(again.text.encoder.layer) == 2 and len(again.fusion) == 1
+    pixels, ids, mask = batch(n=2, k=1, length=5)
+    with torch.no_grad():
+        a = model.itm_head(model.fuse(model.text_hidden(ids[:, 0], mask[:, 0]), mask[:, 0], model.image_tokens(pixels)))
+        b = again.itm_head(again.fuse(again.text_hidden(ids[:, 0], mask[:, 0]), mask[:, 0], again.image_tokens(pixels)))
+    torch.testing.assert_close(a, b)
+
+
+def test_fusion_config_errors(tmp_path):
+    text_dir, _ = hf_text_dir(tmp_path)
+    with pytest.raises(ValueError, match="text_layers=2 \\+ fusion_layers=2 do not fit the text encoder's 3 layers"):
+        CCRKModel(ModelConfig(text_name_or_path=str(text_dir), text_layers=2, fusion_layers=2))
+    with pytest.raises(ValueError, match="vision width 512 != text width 32 and cross_proj is off"):
+        fusion_model(text_dir, cross_proj=False)
+    with pytest.raises(ValueError, match="no fusion layers"):
+        tiny_model().fuse(torch.zeros(1, 2, 32), torch.ones(1, 2), torch.zeros(1, 2, 512))
