@@ -189,7 +189,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         model_cfg = ModelConfig(vision_name=cfg.vision_model, vision_kwargs=dict(cfg.vision_kwargs),
                                 text_name_or_path=cfg.text_model, text_pretrained=bool(cfg.text_model),
                                 text_config=text_model_config(cfg, tokenizer), embed_dim=cfg.embed_dim)
-        loop_config = dict(model=model_cfg.to_dict(), objective="one_to_k", epochs=cfg.epochs,
+        # Issue 2's demo trains 1-to-K ITC alone (no fusion layers): ITM and MLM weights are 0.
+        objective_args = dict(itm_weight=0.0, mlm_weight=0.0, languages=list(cfg.languages))
+        loop_config = dict(model=model_cfg.to_dict(), objective="one_to_k", objective_args=objective_args,
+                           epochs=cfg.epochs,
                            batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            warmup_steps=cfg.warmup_steps, rows=count_rows(str(out / "data" / "train")),
                            threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed,

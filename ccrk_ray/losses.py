@@ -6,6 +6,9 @@ captions each are ordered *image-major*: the K captions of image 0, then the K o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -48,3 +51,254 @@ def one_to_k_contrastive(image_feat: torch.Tensor, text_feat: torch.Tensor,
     loss_i2t = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
     loss_t2i = F.cross_entropy(logits.t(), owner)                # mean over the N·K columns
     return (loss_i2t + loss_t2i) / 2 / k
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard-negative sampling and matching (ITM) loss
+# ---------------------------------------------------------------------------------------------
+
+_SAMPLING_EPS = 1e-5    # added to every softmax weight, as in the reference CCRK sampler
+
+
+class MitmSample(NamedTuple):
+    """Indices drawn by :func:`sample_mitm`, each a LongTensor of length N.
+
+    ``pos_text[i]``: the positive caption (a text row, in ``[i·K, i·K + K)``) of image i;
+    ``neg_text[i]``: a hard-negative caption of image i (a text row owned by another image);
+    ``neg_image[i]``: a hard-negative image (≠ i) for the caption ``pos_text[i]``.
+    """
+
+    pos_text: torch.Tensor
+    neg_text: torch.Tensor
+    neg_image: torch.Tensor
+
+
+@torch.no_grad()
+def sample_mitm(sim_i2t: torch.Tensor, k: int,
+                generator: torch.Generator | None = None) -> MitmSample:
+    """Draw the positive caption and the hard negatives of CCRK's multi-lingual ITM (MITM).
+
+    ``sim_i2t`` is the N × (N·K) matrix image_feat @ text_featᵀ / τ (image-major captions, so
+    caption j belongs to image j // K); it must be finite. With w = softmax(sim_i2t, dim=1) + 1e-5:
+
+    * positive: among its own K captions, image i draws language l with probability
+      ∝ (max(w) + 1e-5 − w[i, i·K + l]), max over the whole matrix, so the *least* similar
+      language (the hardest positive) is drawn most often; ``pos_text[i] = i·K + l``;
+    * negative caption: image i draws column j with probability ∝ w[i, j], its own K columns
+      set to 0 (harder = more similar negatives are drawn more often);
+    * negative image: with v = softmax(sim_i2tᵀ, dim=1) + 1e-5 (each caption over the N images),
+      caption ``pos_text[i]`` draws image m with probability ∝ v[pos_text[i], m], v[·, i] set to 0.
+
+    Each of the three is a single ``torch.multinomial`` call over the whole batch (no Python loop
+    over images, no host sync), so a positive is never returned as a negative. This is the
+    vectorised form of the reference ``get_unialign_matching_loss`` with ``neg_sample_type=1``.
+    """
+    if sim_i2t.dim() != 2:
+        raise ValueError(f"sim_i2t must be N × (N·K), got shape {tuple(sim_i2t.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (captions per image) must be an int >= 1, got {k!r}")
+    n, width = sim_i2t.shape
+    if n < 2:
+        raise ValueError(f"hard negatives need at least 2 images per batch, got N={n}")
+    if width != n * k:
+        raise ValueError(f"sim_i2t has {width} columns, expected N·K = {n}·{k} = {n * k}")
+
+    sim = sim_i2t.detach().float()
+    rows = torch.arange(n, device=sim.device)
+
+    w = F.softmax(sim, dim=1) + _SAMPLING_EPS                    # N × N·K
+    own = w.view(n, n, k)[rows, rows]                            # N × K, w[i, i·K + l]
+    max_weight = w.max() + _SAMPLING_EPS
+    pos_local = torch.multinomial(max_weight - own, 1, generator=generator).squeeze(1)
+    pos_text = rows * k + pos_local
+
+    neg_w = w.clone()
+    neg_w.view(n, n, k)[rows, rows] = 0.0                        # no own caption as a negative
+    neg_text = torch.multinomial(neg_w, 1, generator=generator).squeeze(1)
+
+    v = F.softmax(sim.t(), dim=1) + _SAMPLING_EPS                # N·K × N
+    neg_img_w = v[pos_text]                                      # row i: caption pos_text[i]
+    neg_img_w[rows, rows] = 0.0                                  # its owner is image i
+    neg_image = torch.multinomial(neg_img_w, 1, generator=generator).squeeze(1)
+    return MitmSample(pos_text, neg_text, neg_image)
+
+
+def matching_loss(itm_logits: torch.Tensor) -> torch.Tensor:
+    """Image–text matching cross-entropy.
+
+    ``itm_logits`` is (3N)×2, rows ordered [N positives (image i, pos_text[i]);
+    N (neg_image[i], pos_text[i]); N (image i, neg_text[i])]. Labels are 1 for the first N rows
+    and 0 for the other 2N; result = mean over the 3N rows of −log softmax(itm_logits)[label].
+    """
+    if itm_logits.dim() != 2 or itm_logits.shape[1] != 2:
+        raise ValueError(f"itm_logits must be (3N)×2, got shape {tuple(itm_logits.shape)}")
+    rows = itm_logits.shape[0]
+    if rows == 0 or rows % 3 != 0:
+        raise ValueError(f"itm_logits has {rows} rows, expected a positive multiple of 3 "
+                         "([positives; neg image; neg text])")
+    n = rows // 3
+    labels = torch.zeros(rows, dtype=torch.long, device=itm_logits.device)
+    labels[:n] = 1
+    return F.cross_entropy(itm_logits, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked language modelling
+# ---------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mask_token_id: int,
+                vocab_size: int, special_ids: Sequence[int], mask_prob: float = 0.4,
+                max_masks: int = 10,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masking of B×L token ids for MLM; returns ``(masked_ids, labels)``.
+
+    Candidates are attended (``attention_mask == 1``) positions whose id is not in
+    ``special_ids``. With one uniform score u per position, a candidate is selected when
+    u < ``mask_prob``; per row only the ``max_masks`` selected candidates with the lowest u are kept
+    (a uniformly random subset), and a row with ≥ 1 candidate but none selected gets its
+    lowest-u candidate, so every caption with a candidate has exactly 1..max_masks targets.
+    A selected position becomes ``mask_token_id`` with probability 0.8, a token id drawn
+    uniformly from the non-special ids in [0, ``vocab_size``) with probability 0.1, and keeps its
+    id with probability 0.1. ``labels`` = original id at selected positions, −100 elsewhere.
+    Specials and padding are never touched; the inputs are not modified.
+    """
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(f"need B×L input_ids and attention_mask of the same shape, got "
+                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+    if not 0.0 < mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
+    if isinstance(max_masks, bool) or not isinstance(max_masks, int) or max_masks < 1:
+        raise ValueError(f"max_masks must be an int >= 1, got {max_masks!r}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if not 0 <= mask_token_id < vocab_size:
+        raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary [0, {vocab_size})")
+    device = input_ids.device
+    special = torch.as_tensor(list(special_ids), dtype=torch.long, device=device)
+    in_vocab = special[(special >= 0) & (special < vocab_size)]
+    allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
+    allowed[in_vocab] = False
+    replacement_ids = allowed.nonzero().squeeze(1)
+    if replacement_ids.numel() == 0:
+        raise ValueError(f"every id in [0, {vocab_size}) is special; no random replacement token "
+                         f"exists (special_ids={list(special_ids)})")
+
+    candidates = (attention_mask == 1) & ~torch.isin(input_ids, special)
+    scores = torch.rand(input_ids.shape, generator=generator, device=device)
+    # Rank of each candidate within its row by score (non-candidates sort last).
+    order = torch.where(candidates, scores, torch.full_like(scores, float("inf"))).argsort(dim=1)
+    positions = torch.arange(input_ids.shape[1], device=device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    # Selected candidates hold the lowest scores of their row, so "rank < max_masks" keeps a
+    # random subset of them; rank 0 is the fallback target of a row with nothing selected.
+    selected = candidates & (rank < max_masks) & ((scores < mask_prob) | (rank == 0))
+
+    action = torch.rand(input_ids.shape, generator=generator, device=device)
+    pick = torch.randint(0, replacement_ids.numel(), input_ids.shape, generator=generator,
+                         device=device)
+    random_ids = replacement_ids[pick].to(input_ids.dtype)
+    masked_ids = torch.where(selected & (action < 0.8),
+                             torch.full_like(input_ids, mask_token_id), input_ids)
+    masked_ids = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, masked_ids)
+    labels = torch.where(selected, input_ids.long(), torch.full_like(input_ids, IGNORE_INDEX,
+                                                                     dtype=torch.long))
+    return masked_ids, labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Masked-LM cross-entropy: logits B×L×V, labels B×L with −100 ignored.
+
+    Result = (Σ over labelled positions of −log softmax(logits)[label]) / max(#labelled, 1):
+    the mean over labelled positions, and 0 (still connected to ``logits``) when none is labelled.
+    """
+    if logits.dim() != labels.dim() + 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(f"need logits of shape labels.shape + (V,), got {tuple(logits.shape)} "
+                         f"and labels {tuple(labels.shape)}")
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1).long()
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (flat_labels != IGNORE_INDEX).sum().clamp(min=1).to(total.dtype)
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------
+# VICReg-style regularisers
+# ---------------------------------------------------------------------------------------------
+
+def _check_feat(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"{name} needs an n×d matrix with n >= 2 rows, got {tuple(x.shape)}")
+
+
+def vicreg_invariance(image_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
+    """Invariance: mean over images i, languages l and dims of (image_feat[i] − text_feat[i·K+l])².
+
+    ``image_feat`` N×d, ``text_feat`` (N·K)×d image-major (the MSE between each image and each of
+    its K captions).
+    """
+    if image_feat.dim() != 2 or text_feat.dim() != 2 or image_feat.shape[1] != text_feat.shape[1]:
+        raise ValueError(f"need N×d image and (N·K)×d text features, got {tuple(image_feat.shape)} "
+                         f"and {tuple(text_feat.shape)}")
+    k = captions_per_image(image_feat.shape[0], text_feat.shape[0])
+    return F.mse_loss(image_feat.repeat_interleave(k, dim=0), text_feat)
+
+
+def vicreg_variance(x: torch.Tensor, eps: float = 1e-4, target: float = 1.0) -> torch.Tensor:
+    """Variance hinge: mean over dims of relu(target − sqrt(var(x, dim=0, unbiased) + eps))."""
+    _check_feat(x, "vicreg_variance")
+    std = torch.sqrt(x.var(dim=0, unbiased=True) + eps)
+    return F.relu(target - std).mean()
+
+
+def vicreg_covariance(x: torch.Tensor) -> torch.Tensor:
+    """Covariance: with xc = x − mean(x), C = xcᵀ xc / (n − 1), Σ_{a≠b} C_ab² / d."""
+    _check_feat(x, "vicreg_covariance")
+    n, d = x.shape
+    xc = x - x.mean(dim=0)
+    cov = xc.t() @ xc / (n - 1)
+    off_diag = cov - torch.diag_embed(torch.diagonal(cov))
+    return off_diag.pow(2).sum() / d
+
+
+def vicreg_terms(image_feat: torch.Tensor, text_feat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The three VICReg terms of CCRK: ``invariance`` = :func:`vicreg_invariance`;
+    ``variance`` / ``covariance`` = (term(image_feat) + term(text_feat)) / 2."""
+    return {
+        "invariance": vicreg_invariance(image_feat, text_feat),
+        "variance": (vicreg_variance(image_feat) + vicreg_variance(text_feat)) / 2,
+        "covariance": (vicreg_covariance(image_feat) + vicreg_covariance(text_feat)) / 2,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Triplet ranking loss (VSE++ / NRCCR baseline)
+# ---------------------------------------------------------------------------------------------
+
+def triplet_ranking_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, margin: float = 0.2,
+                         hardest: bool = True) -> torch.Tensor:
+    """Bidirectional hinge triplet loss on paired N×d features (image i ↔ text i).
+
+    S = image_feat @ text_featᵀ (cosine when the caller L2-normalises). For i ≠ j:
+    c_i2t[i, j] = relu(margin + S[i, j] − S[i, i]) and c_t2i[i, j] = relu(margin + S[i, j] − S[j, j]).
+    With ``hardest`` (VSE++ max-violation) row i costs max_j c_i2t[i, j] and column j costs
+    max_i c_t2i[i, j]; otherwise the sums. Result = (Σ row costs + Σ column costs) / N.
+    """
+    if image_feat.dim() != 2 or image_feat.shape != text_feat.shape:
+        raise ValueError(f"need paired N×d image and text features, got {tuple(image_feat.shape)} "
+                         f"and {tuple(text_feat.shape)}")
+    n = image_feat.shape[0]
+    if n < 1:
+        raise ValueError(f"need at least one pair, got N={n}")
+    scores = image_feat @ text_feat.t()
+    diagonal = scores.diagonal()
+    eye = torch.eye(n, dtype=torch.bool, device=scores.device)
+    cost_i2t = (margin + scores - diagonal.unsqueeze(1)).clamp(min=0).masked_fill(eye, 0.0)
+    cost_t2i = (margin + scores - diagonal.unsqueeze(0)).clamp(min=0).masked_fill(eye, 0.0)
+    if hardest:
+        row_cost, col_cost = cost_i2t.max(dim=1).values, cost_t2i.max(dim=0).values
+    else:
+        row_cost, col_cost = cost_i2t.sum(dim=1), cost_t2i.sum(dim=0)
+    return (row_cost.sum() + col_cost.sum()) / n

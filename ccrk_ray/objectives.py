@@ -1,15 +1,29 @@
-"""Training objectives: each turns (model, batch) into a dict of named losses with ``"loss"`` the
+"""Training objectives: each turns (model, batch) into a dict of named losses, ``"loss"`` being the
 total to optimise. The training loop knows nothing else about them.
+
+- ``one_to_k`` (CCRK): 1-to-K ITC over the global batch + MITM (positive caption drawn among the
+  K languages favouring the hardest, hard negatives from ITC similarities) + CMLM on the chosen
+  positive caption conditioned on the image; optional VICReg-style terms.
+- ``one_to_one`` (cross-modal style baseline): every image paired with ONE caption in a randomly
+  drawn language per step; CLIP InfoNCE + ITM + MLM on that pair.
+- ``cross_lingual`` (cross-lingual style baseline): image–English ITC + English–other-language
+  text–text InfoNCE (other languages reach the image only through English); ITM + MLM on the
+  image–English pair.
+Terms whose weight is 0 are not computed (the demo trains ITC alone on a model without fusion
+layers). A batch is ``pixel_values`` N×3×H×W, ``input_ids``/``attention_mask`` N×K×L.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
+from torch import nn
 
 from ccrk_ray.distributed import gather_with_grad
-from ccrk_ray.losses import one_to_k_contrastive
+from ccrk_ray.losses import (mask_tokens, matching_loss, mlm_loss, one_to_k_contrastive,
+                             sample_mitm, vicreg_terms)
 
 
 def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,18 +33,178 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple
     return input_ids[..., :longest], attention_mask[..., :longest]
 
 
-def one_to_k(model, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CCRK ITC: every image against its K captions at once, negatives over the global batch."""
-    input_ids, attention_mask = trim_padding(batch["input_ids"], batch["attention_mask"])
-    image_feat, text_feat, temperature = model(batch["pixel_values"], input_ids, attention_mask)
-    itc = one_to_k_contrastive(gather_with_grad(image_feat), gather_with_grad(text_feat), temperature)
-    return {"loss": itc, "itc": itc, "temperature": temperature.detach()}
+@dataclass
+class ObjectiveConfig:
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    vicreg_weights: dict[str, float] = field(default_factory=lambda: {"invariance": 0.0, "variance": 0.0,
+                                                                      "covariance": 0.0})
+    mask_prob: float = 0.4
+    max_masks: int = 10
+    mask_token_id: int | None = None
+    vocab_size: int | None = None
+    special_ids: Sequence[int] = ()
+    languages: Sequence[str] = ()          # batch column order; cross_lingual needs "en" among them
+
+    def __post_init__(self):
+        for name in ("itm_weight", "mlm_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        unknown = set(self.vicreg_weights) - {"invariance", "variance", "covariance"}
+        if unknown:
+            raise ValueError(f"unknown VICReg term(s): {', '.join(sorted(unknown))}")
+        if self.mlm_weight > 0 and (self.mask_token_id is None or self.vocab_size is None):
+            raise ValueError("mlm_weight > 0 needs mask_token_id and vocab_size (from the tokenizer)")
 
 
-OBJECTIVES: dict[str, Callable] = {"one_to_k": one_to_k}
+class Objective:
+    name = "base"
+
+    def __init__(self, config: ObjectiveConfig | None = None, **kwargs):
+        self.config = config or ObjectiveConfig(**kwargs)
+
+    def check_model(self, model) -> None:
+        c = self.config
+        if (c.itm_weight > 0 or c.mlm_weight > 0) and not model.has_fusion:
+            raise ValueError(f"objective {self.name!r} with itm_weight={c.itm_weight}, mlm_weight={c.mlm_weight} "
+                             "needs a model with fusion_layers > 0 (or set both weights to 0)")
+
+    # shared pieces ---------------------------------------------------------------------------
+    def matching_and_mlm(self, model, image_tokens, image_feat, text_hidden, text_feat, input_ids, attention_mask,
+                         k: int, temperature) -> dict[str, torch.Tensor]:
+        """MITM and CMLM on the local batch: text rows are image-major with K per image."""
+        c, out = self.config, {}
+        if c.itm_weight <= 0 and c.mlm_weight <= 0:
+            return out
+        with torch.no_grad():
+            sample = sample_mitm(image_feat @ text_feat.t() / temperature, k)
+        pos = sample.pos_text
+        if c.itm_weight > 0:
+            pos_h, pos_m = text_hidden[pos], attention_mask[pos]
+            texts = torch.cat([pos_h, pos_h, text_hidden[sample.neg_text]])
+            masks = torch.cat([pos_m, pos_m, attention_mask[sample.neg_text]])
+            images = torch.cat([image_tokens, image_tokens[sample.neg_image], image_tokens])
+            out["itm"] = matching_loss(model.itm_head(model.fuse(texts, masks, images)))
+        if c.mlm_weight > 0:
+            masked, labels = mask_tokens(input_ids[pos], attention_mask[pos], mask_token_id=c.mask_token_id,
+                                         vocab_size=c.vocab_size, special_ids=c.special_ids,
+                                         mask_prob=c.mask_prob, max_masks=c.max_masks)
+            fused = model.fuse(model.text_hidden(masked, attention_mask[pos]), attention_mask[pos], image_tokens)
+            out["mlm"] = mlm_loss(model.mlm_head(fused), labels)
+        return out
+
+    def total(self, terms: dict[str, torch.Tensor], image_feat, text_feat) -> dict[str, torch.Tensor]:
+        c = self.config
+        loss = terms["itc"]
+        if "itm" in terms:
+            loss = loss + c.itm_weight * terms["itm"]
+        if "mlm" in terms:
+            loss = loss + c.mlm_weight * terms["mlm"]
+        vic = vicreg_terms(image_feat, text_feat)
+        for name, value in vic.items():
+            weight = c.vicreg_weights.get(name, 0.0)
+            if weight > 0:
+                loss = loss + weight * value
+            terms[f"vicreg_{name}"] = value if weight > 0 else value.detach()
+        return {"loss": loss, **terms}
+
+    def encode(self, model, pixel_values, input_ids, attention_mask):
+        image_tokens = model.image_tokens(pixel_values)
+        text_hidden = model.text_hidden(input_ids, attention_mask)
+        return image_tokens, model.image_feature(image_tokens), text_hidden, model.text_feature(text_hidden)
+
+    def __call__(self, model, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
 
-def get_objective(name: str) -> Callable:
+class OneToK(Objective):
+    name = "one_to_k"
+
+    def __call__(self, model, batch):
+        ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
+        n, k = ids.shape[:2]
+        ids, mask = ids.flatten(0, 1), mask.flatten(0, 1)
+        image_tokens, image_feat, text_hidden, text_feat = self.encode(model, batch["pixel_values"], ids, mask)
+        temperature = model.temperature
+        terms = {"itc": one_to_k_contrastive(gather_with_grad(image_feat), gather_with_grad(text_feat), temperature)}
+        terms.update(self.matching_and_mlm(model, image_tokens, image_feat, text_hidden, text_feat, ids, mask,
+                                           k, temperature))
+        terms["temperature"] = temperature.detach()
+        return self.total(terms, image_feat, text_feat)
+
+
+class OneToOne(Objective):
+    """Each image with one caption in a language drawn at random per image and step."""
+    name = "one_to_one"
+
+    def __call__(self, model, batch):
+        ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
+        n, k = ids.shape[:2]
+        pick = torch.randint(0, k, (n,), device=ids.device)
+        rows = torch.arange(n, device=ids.device)
+        ids, mask = ids[rows, pick], mask[rows, pick]
+        image_tokens, image_feat, text_hidden, text_feat = self.encode(model, batch["pixel_values"], ids, mask)
+        temperature = model.temperature
+        terms = {"itc": one_to_k_contrastive(gather_with_grad(image_feat), gather_with_grad(text_feat), temperature)}
+        terms.update(self.matching_and_mlm(model, image_tokens, image_feat, text_hidden, text_feat, ids, mask,
+                                           1, temperature))
+        terms["temperature"] = temperature.detach()
+        return self.total(terms, image_feat, text_feat)
+
+
+class CrossLingual(Objective):
+    """Image–English ITC plus English–other-language text–text InfoNCE."""
+    name = "cross_lingual"
+
+    def __init__(self, config: ObjectiveConfig | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        langs = list(self.config.languages)
+        if "en" not in langs:
+            raise ValueError(f"objective 'cross_lingual' needs English among the languages, got {langs}")
+        self.en = langs.index("en")
+
+    def __call__(self, model, batch):
+        ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"])
+        n, k = ids.shape[:2]
+        if k != len(self.config.languages):
+            raise ValueError(f"objective 'cross_lingual' needs all {len(self.config.languages)} languages per image "
+                             f"in config order, got K={k}")
+        flat_ids, flat_mask = ids.flatten(0, 1), mask.flatten(0, 1)
+        image_tokens, image_feat, text_hidden, text_feat = self.encode(model, batch["pixel_values"], flat_ids,
+                                                                       flat_mask)
+        temperature = model.temperature
+        per_image = text_feat.view(n, k, -1)
+        en_feat = per_image[:, self.en]
+        en_all = gather_with_grad(en_feat)
+        itc = one_to_k_contrastive(gather_with_grad(image_feat), en_all, temperature)
+        others = [j for j in range(k) if j != self.en]
+        ttc = (torch.stack([one_to_k_contrastive(en_all, gather_with_grad(per_image[:, j]), temperature)
+                            for j in others]).mean() if others else itc.new_zeros(()))
+        terms = {"itc": itc + ttc, "itc_image_en": itc.detach(), "ttc_en_other": ttc.detach()}
+        en_rows = torch.arange(n, device=ids.device) * k + self.en
+        terms.update(self.matching_and_mlm(model, image_tokens, image_feat, text_hidden[en_rows], en_feat,
+                                           flat_ids[en_rows], flat_mask[en_rows], 1, temperature))
+        terms["temperature"] = temperature.detach()
+        return self.total(terms, image_feat, text_feat)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (OneToK, OneToOne, CrossLingual)}
+
+
+def build_objective(name: str, **kwargs) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
+    return OBJECTIVES[name](**kwargs)
+
+
+class ObjectiveModule(nn.Module):
+    """Model + objective as one module, so that DDP wraps a forward that computes every loss."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        objective.check_model(model)
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.objective(self.model, batch)
