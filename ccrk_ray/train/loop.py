@@ -1,6 +1,6 @@
 """The per-worker training function run by Ray Train's TorchTrainer.
 
-``config`` keys: model (ModelConfig dict), objective, epochs, batch_size (per worker), lr,
+``config`` keys: model (ModelConfig dict), objective (name), objective_args (ObjectiveConfig fields), epochs, batch_size (per worker), lr,
 weight_decay, warmup_steps, rows (training rows per epoch), threads_per_worker, seed,
 tensorboard_dir, log_every.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ccrk_ray.model import CCRKModel, ModelConfig
-from ccrk_ray.objectives import get_objective
+from ccrk_ray.objectives import ObjectiveModule, build_objective
 from ccrk_ray.train.state import load_training_state, save_checkpoint
 
 
@@ -27,10 +27,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
-
-
-def unwrap(model: torch.nn.Module) -> CCRKModel:
-    return model.module if hasattr(model, "module") else model
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -59,8 +55,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             progress = load_training_state(d, model, optimizer, scheduler)
         start_epoch, step = progress["epoch"], progress["step"]
 
-    model = ray.train.torch.prepare_model(model)
-    objective = get_objective(config.get("objective", "one_to_k"))
+    module = ray.train.torch.prepare_model(
+        ObjectiveModule(model, build_objective(config.get("objective", "one_to_k"), **config.get("objective_args", {}))))
     writer = None
     if rank == 0 and config.get("tensorboard_dir"):
         from torch.utils.tensorboard import SummaryWriter
@@ -70,12 +66,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     log_every = int(config.get("log_every", 10))
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, epochs):
-        model.train()
+        module.train()
         t_epoch, wait, seen, losses = time.perf_counter(), 0.0, 0, []
         t_wait = time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2):
             wait += time.perf_counter() - t_wait
-            out = objective(model, batch)
+            out = module(batch)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
@@ -103,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                   f"{metrics['samples_per_s']:.0f} samples/s, data wait {100 * metrics['data_wait_fraction']:.0f}%",
                   flush=True)
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, unwrap(model), optimizer, scheduler, {"epoch": epoch + 1, "step": step})
+                save_checkpoint(tmp, model, optimizer, scheduler, {"epoch": epoch + 1, "step": step})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
