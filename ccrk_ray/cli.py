@@ -43,39 +43,54 @@ def _languages(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ccrk_ray.demo import DemoConfig
+def _add_run_args(p: argparse.ArgumentParser, d) -> None:
+    """Flags shared by the commands that generate the synthetic data and pretrain on Ray."""
+    p.add_argument("--out", required=True, help="output directory (new, empty, or an earlier run's)")
+    p.add_argument("--train-images", type=int, default=d.train_images)
+    p.add_argument("--val-images", type=int, default=d.val_images)
+    p.add_argument("--test-images", type=int, default=d.test_images)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--languages", type=_languages, default=d.languages,
+                   help="comma-separated language codes (default: %(default)s)")
+    p.add_argument("--captions-per-image", type=int, default=None, help="K (default: all languages)")
+    p.add_argument("--omit-prob", type=float, default=d.omit_prob,
+                   help="chance that a language's caption leaves out an optional attribute")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--vision-model", default=d.vision_model, help="any timm.create_model name")
+    p.add_argument("--vision-kwargs", type=_json_object, default={},
+                   help='JSON keyword arguments for timm.create_model, e.g. \'{"drop_path_rate": 0.1}\'')
+    p.add_argument("--text-model", default=None, help="HF name or path (default: tiny XLM-R config)")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF name or path (default: --text-model's tokenizer, else train one on the captions)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    p.add_argument("--workers", type=_int_pair, default=d.workers, help="MIN,MAX Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
+    p.add_argument("--seed", type=int, default=d.seed)
 
-    d = DemoConfig(out="")
+
+def build_parser() -> argparse.ArgumentParser:
+    from ccrk_ray.compare import STYLES, CompareConfig
+
     parser = _Parser(prog="ccrk", description="Cross-lingual cross-modal retrieval (CCRK) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="synthetic data -> tokenizer -> 1-to-K pretraining on Ray -> report")
-    demo.add_argument("--out", required=True, help="output directory (new, empty, or an earlier demo's)")
-    demo.add_argument("--train-images", type=int, default=d.train_images)
-    demo.add_argument("--val-images", type=int, default=d.val_images)
-    demo.add_argument("--test-images", type=int, default=d.test_images)
-    demo.add_argument("--image-size", type=int, default=d.image_size)
-    demo.add_argument("--languages", type=_languages, default=d.languages,
-                      help="comma-separated language codes (default: %(default)s)")
-    demo.add_argument("--captions-per-image", type=int, default=None, help="K (default: all languages)")
-    demo.add_argument("--omit-prob", type=float, default=d.omit_prob,
-                      help="chance that a language's caption leaves out an optional attribute")
-    demo.add_argument("--epochs", type=int, default=d.epochs)
-    demo.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
-    demo.add_argument("--lr", type=float, default=d.lr)
-    demo.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    demo.add_argument("--vision-model", default=d.vision_model, help="any timm.create_model name")
-    demo.add_argument("--vision-kwargs", type=_json_object, default={},
-                      help='JSON keyword arguments for timm.create_model, e.g. \'{"drop_path_rate": 0.1}\'')
-    demo.add_argument("--text-model", default=None, help="HF name or path (default: tiny XLM-R config)")
-    demo.add_argument("--tokenizer", default=None,
-                      help="HF name or path (default: --text-model's tokenizer, else train one on the captions)")
-    demo.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    demo.add_argument("--max-length", type=int, default=d.max_length)
-    demo.add_argument("--embed-dim", type=int, default=d.embed_dim)
-    demo.add_argument("--workers", type=_int_pair, default=d.workers, help="MIN,MAX Ray Train workers")
-    demo.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
-    demo.add_argument("--seed", type=int, default=d.seed)
+    _add_run_args(demo, CompareConfig(out=""))
+    compare = sub.add_parser("compare", help="train one_to_k, one_to_one and cross_lingual on the same data and "
+                                             "budget; per-language recall and MRV side by side")
+    c = CompareConfig(out="")
+    _add_run_args(compare, c)
+    compare.add_argument("--objectives", type=_languages, default=STYLES,
+                         help="comma-separated subset of %(default)s")
+    compare.add_argument("--fusion-layers", type=int, default=c.fusion_layers)
+    compare.add_argument("--itm-weight", type=float, default=c.itm_weight)
+    compare.add_argument("--mlm-weight", type=float, default=c.mlm_weight)
+    compare.add_argument("--k-test", type=int, default=c.k_test, help="ITM re-ranking depth (two-stage)")
+    compare.add_argument("--itc-only", action="store_true", help="rank by ITC similarity alone")
     return parser
 
 
@@ -88,13 +103,21 @@ def _quiet_ray_env() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        opts = {k: v for k, v in vars(args).items() if k not in ("command", "itc_only")}
         if args.command == "demo":
             from ccrk_ray.demo import DemoConfig, run_demo
 
-            opts = {k: v for k, v in vars(args).items() if k != "command"}
             cfg = DemoConfig(**opts).validate()
             _quiet_ray_env()
             run_demo(cfg)
+        elif args.command == "compare":
+            from ccrk_ray.compare import CompareConfig, run_compare
+
+            if args.itc_only:
+                opts["k_test"] = None
+            cfg = CompareConfig(**opts).validate()
+            _quiet_ray_env()
+            run_compare(cfg)
         return 0
     except ConfigError as exc:
         print(f"ccrk: error: {exc}", file=sys.stderr)

@@ -91,16 +91,16 @@ def check_vision_model(name: str) -> None:
         raise ConfigError(f"--vision-model {name!r} is not a timm model (see timm.list_models())")
 
 
-def prepare_out_dir(out: Path) -> None:
-    """Refuse a directory holding unrelated files; clear our own outputs of an earlier demo run."""
+def prepare_out_dir(out: Path, marker: str = MARKER, outputs: tuple[str, ...] = OUTPUTS) -> None:
+    """Refuse a directory holding unrelated files; clear our own outputs of an earlier run."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory")
     if out.is_dir():
         entries = sorted(p.name for p in out.iterdir())
-        if entries and MARKER not in entries:
-            raise ConfigError(f"output directory {out} is not empty and not a ccrk demo output "
+        if entries and marker not in entries:
+            raise ConfigError(f"output directory {out} is not empty and not a ccrk {marker.split('-')[1].split('.')[0]} output "
                               f"(holds {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
-        foreign = [e for e in entries if e not in OUTPUTS]
+        foreign = [e for e in entries if e not in outputs]
         if foreign:
             raise ConfigError(f"output directory {out} holds files the demo did not write: {', '.join(foreign[:3])}")
         for name in entries:
@@ -110,7 +110,7 @@ def prepare_out_dir(out: Path) -> None:
 
 
 def _log(msg: str, t0: float) -> None:
-    print(f"[demo {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+    print(f"[ccrk {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
 
 def text_model_config(cfg: DemoConfig, tokenizer) -> dict[str, Any]:
@@ -138,14 +138,7 @@ def init_ray(num_cpus: int) -> bool:
     return True
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    cfg.validate()
-    t0 = time.perf_counter()
-    out = Path(cfg.out).resolve()
-    prepare_out_dir(out)
-    (out / MARKER).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
-
-    # 1. data
+def generate_data(cfg: DemoConfig, out: Path, t0: float) -> None:
     from ccrk_ray.data.synthetic import generate_split
 
     splits = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
@@ -156,7 +149,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _log(f"generated {cfg.train_images}/{cfg.val_images}/{cfg.test_images} train/val/test images with captions "
          f"in {len(cfg.languages)} languages under {out / 'data'}", t0)
 
-    # 2. tokenizer
+
+def prepare_tokenizer(cfg: DemoConfig, out: Path, t0: float):
+    """(HF tokenizer, CaptionTokenizer): --tokenizer, else --text-model's, else trained on the captions."""
     from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
 
     if cfg.tokenizer or cfg.text_model:
@@ -166,49 +161,75 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         tokenizer_path = str(train_tokenizer(iter_captions(out / "data" / "train", cfg.languages),
                                              out / "tokenizer", vocab_size=cfg.vocab_size))
     tokenizer = load_tokenizer(tokenizer_path)
-    caption_tokenizer = CaptionTokenizer(tokenizer, cfg.max_length)
     _log(f"tokenizer {tokenizer_path}: {len(tokenizer)} tokens", t0)
+    return tokenizer, CaptionTokenizer(tokenizer, cfg.max_length)
 
-    # 3. pretraining on Ray
+
+def objective_args_for(tokenizer, languages, itm_weight: float, mlm_weight: float) -> dict[str, Any]:
+    return dict(itm_weight=itm_weight, mlm_weight=mlm_weight, languages=list(languages),
+                mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                special_ids=sorted(set(tokenizer.all_special_ids)))
+
+
+def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, caption_tokenizer, model_cfg, objective: str,
+             objective_args: dict[str, Any], t0: float) -> dict[str, Any]:
+    """One Ray Train run on ``out/data/train``; the final model is saved to ``run_dir/model``."""
     import ray
 
     from ccrk_ray.data.pipeline import count_rows, one_to_k_dataset
     from ccrk_ray.data.transforms import ImageTransform
-    from ccrk_ray.model import ModelConfig
     from ccrk_ray.train.state import load_model
     from ccrk_ray.train.trainer import build_trainer
 
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    train_ds = one_to_k_dataset(str(out / "data" / "train"), languages=cfg.languages, k=cfg.captions_per_image,
+                                tokenizer=caption_tokenizer, batch_size=cfg.batch_size,
+                                image_transform=ImageTransform(cfg.image_size, train=True), with_ids=False)
+    loop_config = dict(model=model_cfg.to_dict(), objective=objective, objective_args=objective_args,
+                       epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                       warmup_steps=cfg.warmup_steps, rows=count_rows(str(out / "data" / "train")),
+                       threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed,
+                       tensorboard_dir=str(run_dir / "tensorboard"))
+    trainer = build_trainer(train_ds, loop_config, storage_path=str(run_dir / "ray_results"), name="pretrain",
+                            num_workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker)
+    _log(f"pretraining {cfg.vision_model} + {cfg.text_model or 'tiny XLM-R'} with objective {objective} "
+         f"(K={cfg.captions_per_image}) on {cfg.workers[0]}-{cfg.workers[1]} Ray Train workers", t0)
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        load_model(ckpt).save_pretrained(run_dir / "model")
+    metrics = dict(result.metrics or {})
+    _log(f"pretraining done: {metrics.get('step')} steps, final loss {metrics.get('loss', float('nan')):.4f}; "
+         f"model saved to {run_dir / 'model'}", t0)
+    return metrics
+
+
+def demo_model_config(cfg: DemoConfig, tokenizer, fusion_layers: int = 0):
+    from ccrk_ray.model import ModelConfig
+
+    text_config = text_model_config(cfg, tokenizer)
+    if text_config and fusion_layers:
+        text_config["num_hidden_layers"] = cfg.text_layers + fusion_layers
+    return ModelConfig(vision_name=cfg.vision_model, vision_kwargs=dict(cfg.vision_kwargs),
+                       text_name_or_path=cfg.text_model, text_pretrained=bool(cfg.text_model),
+                       text_config=text_config, embed_dim=cfg.embed_dim, fusion_layers=fusion_layers,
+                       text_layers=cfg.text_layers if fusion_layers and not cfg.text_model else None)
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    cfg.validate()
+    t0 = time.perf_counter()
+    out = Path(cfg.out).resolve()
+    prepare_out_dir(out)
+    (out / MARKER).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
+    generate_data(cfg, out, t0)
+    tokenizer, caption_tokenizer = prepare_tokenizer(cfg, out, t0)
+    import ray
+
     started = init_ray(num_cpus=cfg.workers[1] * cfg.cpus_per_worker + 2)
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        k = cfg.captions_per_image
-        data_kwargs = dict(languages=cfg.languages, k=k, tokenizer=caption_tokenizer)
-        train_ds = one_to_k_dataset(str(out / "data" / "train"), batch_size=cfg.batch_size,
-                                    image_transform=ImageTransform(cfg.image_size, train=True), with_ids=False,
-                                    **data_kwargs)
-        model_cfg = ModelConfig(vision_name=cfg.vision_model, vision_kwargs=dict(cfg.vision_kwargs),
-                                text_name_or_path=cfg.text_model, text_pretrained=bool(cfg.text_model),
-                                text_config=text_model_config(cfg, tokenizer), embed_dim=cfg.embed_dim)
-        # Issue 2's demo trains 1-to-K ITC alone (no fusion layers): ITM and MLM weights are 0.
-        objective_args = dict(itm_weight=0.0, mlm_weight=0.0, languages=list(cfg.languages))
-        loop_config = dict(model=model_cfg.to_dict(), objective="one_to_k", objective_args=objective_args,
-                           epochs=cfg.epochs,
-                           batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           warmup_steps=cfg.warmup_steps, rows=count_rows(str(out / "data" / "train")),
-                           threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed,
-                           tensorboard_dir=str(out / "tensorboard"))
-        trainer = build_trainer(train_ds, loop_config, storage_path=str(out / "ray_results"), name="pretrain",
-                                num_workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker)
-        _log(f"pretraining {cfg.vision_model} + {cfg.text_model or 'tiny XLM-R'} with 1-to-K ITC (K={k}) "
-             f"on {cfg.workers[0]}-{cfg.workers[1]} Ray Train workers", t0)
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as ckpt:
-            load_model(ckpt).save_pretrained(out / "model")
-        train_metrics = dict(result.metrics or {})
-        _log(f"pretraining done: {train_metrics.get('step')} steps, final loss {train_metrics.get('loss', float('nan')):.4f}; "
-             f"model saved to {out / 'model'}", t0)
-
-        # 4. evaluation
+        # Issue 2's demo trains 1-to-K ITC alone on a dual encoder: ITM and MLM weights are 0.
+        train_metrics = pretrain(cfg, out, out, caption_tokenizer, demo_model_config(cfg, tokenizer), "one_to_k",
+                                 dict(itm_weight=0.0, mlm_weight=0.0, languages=list(cfg.languages)), t0)
         report = evaluate_split(str(out / "data" / "test"), str(out / "model"), cfg.languages, caption_tokenizer,
                                 cfg.image_size)
     finally:

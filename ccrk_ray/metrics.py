@@ -72,3 +72,8 @@ def ranks_from_scores(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
         raise ValueError(f"scores must be Q×C and correct of length Q, got {scores.shape}, {correct.shape}")
     true = scores[np.arange(scores.shape[0]), correct][:, None]
     return (scores >= true).sum(axis=1).astype(np.int64) - 1
+
+
+def mean_average_precision(ranks) -> float:
+    """mAP in percent for queries with one relevant item: mean of 1 / (rank + 1)."""
+    return float(100.0 * np.mean(1.0 / (_ranks_array(ranks).astype(np.float64) + 1.0)))

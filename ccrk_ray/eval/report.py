@@ -2,7 +2,8 @@
 
 Shape (a contract other tools read; recall and chance in percent):
 ``{"num_images", "languages": {lang: {"t2i": {"R@1", "R@5", "R@10", "chance@1", ...,
-"MedR", "MeanR"}, "i2t": {...}}}, "mrv": {"t2i", "i2t"}, "mean": {...}}``.
+"MedR", "MeanR", "mAP"}, "i2t": {...}, "SumR", "r_mean"}}, "mrv": {"t2i", "i2t"},
+"mean": {...}, "recall_std_across_languages": {...}}``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ccrk_ray.metrics import chance_recall_at_k, mean_rank, mean_rank_variance, median_rank, recall_at_k
+from ccrk_ray.metrics import (chance_recall_at_k, mean_average_precision, mean_rank, mean_rank_variance,
+                              median_rank, recall_at_k)
 
 KS = (1, 5, 10)
 DIRECTIONS = ("t2i", "i2t")
@@ -24,6 +26,7 @@ def direction_metrics(ranks: np.ndarray, num_candidates: int) -> dict[str, float
         out[f"chance@{k}"] = chance_recall_at_k(num_candidates, k)
     out["MedR"] = median_rank(ranks)
     out["MeanR"] = mean_rank(ranks)
+    out["mAP"] = mean_average_precision(ranks)
     return out
 
 
@@ -34,10 +37,14 @@ def build_report(t2i: np.ndarray, i2t: np.ndarray, languages: Sequence[str]) -> 
         raise ValueError(f"rank matrices {t2i.shape}/{i2t.shape} do not match {len(languages)} languages")
     per_lang = {lang: {d: direction_metrics(r[:, j], n) for d, r in zip(DIRECTIONS, (t2i, i2t))}
                 for j, lang in enumerate(languages)}
+    for m in per_lang.values():
+        m["SumR"] = float(sum(m[d][f"R@{kk}"] for d in DIRECTIONS for kk in KS))
+        m["r_mean"] = m["SumR"] / (len(DIRECTIONS) * len(KS))
     mean = {d: {f"R@{kk}": float(np.mean([per_lang[l][d][f"R@{kk}"] for l in languages])) for kk in KS}
             for d in DIRECTIONS}
     r_mean = float(np.mean([mean[d][f"R@{kk}"] for d in DIRECTIONS for kk in KS]))
-    report = {"num_images": int(n), "languages": per_lang, "mean": {**mean, "r_mean": r_mean},
+    report = {"num_images": int(n), "languages": per_lang,
+              "mean": {**mean, "r_mean": r_mean, "SumR": r_mean * len(DIRECTIONS) * len(KS)},
               "recall_std_across_languages": {
                   d: float(np.std([per_lang[l][d]["R@1"] for l in languages])) for d in DIRECTIONS}}
     report["mrv"] = ({d: mean_rank_variance(r) for d, r in zip(DIRECTIONS, (t2i, i2t))} if k >= 2

@@ -56,3 +56,75 @@ def rank_per_language(image_emb: np.ndarray, text_emb: np.ndarray, chunk: int = 
             t2i[rows, lang] = ranks_from_scores(gallery_txt[rows] @ image_emb.T, rows)
             i2t[rows, lang] = ranks_from_scores(image_emb[rows] @ gallery_txt.T, rows)
     return t2i, i2t
+
+
+# --- two-stage retrieval: ITC shortlist, ITM re-ranking ---------------------------------------
+
+def topk_candidates(scores: np.ndarray, k: int) -> np.ndarray:
+    """Q×k candidate indices of the k best scores per query (ties broken by lower index)."""
+    q, c = scores.shape
+    if not 1 <= k <= c:
+        raise ValueError(f"k_test={k} must be between 1 and the gallery size {c}")
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def rerank(scores: np.ndarray, topk: np.ndarray, new_scores: np.ndarray) -> np.ndarray:
+    """Scores where each query's top-k candidates are re-ordered by ``new_scores`` (Q×k) and lifted
+    above every other candidate; the others keep their first-stage scores and order."""
+    out = scores.astype(np.float64, copy=True)
+    lift = out.max() - float(np.min(new_scores)) + 1.0
+    np.put_along_axis(out, topk, new_scores.astype(np.float64) + lift, axis=1)
+    return out
+
+
+@torch.no_grad()
+def itm_scores(model, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
+               image_idx: np.ndarray, text_idx: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Matching score (the ITM head's "match" logit, as X-VLM ranks by) of each (image, text) pair."""
+    out = []
+    for start in range(0, len(image_idx), batch_size):
+        i = torch.as_tensor(image_idx[start:start + batch_size])
+        t = torch.as_tensor(text_idx[start:start + batch_size])
+        fused = model.fuse(text_hidden[t], text_mask[t], image_tokens[i])
+        out.append(model.itm_head(fused)[:, 1].float().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+@torch.no_grad()
+def evaluate_in_process(model, batch: Mapping[str, np.ndarray], k_test: int | None = None,
+                        chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(t2i, i2t) rank matrices N×K of a model on one 1-to-K batch (the whole test split).
+
+    ``k_test=None``: ITC similarity only. Otherwise two-stage as in the paper: every query's top
+    ``k_test`` candidates by ITC are re-scored with the ITM head (needs fusion layers).
+    """
+    model.eval()
+    ids = torch.as_tensor(np.asarray(batch["input_ids"]))
+    masks = torch.as_tensor(np.asarray(batch["attention_mask"]))
+    n, k, length = ids.shape
+    tokens = model.image_tokens(torch.as_tensor(np.asarray(batch["pixel_values"])))
+    image_feat = model.image_feature(tokens)
+    hidden = model.text_hidden(ids.view(n * k, length), masks.view(n * k, length))
+    text_feat = model.text_feature(hidden).view(n, k, -1)
+    if k_test is None:
+        return rank_per_language(image_feat.numpy(), text_feat.numpy(), chunk=chunk)
+    if not model.has_fusion:
+        raise ValueError("two-stage evaluation (k_test) needs a model with fusion layers; use itc_only")
+    hidden = hidden.view(n, k, length, -1)
+    t2i = np.empty((n, k), dtype=np.int64)
+    i2t = np.empty((n, k), dtype=np.int64)
+    correct = np.arange(n)
+    img = image_feat.numpy()
+    for lang in range(k):
+        txt = text_feat[:, lang].numpy()
+        lang_hidden, lang_mask = hidden[:, lang], masks[:, lang]
+        s_t2i = txt @ img.T                                   # caption queries × images
+        top = topk_candidates(s_t2i, k_test)
+        q_idx = np.repeat(np.arange(n), k_test)
+        new = itm_scores(model, tokens, lang_hidden, lang_mask, top.ravel(), q_idx).reshape(n, k_test)
+        t2i[:, lang] = ranks_from_scores(rerank(s_t2i, top, new), correct)
+        s_i2t = s_t2i.T                                       # image queries × captions
+        top = topk_candidates(s_i2t, k_test)
+        new = itm_scores(model, tokens, lang_hidden, lang_mask, q_idx, top.ravel()).reshape(n, k_test)
+        i2t[:, lang] = ranks_from_scores(rerank(s_i2t, top, new), correct)
+    return t2i, i2t

@@ -64,3 +64,77 @@ def test_report_contract_shape():
     assert "zh" in table and "MRV" in table and "(20.0)" in table
     with pytest.raises(ValueError, match="do not match"):
         build_report(t2i, i2t, ["zh"])
+
+
+def test_sumr_rmean_and_map():
+    t2i = np.array([[0, 0], [1, 3], [20, 0]])
+    i2t = np.zeros((3, 2), dtype=int)
+    report = build_report(t2i, i2t, ["en", "de"])
+    en = report["languages"]["en"]
+    assert en["t2i"]["mAP"] == pytest.approx(100 * (1 + 1 / 2 + 1 / 21) / 3)
+    expected_sumr = (100 / 3 + 200 / 3 + 200 / 3) + 300
+    assert en["SumR"] == pytest.approx(expected_sumr) and en["r_mean"] == pytest.approx(expected_sumr / 6)
+
+
+def test_rerank_changes_scores_only_inside_each_querys_topk():
+    from ccrk_ray.eval.retrieval import rerank, topk_candidates
+
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=(20, 30))
+    top = topk_candidates(scores, 5)
+    new = rng.normal(size=(20, 5))
+    out = rerank(scores, top, new)
+    inside = np.zeros_like(scores, dtype=bool)
+    np.put_along_axis(inside, top, True, axis=1)
+    np.testing.assert_array_equal(out[~inside], scores[~inside])                 # untouched outside
+    assert (out[inside].reshape(20, 5).min(1) > np.where(inside, -np.inf, out).max(1)).all()
+    # inside the top-k the order is the new scores' order
+    reordered = np.take_along_axis(out, top, axis=1)
+    np.testing.assert_array_equal(np.argsort(-reordered, 1), np.argsort(-new, 1))
+    with pytest.raises(ValueError, match="k_test=31"):
+        topk_candidates(scores, 31)
+
+
+def test_two_stage_equals_itc_when_itm_agrees_and_fixes_a_bad_shortlist_order():
+    """evaluate_in_process with a model whose ITM score is a function we control."""
+    import torch
+
+    from ccrk_ray.eval.retrieval import evaluate_in_process
+
+    n, k, d = 6, 2, 4
+
+    class Toy:
+        has_fusion = True
+
+        def eval(self):
+            return self
+
+        def image_tokens(self, px):
+            return px.float().view(len(px), 1, -1)
+
+        def image_feature(self, tokens):
+            return tokens[:, 0]
+
+        def text_hidden(self, ids, mask):
+            return ids.float().unsqueeze(-1).expand(-1, -1, d)[:, :1]
+
+        def text_feature(self, hidden):
+            return hidden[:, 0]
+
+        def fuse(self, hidden, mask, tokens):
+            return torch.stack([hidden[:, 0, 0], tokens[:, 0, 0]], dim=1).unsqueeze(1)
+
+        def itm_head(self, fused):
+            # "match" logit: high when the text's id equals the image's id
+            h = fused[:, 0]
+            return torch.stack([torch.zeros(len(h)), -(h[:, 0] - h[:, 1]).abs()], dim=1)
+
+    # images: one-hot-ish ids; captions: the same ids (ITC dot products favour large ids, ITM is exact)
+    ids = np.arange(1, n + 1, dtype=np.float32)
+    pixels = np.repeat(ids[:, None], d, axis=1).reshape(n, 1, 1, d)
+    batch = {"pixel_values": pixels, "input_ids": np.repeat(ids[:, None, None], k, 1).astype(np.int64),
+             "attention_mask": np.ones((n, k, 1), dtype=np.int64)}
+    itc_t2i, _ = evaluate_in_process(Toy(), batch, k_test=None)
+    assert itc_t2i[:, 0].tolist() != [0] * n            # dot products rank the largest id first
+    t2i, i2t = evaluate_in_process(Toy(), batch, k_test=n)
+    assert t2i.max() == 0 and i2t.max() == 0            # ITM re-ranking puts every match first

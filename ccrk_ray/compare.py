@@ -1,0 +1,133 @@
+"""``ccrk compare``: the three training styles on the same data, budget and seed.
+
+Trains ``one_to_k`` (CCRK), ``one_to_one`` (cross-modal style) and ``cross_lingual``
+(cross-lingual style) with the same model (dual encoder + fusion layers, ITM and MLM heads), then
+evaluates each on the test split (two-stage ITC → ITM re-ranking unless ``--itc-only``) and writes
+a per-language table of recall and MRV for all three.
+
+    DIR/data, DIR/tokenizer            shared by every run
+    DIR/runs/<objective>/              ray_results/, tensorboard/, model/, report.json
+    DIR/compare.json, DIR/compare.md   the side-by-side results
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ccrk_ray.config import ConfigError, check_range
+from ccrk_ray.demo import (DemoConfig, _log, demo_model_config, generate_data, init_ray, objective_args_for,
+                           prepare_out_dir, prepare_tokenizer, pretrain)
+
+MARKER = "ccrk-compare.json"
+OUTPUTS = ("data", "tokenizer", "runs", "compare.json", "compare.md", MARKER)
+STYLES = ("one_to_k", "one_to_one", "cross_lingual")
+
+
+@dataclass
+class CompareConfig(DemoConfig):
+    objectives: tuple[str, ...] = STYLES
+    fusion_layers: int = 1
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    k_test: int | None = 16                  # two-stage re-ranking depth; None = ITC only
+
+    def validate(self) -> "CompareConfig":
+        super().validate()
+        unknown = [o for o in self.objectives if o not in STYLES]
+        if unknown or not self.objectives:
+            raise ConfigError(f"--objectives must be a comma-separated subset of {', '.join(STYLES)}, "
+                              f"got {','.join(self.objectives) or 'nothing'}")
+        check_range("--fusion-layers", self.fusion_layers, 1, 12)
+        check_range("--itm-weight", self.itm_weight, 0.0)
+        check_range("--mlm-weight", self.mlm_weight, 0.0)
+        if self.k_test is not None:
+            check_range("--k-test", self.k_test, 1, self.test_images)
+        if "cross_lingual" in self.objectives and "en" not in self.languages:
+            raise ConfigError("objective cross_lingual needs 'en' among --languages")
+        if "cross_lingual" in self.objectives and self.captions_per_image != len(self.languages):
+            raise ConfigError("objective cross_lingual needs every language per image (--captions-per-image "
+                              f"{len(self.languages)})")
+        return self
+
+
+def load_test_batch(path: Path, languages, caption_tokenizer, image_size: int) -> dict:
+    """The whole (small) test split as one 1-to-K batch, in image_id order."""
+    import pyarrow.parquet as pq
+
+    from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
+
+    table = pq.read_table(path).sort_by("image_id")
+    columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    return OneToKBatchTransform(caption_tokenizer, languages, len(languages),
+                                ImageTransform(image_size, train=False))(columns)
+
+
+def comparison_table(reports: dict[str, dict[str, Any]], languages) -> str:
+    """Markdown: one row per (objective, language) with recall both ways and MRV per objective."""
+    lines = ["| objective | lang | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 | SumR |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rep in reports.items():
+        for lang in [*languages, "mean"]:
+            m = rep["languages"][lang] if lang != "mean" else rep["mean"]
+            cells = [m[d][f"R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)]
+            sumr = m["SumR"]
+            lines.append(f"| {name} | {lang} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {sumr:.1f} |")
+    lines += ["", "| objective | MRV t2i | MRV i2t | recall std across languages (t2i R@1) |", "|---|---|---|---|"]
+    for name, rep in reports.items():
+        lines.append(f"| {name} | {rep['mrv']['t2i']:.2f} | {rep['mrv']['i2t']:.2f} | "
+                     f"{rep['recall_std_across_languages']['t2i']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_compare(cfg: CompareConfig) -> dict[str, Any]:
+    cfg.validate()
+    t0 = time.perf_counter()
+    out = Path(cfg.out).resolve()
+    prepare_out_dir(out, MARKER, OUTPUTS)
+    (out / MARKER).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
+    generate_data(cfg, out, t0)
+    tokenizer, caption_tokenizer = prepare_tokenizer(cfg, out, t0)
+
+    import ray
+    import torch
+
+    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.eval.retrieval import evaluate_in_process
+    from ccrk_ray.model import CCRKModel
+
+    test_batch = load_test_batch(out / "data" / "test", cfg.languages, caption_tokenizer, cfg.image_size)
+    model_cfg = demo_model_config(cfg, tokenizer, fusion_layers=cfg.fusion_layers)
+    args = objective_args_for(tokenizer, cfg.languages, cfg.itm_weight, cfg.mlm_weight)
+    reports: dict[str, dict[str, Any]] = {}
+    started = init_ray(num_cpus=cfg.workers[1] * cfg.cpus_per_worker + 2)
+    try:
+        for objective in cfg.objectives:
+            run_dir = out / "runs" / objective
+            torch.manual_seed(cfg.seed)
+            metrics = pretrain(cfg, out, run_dir, caption_tokenizer, model_cfg, objective, args, t0)
+            model = CCRKModel.from_pretrained(run_dir / "model")
+            t2i, i2t = evaluate_in_process(model, test_batch, k_test=cfg.k_test)
+            report = build_report(t2i, i2t, cfg.languages)
+            report.update(train=metrics, objective=objective, k_test=cfg.k_test)
+            (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+            reports[objective] = report
+            _log(f"{objective}: mean t2i R@10 {report['mean']['t2i']['R@10']:.1f}, "
+                 f"MRV t2i {report['mrv']['t2i']:.2f} / i2t {report['mrv']['i2t']:.2f}", t0)
+    finally:
+        if started:
+            ray.shutdown()
+    table = comparison_table(reports, cfg.languages)
+    summary = {"config": dataclasses.asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
+               "results": {name: {"mean": r["mean"], "mrv": r["mrv"], "languages": r["languages"],
+                                  "recall_std_across_languages": r["recall_std_across_languages"]}
+                           for name, r in reports.items()}}
+    (out / "compare.json").write_text(json.dumps(summary, indent=2, default=list))
+    (out / "compare.md").write_text(table + "\n")
+    print(table, flush=True)
+    _log(f"comparison written to {out / 'compare.md'}", t0)
+    return summary
