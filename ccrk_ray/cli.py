@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--mlm-weight", type=float, default=c.mlm_weight)
     compare.add_argument("--k-test", type=int, default=c.k_test, help="ITM re-ranking depth (two-stage)")
     compare.add_argument("--itc-only", action="store_true", help="rank by ITC similarity alone")
+    from ccrk_ray.data.converters import add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 
@@ -103,6 +106,10 @@ def _quiet_ray_env() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "convert":
+            from ccrk_ray.data.converters import run_convert
+
+            return run_convert(args)
         opts = {k: v for k, v in vars(args).items() if k not in ("command", "itc_only")}
         if args.command == "demo":
             from ccrk_ray.demo import DemoConfig, run_demo

@@ -172,22 +172,26 @@ def objective_args_for(tokenizer, languages, itm_weight: float, mlm_weight: floa
 
 
 def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, caption_tokenizer, model_cfg, objective: str,
-             objective_args: dict[str, Any], t0: float) -> dict[str, Any]:
-    """One Ray Train run on ``out/data/train``; the final model is saved to ``run_dir/model``."""
+             objective_args: dict[str, Any], t0: float, train_uri: str | None = None) -> dict[str, Any]:
+    """One Ray Train run on ``train_uri`` (default ``out/data/train``; ``s3://…`` works the same);
+    the final model is saved to ``run_dir/model``."""
     import ray
 
-    from ccrk_ray.data.pipeline import count_rows, one_to_k_dataset
+    from ccrk_ray.data.pipeline import check_dataset, one_to_k_dataset, stats_actor
     from ccrk_ray.data.transforms import ImageTransform
     from ccrk_ray.train.state import load_model
     from ccrk_ray.train.trainer import build_trainer
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_ds = one_to_k_dataset(str(out / "data" / "train"), languages=cfg.languages, k=cfg.captions_per_image,
+    train_uri = train_uri or str(out / "data" / "train")
+    rows = check_dataset(train_uri, cfg.languages)       # schema errors name the file before training
+    stats_actor(create=True)
+    train_ds = one_to_k_dataset(train_uri, languages=cfg.languages, k=cfg.captions_per_image,
                                 tokenizer=caption_tokenizer, batch_size=cfg.batch_size,
                                 image_transform=ImageTransform(cfg.image_size, train=True), with_ids=False)
     loop_config = dict(model=model_cfg.to_dict(), objective=objective, objective_args=objective_args,
                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                       warmup_steps=cfg.warmup_steps, rows=count_rows(str(out / "data" / "train")),
+                       warmup_steps=cfg.warmup_steps, rows=rows,
                        threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed,
                        tensorboard_dir=str(run_dir / "tensorboard"))
     trainer = build_trainer(train_ds, loop_config, storage_path=str(run_dir / "ray_results"), name="pretrain",

@@ -54,3 +54,54 @@ def tiny_text_config(vocab_size: int, max_length: int = 32) -> dict:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's) on 127.0.0.1; yields (endpoint_url, bucket).
+
+    The AWS_* variables point the standard credential chain and endpoint at it, so code under test
+    reads ``s3://bucket/...`` exactly as users do."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    bucket = "ccrk-test"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    try:
+        yield endpoint, bucket
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def upload_dir(endpoint: str, bucket: str, local_dir, prefix: str) -> list[str]:
+    import boto3
+    from pathlib import Path
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    keys = []
+    for f in sorted(Path(local_dir).glob("*.parquet")):
+        key = f"{prefix}/{f.name}"
+        client.upload_file(str(f), bucket, key)
+        keys.append(key)
+    return keys

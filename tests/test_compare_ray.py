@@ -32,9 +32,10 @@ def test_every_style_is_trained_evaluated_and_tabled(compare_run):
         assert list(res["languages"]) == list(LANGS)
         assert set(res["mrv"]) == {"t2i", "i2t"}
         for lang in LANGS:
-            assert f"| {style} | {lang} |" in table
+            assert table.count(f"| {style} | {lang} |") == 2          # ITC table and two-stage table
         report = json.loads((out / "runs" / style / "report.json").read_text())
-        assert report["objective"] == style and report["k_test"] == 6
+        assert report["objective"] == style and report["two_stage"]["k_test"] == 6
+        assert set(on_disk["results_two_stage"][style]["languages"]) == set(LANGS)
         assert report["train"]["step"] == 64 // 16          # one epoch, one worker, same budget for all
         assert report["train"]["loss"] > 0
 
@@ -51,7 +52,9 @@ def test_two_stage_report_is_reproducible_from_the_saved_model(compare_run):
     batch = load_test_batch(out / "data" / "test", LANGS, CaptionTokenizer(out / "tokenizer", cfg.max_length),
                             cfg.image_size)
     again = build_report(*evaluate_in_process(model, batch, k_test=6), LANGS)
-    assert again["languages"] == summary["results"]["one_to_k"]["languages"]
+    assert again["languages"] == summary["results_two_stage"]["one_to_k"]["languages"]
+    itc = build_report(*evaluate_in_process(model, batch, k_test=None), LANGS)
+    assert itc["languages"] == summary["results"]["one_to_k"]["languages"]
 
 
 def test_bad_compare_configs(tmp_path):

@@ -1,44 +1,119 @@
-"""The Ray Data side of the data path: read parquet, apply the pure batch transform in actors.
+"""The Ray Data side of the data path: read parquet (local, ``s3://`` or any pyarrow URI), apply the
+pure batch transform in actors, and count what was read and skipped.
 
 Only wiring lives here; the per-row work is ``ccrk_ray.data.transforms``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from ccrk_ray.data import schema
+from ccrk_ray.data import schema, storage
+from ccrk_ray.data.rows import SkipCounter
 from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
 from ccrk_ray.tokenizer import CaptionTokenizer
 
-
-def count_rows(path: str) -> int:
-    """Rows in a local parquet file or directory, from the footers only (no data read)."""
-    return sum(fragment.metadata.num_rows for fragment in pq.ParquetDataset(path).fragments)
+STATS_NAMESPACE = "ccrk"
+_KEEP_ALIVE: dict[str, Any] = {}
 
 
-def read_captions(uri: str, languages: Sequence[str], shuffle_files: bool = True, **read_kwargs) -> ray.data.Dataset:
+def count_rows(uri: str, endpoint_url: str | None = None) -> int:
+    """Rows under a local or remote parquet prefix, from the footers only (no data read)."""
+    return storage.count_rows(uri, endpoint_url)
+
+
+def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None = None) -> int:
+    """Check every file's schema (footers only) before training starts; return the row count.
+
+    Raises ``schema.SchemaError`` naming the file and the column at fault.
+    """
+    fs, files = storage.list_parquet(uri, endpoint_url)
+    rows = 0
+    for f in files:
+        meta = pq.ParquetFile(fs.open_input_file(f))
+        schema.check_schema(meta.schema_arrow, languages, where=f)
+        rows += meta.metadata.num_rows
+    return rows
+
+
+@ray.remote(num_cpus=0)
+class DataStats:
+    """Rows read and skipped (by reason, with example ids), summed over every data actor."""
+
+    def __init__(self):
+        self.rows = 0
+        self.skipped = SkipCounter()
+
+    def add(self, rows: int, counts: dict[str, int], examples: dict[str, list[str]]) -> None:
+        self.rows += rows
+        for reason, n in counts.items():
+            self.skipped.counts[reason] += n
+            mine = self.skipped.example_ids.setdefault(reason, [])
+            mine.extend(examples.get(reason, [])[: max(0, self.skipped.examples - len(mine))])
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"rows_read": self.rows, "skipped": dict(self.skipped.counts),
+                "examples": {k: list(v) for k, v in self.skipped.example_ids.items()}}
+
+
+def stats_actor(create: bool = False):
+    """The job's DataStats actor (created on demand by the driver), or None.
+
+    Named per job in a fixed namespace: Train workers and Data actors of the job find it whatever
+    namespace they run in, and two jobs on one cluster never share counts."""
+    name = f"data-stats-{ray.get_runtime_context().get_job_id()}"
+    try:
+        return ray.get_actor(name, namespace=STATS_NAMESPACE)
+    except ValueError:
+        if not create:
+            return None
+        handle = DataStats.options(name=name, namespace=STATS_NAMESPACE, get_if_exists=True).remote()
+        _KEEP_ALIVE[name] = handle      # a named actor dies with its last handle: the driver keeps one
+        return handle
+
+
+class CountingTransform(OneToKBatchTransform):
+    """OneToKBatchTransform that reports rows read and skipped to the DataStats actor."""
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        before_rows, before = self.rows_seen, dict(self.skipped.counts)
+        out = super().__call__(batch)
+        delta = {r: n - before.get(r, 0) for r, n in self.skipped.counts.items() if n != before.get(r, 0)}
+        actor = stats_actor()
+        if actor is not None:
+            examples = {r: self.skipped.example_ids.get(r, []) for r in delta}
+            actor.add.remote(self.rows_seen - before_rows, delta, examples)
+        return out
+
+
+def read_captions(uri: str, languages: Sequence[str], shuffle_files: bool = True, endpoint_url: str | None = None,
+                  **read_kwargs) -> ray.data.Dataset:
     """Read only the id, image and the wanted languages' caption columns (file order shuffled)."""
+    fs, path = storage.resolve(uri, endpoint_url)
     columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in languages]
-    return ray.data.read_parquet(uri, columns=columns, shuffle="files" if shuffle_files else None, **read_kwargs)
+    return ray.data.read_parquet(path, filesystem=fs, columns=columns, shuffle="files" if shuffle_files else None,
+                                 **read_kwargs)
 
 
 def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: CaptionTokenizer,
                      image_transform: ImageTransform, batch_size: int = 64, num_actors: int = 1,
                      cpus_per_actor: float = 1.0, shuffle_files: bool = True, with_ids: bool = True,
-                     **read_kwargs) -> ray.data.Dataset:
+                     on_bad_row: str = "skip", endpoint_url: str | None = None, **read_kwargs) -> ray.data.Dataset:
     """A dataset of 1-to-K batches (see OneToKBatchTransform) streamed from ``uri``.
 
     ``with_ids=False`` leaves out the string ``image_id`` column: only tensors (for training).
+    ``on_bad_row="skip"`` drops unusable rows and counts them in the DataStats actor (when the
+    driver created one); ``"raise"`` stops at the first, naming the row and field.
     """
-    ds = read_captions(uri, languages, shuffle_files=shuffle_files, **read_kwargs)
+    ds = read_captions(uri, languages, shuffle_files=shuffle_files, endpoint_url=endpoint_url, **read_kwargs)
     return ds.map_batches(
-        OneToKBatchTransform,
+        CountingTransform,
         fn_constructor_kwargs=dict(tokenizer=tokenizer, languages=tuple(languages), k=k,
-                                   image_transform=image_transform, with_ids=with_ids),
+                                   image_transform=image_transform, with_ids=with_ids, on_bad_row=on_bad_row),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),

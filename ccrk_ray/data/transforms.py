@@ -14,19 +14,29 @@ import numpy as np
 from PIL import Image
 
 from ccrk_ray.data import schema
+from ccrk_ray.data.rows import SUPPORTED_FORMATS, SkipCounter, captions_problem
 from ccrk_ray.tokenizer import CaptionTokenizer
 
 class BadRowError(ValueError):
-    """A row that cannot be used, with the row's id and the field at fault in the message."""
+    """A row that cannot be used, with the row's id and the field at fault in the message, and the
+    skip reason (``ccrk_ray.data.rows.REASONS``) in ``.reason``."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def decode_image(data: bytes, image_id: str = "?") -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image."""
+    """Decode encoded JPEG/PNG/WebP bytes to an RGB PIL image."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as exc:  # PIL raises several types for corrupt data
-        raise BadRowError(f"row {image_id!r}: field {schema.IMAGE!r} is not a decodable image ({exc})") from None
+        raise BadRowError(f"row {image_id!r}: field {schema.IMAGE!r} is not a decodable image ({exc})",
+                          "corrupt_image") from None
+    if img.format not in SUPPORTED_FORMATS:
+        raise BadRowError(f"row {image_id!r}: field {schema.IMAGE!r} is {img.format}, not one of "
+                          f"{', '.join(SUPPORTED_FORMATS)}", "unsupported_image_format")
     return img.convert("RGB")
 
 
@@ -99,7 +109,12 @@ def choose_captions(row: Mapping[str, Any], languages: Sequence[str], k: int,
     if len(available) < k:
         missing = [lang for lang in languages if lang not in {a for a, _ in available}]
         raise BadRowError(f"row {row.get(schema.IMAGE_ID)!r}: needs captions in {k} languages, missing "
-                          + ", ".join(schema.caption_column(m) for m in missing))
+                          + ", ".join(schema.caption_column(m) for m in missing), "missing_language")
+    for lang, caps in available:
+        reason = captions_problem(caps)
+        if reason:
+            raise BadRowError(f"row {row.get(schema.IMAGE_ID)!r}: field {schema.caption_column(lang)!r} has a bad "
+                              f"caption ({reason})", reason)
     if k < len(available):
         idx = sorted(rng.choice(len(available), size=k, replace=False)) if rng is not None else range(k)
         available = [available[i] for i in idx]
@@ -115,26 +130,48 @@ class OneToKBatchTransform:
     """
 
     def __init__(self, tokenizer: CaptionTokenizer, languages: Sequence[str], k: int,
-                 image_transform: ImageTransform, seed: int | None = None, with_ids: bool = True):
+                 image_transform: ImageTransform, seed: int | None = None, with_ids: bool = True,
+                 on_bad_row: str = "raise"):
         if not 1 <= k <= len(languages):
             raise ValueError(f"captions_per_image K={k} must be between 1 and the {len(languages)} languages")
         self.tokenize = tokenizer
-        self.languages, self.k, self.with_ids = tuple(languages), k, with_ids
+        if on_bad_row not in ("raise", "skip"):
+            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
+        self.languages, self.k, self.with_ids, self.on_bad_row = tuple(languages), k, with_ids, on_bad_row
+        self.skipped = SkipCounter()    # cumulative over this transform's life
+        self.rows_seen = 0
         self.image_transform = image_transform
         # Train: fresh randomness per batch; eval: deterministic (first caption, all K in order).
         self.rng = np.random.default_rng(seed) if image_transform.train else None
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch[schema.IMAGE_ID]
-        n = len(ids)
-        pixels = np.stack([self.image_transform(decode_image(batch[schema.IMAGE][i], ids[i]), self.rng)
-                           for i in range(n)])
         cap_cols = [c for c in batch if c.startswith(schema.CAPTION_PREFIX)]
-        captions: list[str] = []
-        for i in range(n):
-            captions += choose_captions({schema.IMAGE_ID: ids[i], **{c: batch[c][i] for c in cap_cols}},
-                                        self.languages, self.k, self.rng)
-        input_ids, mask = self.tokenize(captions)
+        rows = [{schema.IMAGE_ID: ids[i], **{c: batch[c][i] for c in cap_cols}} for i in range(len(ids))]
+        images = batch[schema.IMAGE]
+        self.rows_seen += len(rows)
+        decoded, captions = [], []
+        kept_ids = []
+        for i, row in enumerate(rows):
+            try:
+                img = decode_image(images[i], ids[i])
+                caps = choose_captions(row, self.languages, self.k, self.rng)
+            except BadRowError as exc:
+                if self.on_bad_row == "raise":
+                    raise
+                self.skipped.add(exc.reason, ids[i])
+                continue
+            decoded.append(img)
+            captions += caps
+            kept_ids.append(ids[i])
+        n, ids = len(decoded), kept_ids
+        size = self.image_transform.image_size
+        pixels = (np.stack([self.image_transform(img, self.rng) for img in decoded])
+                  if n else np.zeros((0, 3, size, size), dtype=np.uint8))
+        if captions:
+            input_ids, mask = self.tokenize(captions)
+        else:
+            input_ids = mask = np.zeros((0, self.tokenize.max_length), dtype=np.int64)
         shape = (n, self.k, input_ids.shape[-1])
         out = {"pixel_values": pixels, "input_ids": input_ids.reshape(shape), "attention_mask": mask.reshape(shape)}
         if self.with_ids:

@@ -62,12 +62,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(config["tensorboard_dir"], purge_step=step or None)
 
+    from ccrk_ray.data.pipeline import stats_actor
+
+    stats = stats_actor() if rank == 0 else None
+    seen = ray.get(stats.snapshot.remote()) if stats is not None else None
     shard = ray.train.get_dataset_shard("train")
     log_every = int(config.get("log_every", 10))
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, epochs):
         module.train()
-        t_epoch, wait, seen, losses = time.perf_counter(), 0.0, 0, []
+        t_epoch, wait, samples, losses = time.perf_counter(), 0.0, 0, []
         t_wait = time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2):
             wait += time.perf_counter() - t_wait
@@ -77,7 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             step += 1
-            seen += batch["pixel_values"].shape[0]
+            samples += batch["pixel_values"].shape[0]
             losses.append(out["loss"].detach())
             if writer is not None and step % log_every == 0:
                 for name, value in out.items():
@@ -87,17 +91,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         elapsed = time.perf_counter() - t_epoch
         metrics = {"epoch": epoch + 1, "step": step,
                    "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
-                   "samples_per_s": seen * world / elapsed, "data_wait_fraction": wait / elapsed,
+                   "samples_per_s": samples * world / elapsed, "data_wait_fraction": wait / elapsed,
                    "world_size": world}
+        if stats is not None:   # rows read / skipped by reason in this epoch, over every data actor
+            now = ray.get(stats.snapshot.remote())
+            metrics["rows_read"] = now["rows_read"] - seen["rows_read"]
+            for reason, n in now["skipped"].items():
+                metrics[f"skipped/{reason}"] = n - seen["skipped"].get(reason, 0)
+            seen = now
         if writer is not None:
-            for name in ("samples_per_s", "data_wait_fraction"):
+            for name in ("samples_per_s", "data_wait_fraction", "rows_read"):
+                if name in metrics:
+                    writer.add_scalar(f"epoch/{name}", metrics[name], epoch + 1)
+            for name in (m for m in metrics if m.startswith("skipped/")):
                 writer.add_scalar(f"epoch/{name}", metrics[name], epoch + 1)
             writer.add_scalar("epoch/loss", metrics["loss"], epoch + 1)
             writer.flush()
         if rank == 0:
+            skipped = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("skipped/") and v}
             print(f"[train] epoch {epoch + 1}/{epochs} step {step} loss {metrics['loss']:.4f} "
-                  f"{metrics['samples_per_s']:.0f} samples/s, data wait {100 * metrics['data_wait_fraction']:.0f}%",
-                  flush=True)
+                  f"{metrics['samples_per_s']:.0f} samples/s, data wait {100 * metrics['data_wait_fraction']:.0f}%, "
+                  f"rows read {metrics.get('rows_read', '?')}, skipped {skipped or 0}", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, model, optimizer, scheduler, {"epoch": epoch + 1, "step": step})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
