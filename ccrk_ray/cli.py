@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ccrk_ray.data.converters import add_convert_parser
 
     add_convert_parser(sub)
+    validate = sub.add_parser("validate", help="check parquet data (file or prefix, local or s3://) row by row")
+    validate.add_argument("uri")
+    validate.add_argument("--languages", type=_languages, default=None,
+                          help="caption languages to check (default: every captions_* column)")
+    validate.add_argument("--min-languages", type=int, default=1, help="captions needed per row")
+    validate.add_argument("--max-problems", type=int, default=20, help="problems to list (all are counted)")
     return parser
 
 
@@ -106,6 +112,15 @@ def _quiet_ray_env() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "validate":
+            from ccrk_ray.data.validate import report, validate
+
+            try:
+                result = validate(args.uri, args.languages, args.min_languages, args.max_problems)
+            except FileNotFoundError as exc:
+                raise ConfigError(str(exc)) from None
+            print(report(result))
+            return 0 if result.ok else 1
         if args.command == "convert":
             from ccrk_ray.data.converters import run_convert
 

@@ -184,14 +184,14 @@ def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, caption_tokenizer, model
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     train_uri = train_uri or str(out / "data" / "train")
-    rows = check_dataset(train_uri, cfg.languages)       # schema errors name the file before training
+    check = check_dataset(train_uri, cfg.languages)      # schema errors name the file before training
     stats_actor(create=True)
-    train_ds = one_to_k_dataset(train_uri, languages=cfg.languages, k=cfg.captions_per_image,
+    train_ds = one_to_k_dataset(train_uri, files=check.files, languages=cfg.languages, k=cfg.captions_per_image,
                                 tokenizer=caption_tokenizer, batch_size=cfg.batch_size,
                                 image_transform=ImageTransform(cfg.image_size, train=True), with_ids=False)
     loop_config = dict(model=model_cfg.to_dict(), objective=objective, objective_args=objective_args,
                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                       warmup_steps=cfg.warmup_steps, rows=rows,
+                       warmup_steps=cfg.warmup_steps, rows=check.rows,
                        threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed,
                        tensorboard_dir=str(run_dir / "tensorboard"))
     trainer = build_trainer(train_ds, loop_config, storage_path=str(run_dir / "ray_results"), name="pretrain",

@@ -6,6 +6,7 @@ Only wiring lives here; the per-row work is ``ccrk_ray.data.transforms``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -26,18 +27,40 @@ def count_rows(uri: str, endpoint_url: str | None = None) -> int:
     return storage.count_rows(uri, endpoint_url)
 
 
-def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None = None) -> int:
-    """Check every file's schema (footers only) before training starts; return the row count.
+@dataclass
+class DatasetCheck:
+    rows: int
+    files: list[str]                         # readable files, paths within the filesystem
+    unreadable: list[tuple[str, str]]        # (file, error) of files whose footer could not be read
 
-    Raises ``schema.SchemaError`` naming the file and the column at fault.
+
+def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None = None,
+                  on_bad_file: str = "skip") -> DatasetCheck:
+    """Check every file's schema (footers only) before training starts.
+
+    A schema that does not match raises ``schema.SchemaError`` naming the file and the column. A
+    file whose footer cannot be read at all is reported by name and left out
+    (``on_bad_file="skip"``, the default) or raises (``"raise"``).
     """
+    if on_bad_file not in ("skip", "raise"):
+        raise ValueError(f"on_bad_file must be 'skip' or 'raise', got {on_bad_file!r}")
     fs, files = storage.list_parquet(uri, endpoint_url)
-    rows = 0
+    rows, good, bad = 0, [], []
     for f in files:
-        meta = pq.ParquetFile(fs.open_input_file(f))
+        try:
+            meta = pq.ParquetFile(fs.open_input_file(f))
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for truncated or non-parquet files
+            if on_bad_file == "raise":
+                raise schema.SchemaError(f"{f}: unreadable parquet file ({exc})") from None
+            print(f"[data] skipping unreadable file {f}: {exc}", flush=True)
+            bad.append((f, str(exc)))
+            continue
         schema.check_schema(meta.schema_arrow, languages, where=f)
         rows += meta.metadata.num_rows
-    return rows
+        good.append(f)
+    if not good:
+        raise FileNotFoundError(f"no readable parquet files under {uri}")
+    return DatasetCheck(rows, good, bad)
 
 
 @ray.remote(num_cpus=0)
@@ -91,25 +114,30 @@ class CountingTransform(OneToKBatchTransform):
 
 
 def read_captions(uri: str, languages: Sequence[str], shuffle_files: bool = True, endpoint_url: str | None = None,
-                  **read_kwargs) -> ray.data.Dataset:
-    """Read only the id, image and the wanted languages' caption columns (file order shuffled)."""
+                  files: Sequence[str] | None = None, **read_kwargs) -> ray.data.Dataset:
+    """Read only the id, image and the wanted languages' caption columns (file order shuffled).
+
+    ``files`` (paths within ``uri``'s filesystem, e.g. ``check_dataset(...).files``) restricts the
+    read to those files."""
     fs, path = storage.resolve(uri, endpoint_url)
     columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in languages]
-    return ray.data.read_parquet(path, filesystem=fs, columns=columns, shuffle="files" if shuffle_files else None,
-                                 **read_kwargs)
+    return ray.data.read_parquet(list(files) if files else path, filesystem=fs, columns=columns,
+                                 shuffle="files" if shuffle_files else None, **read_kwargs)
 
 
 def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: CaptionTokenizer,
                      image_transform: ImageTransform, batch_size: int = 64, num_actors: int = 1,
                      cpus_per_actor: float = 1.0, shuffle_files: bool = True, with_ids: bool = True,
-                     on_bad_row: str = "skip", endpoint_url: str | None = None, **read_kwargs) -> ray.data.Dataset:
+                     on_bad_row: str = "skip", endpoint_url: str | None = None, files: Sequence[str] | None = None,
+                     **read_kwargs) -> ray.data.Dataset:
     """A dataset of 1-to-K batches (see OneToKBatchTransform) streamed from ``uri``.
 
     ``with_ids=False`` leaves out the string ``image_id`` column: only tensors (for training).
     ``on_bad_row="skip"`` drops unusable rows and counts them in the DataStats actor (when the
     driver created one); ``"raise"`` stops at the first, naming the row and field.
     """
-    ds = read_captions(uri, languages, shuffle_files=shuffle_files, endpoint_url=endpoint_url, **read_kwargs)
+    ds = read_captions(uri, languages, shuffle_files=shuffle_files, endpoint_url=endpoint_url, files=files,
+                       **read_kwargs)
     return ds.map_batches(
         CountingTransform,
         fn_constructor_kwargs=dict(tokenizer=tokenizer, languages=tuple(languages), k=k,

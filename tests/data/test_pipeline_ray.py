@@ -32,7 +32,7 @@ def test_s3_and_local_give_the_same_rows(ray_local, s3_server, tiny_data):
     upload_dir(endpoint, bucket, tiny_data["train"], "shards/train")
     uri = f"s3://{bucket}/shards/train"
     assert count_rows(uri) == count_rows(str(tiny_data["train"])) == 96
-    assert check_dataset(uri, CCRK_LANGUAGES) == 96
+    assert check_dataset(uri, CCRK_LANGUAGES).rows == 96
     kwargs = dict(languages=CCRK_LANGUAGES, k=10, tokenizer=CaptionTokenizer(tiny_data["tokenizer"], 24),
                   image_transform=ImageTransform(64, train=False), shuffle_files=False)
     remote = collect(one_to_k_dataset(uri, **kwargs))
@@ -115,6 +115,19 @@ def test_schema_problems_are_named_before_training(tmp_path, tiny_data):
         check_dataset(str(tmp_path / "s"), ["en", "de"])
     with pytest.raises(FileNotFoundError, match="no data at"):
         check_dataset(str(tmp_path / "nowhere"), ["en"])
+
+
+def test_unreadable_files_are_reported_and_left_out_or_raise(tmp_path, tiny_data):
+    import shutil
+
+    d = tmp_path / "u"
+    shutil.copytree(tiny_data["test"], d)
+    (d / "part-00009.parquet").write_bytes(b"PAR1 this is not parquet")
+    check = check_dataset(str(d), ["en"])
+    assert check.rows == 40 and len(check.files) == 1
+    assert [f.endswith("part-00009.parquet") for f, _ in check.unreadable] == [True]
+    with pytest.raises(schema.SchemaError, match="part-00009.parquet: unreadable parquet file"):
+        check_dataset(str(d), ["en"], on_bad_file="raise")
 
 
 def test_a_training_run_reads_s3(ray_local, s3_server, tiny_data, tmp_path):
