@@ -59,11 +59,11 @@ def run_dataloader(uri, transform, cores, epochs) -> float:
     return n / (time.perf_counter() - t)
 
 
-def run_ray(uri, tokenizer, cores, epochs) -> float:
+def run_ray(uri, tokenizer, cores, epochs, map_batch=BATCH) -> float:
     from ccrk_ray.data.pipeline import one_to_k_dataset
 
     ds = one_to_k_dataset(uri, languages=CCRK_LANGUAGES, k=len(CCRK_LANGUAGES), tokenizer=tokenizer,
-                          image_transform=ImageTransform(64, train=True), batch_size=BATCH, num_actors=cores,
+                          image_transform=ImageTransform(64, train=True), batch_size=map_batch, num_actors=cores,
                           cpus_per_actor=1, with_ids=False)
     n, t = 0, time.perf_counter()
     for _ in range(epochs):
@@ -78,6 +78,7 @@ def main():
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--map-batch", type=int, default=BATCH, help="rows per Ray Data transform call")
     a = p.parse_args()
 
     import ray
@@ -108,14 +109,14 @@ def main():
         sources["local S3 server"] = "s3://bench/train"
 
     # Ray gets exactly `cores` CPUs: one per transform actor; the driver iterates.
-    ray.init(num_cpus=a.cores, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=a.cores + 1, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"{a.images} images x {a.epochs} epochs, K=10 captions, 64 px, {a.cores} cores")
     print(f"{'source':18}{'DataLoader':>14}{'Ray Data':>14}{'ratio':>8}")
     try:
         for name, uri in sources.items():
             dl = run_dataloader(uri, transform, a.cores, a.epochs)
-            rd = run_ray(uri, tok, a.cores, a.epochs)
+            rd = run_ray(uri, tok, a.cores, a.epochs, a.map_batch)
             print(f"{name:18}{dl:10.0f} /s {rd:10.0f} /s {rd / dl:7.2f}x", flush=True)
     finally:
         ray.shutdown()

@@ -136,6 +136,9 @@ def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: C
     ``on_bad_row="skip"`` drops unusable rows and counts them in the DataStats actor (when the
     driver created one); ``"raise"`` stops at the first, naming the row and field.
     """
+    # Enough read blocks to keep every transform actor busy: Ray would otherwise read a few small
+    # files into one block, which one actor then transforms alone.
+    read_kwargs.setdefault("override_num_blocks", max(8, 4 * num_actors))
     ds = read_captions(uri, languages, shuffle_files=shuffle_files, endpoint_url=endpoint_url, files=files,
                        **read_kwargs)
     return ds.map_batches(
