@@ -302,3 +302,28 @@ def triplet_ranking_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, marg
     else:
         row_cost, col_cost = cost_i2t.sum(dim=1), cost_t2i.sum(dim=0)
     return (row_cost.sum() + col_cost.sum()) / n
+
+
+def contrastive_with_ids(image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor,
+                         text_image_ids: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """Fine-tuning ITC where every caption with the same image id is a positive (X-VLM's ``idx``).
+
+    ``image_feat`` N×d with ids ``image_ids`` (N,), ``text_feat`` M×d with the ids of their images
+    ``text_image_ids`` (M,). Y_ij = [image_ids_i == text_image_ids_j]; image→text targets are Y's
+    rows normalised to sum 1, text→image targets Yᵀ's rows likewise (an image may appear twice in
+    a batch). Result = (loss_i2t + loss_t2i) / 2. With unique images and one caption each this is
+    CLIP's InfoNCE.
+    """
+    if image_feat.dim() != 2 or text_feat.dim() != 2 or image_feat.shape[1] != text_feat.shape[1]:
+        raise ValueError(f"need N×d image and M×d text features, got {tuple(image_feat.shape)} and "
+                         f"{tuple(text_feat.shape)}")
+    if image_ids.shape != (image_feat.shape[0],) or text_image_ids.shape != (text_feat.shape[0],):
+        raise ValueError("image_ids / text_image_ids must give one id per image / caption row")
+    y = (image_ids.view(-1, 1) == text_image_ids.view(1, -1)).to(image_feat.dtype)
+    if (y.sum(1) == 0).any() or (y.sum(0) == 0).any():
+        raise ValueError("every image needs a caption in the batch and every caption its image")
+    logits = image_feat @ text_feat.t() / temperature
+    loss_i2t = -((y / y.sum(1, keepdim=True)) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    yt = y.t()
+    loss_t2i = -((yt / yt.sum(1, keepdim=True)) * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2

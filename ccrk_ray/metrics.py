@@ -28,19 +28,40 @@ def recall_at_k(ranks, k: int) -> float:
     return float(100.0 * np.mean(arr < k))
 
 
-def chance_recall_at_k(num_candidates: int, k: int) -> float:
-    """Expected Recall@k in percent of a random ranking with one correct item among candidates."""
+def chance_recall_at_k(num_candidates: int, k: int, num_relevant: int = 1) -> float:
+    """Expected Recall@k in percent of a random ranking, with ``num_relevant`` correct items among
+    ``num_candidates``: 1 − C(C−r, k) / C(C, k) (k/C for one correct item)."""
     if num_candidates < 1:
         raise ValueError(f"need at least one candidate, got {num_candidates}")
-    return float(100.0 * min(k, num_candidates) / num_candidates)
+    if not 1 <= num_relevant <= num_candidates:
+        raise ValueError(f"num_relevant must be in [1, {num_candidates}], got {num_relevant}")
+    k = min(k, num_candidates)
+    if num_relevant == 1:
+        return float(100.0 * k / num_candidates)
+    miss = 1.0
+    for j in range(k):          # probability that none of the k drawn is relevant
+        miss *= max(0.0, (num_candidates - num_relevant - j) / (num_candidates - j))
+    return float(100.0 * (1.0 - miss))
 
 
 def mean_rank_variance(ranks) -> float:
     """MRV: mean over instances of the population std (ddof=0) of the rank across languages.
 
     ``ranks`` is N×K (instance × language). 0 for a model whose every language agrees on every
-    instance's rank; grows when languages disagree.
+    instance's rank; grows when languages disagree. NaN marks a language an instance has no
+    caption in: such an instance's std is over its other languages, and instances with fewer than
+    2 languages are left out.
     """
+    arr = np.asarray(ranks, dtype=np.float64)
+    if np.isnan(arr).any():
+        if arr.ndim != 2 or arr.shape[1] < 2:
+            raise ValueError(f"ranks must be N×K with K >= 2, got shape {arr.shape}")
+        present = (~np.isnan(arr)).sum(axis=1) >= 2
+        if not present.any():
+            raise ValueError("no instance has ranks in at least 2 languages")
+        if np.nanmin(arr) < 0:
+            raise ValueError("ranks must be >= 0 (0 = correct item ranked first)")
+        return float(np.mean(np.nanstd(arr[present], axis=1, ddof=0)))
     arr = _ranks_array(ranks)
     if arr.ndim != 2:
         raise ValueError(f"ranks must be N×K (instance × language), got shape {arr.shape}")

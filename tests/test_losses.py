@@ -88,3 +88,27 @@ def test_rejects_text_rows_not_multiple_of_images():
         one_to_k_contrastive(torch.randn(3, 4), torch.randn(7, 4), 0.07)
     with pytest.raises(ValueError, match="N×d"):
         one_to_k_contrastive(torch.randn(3, 4), torch.randn(6, 5), 0.07)
+
+
+def test_contrastive_with_ids_is_clip_for_unique_pairs_and_shares_positives():
+    from ccrk_ray.losses import contrastive_with_ids
+
+    g = torch.Generator().manual_seed(11)
+    img = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
+    ids = torch.tensor([10, 11, 12, 13])
+    logits = img @ txt.t() / 0.1
+    clip = (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.t(), torch.arange(4))) / 2
+    assert contrastive_with_ids(img, txt, ids, ids, 0.1).item() == pytest.approx(clip.item(), rel=1e-6)
+    # two images in the batch share id 7: each of their captions has both as positives
+    img_ids, txt_ids = torch.tensor([7, 7, 8]), torch.tensor([7, 8, 7, 8])
+    img3, txt4 = img[:3], txt
+    lg = img3 @ txt4.t()
+    i2t = -(0.5 * (lg[0].log_softmax(0)[0] + lg[0].log_softmax(0)[2]) + 0.5 * (lg[1].log_softmax(0)[0]
+            + lg[1].log_softmax(0)[2]) + 0.5 * (lg[2].log_softmax(0)[1] + lg[2].log_softmax(0)[3])) / 3
+    cols = lg.t().log_softmax(1)
+    t2i = -(0.5 * (cols[0, 0] + cols[0, 1]) + cols[1, 2] + 0.5 * (cols[2, 0] + cols[2, 1]) + cols[3, 2]) / 4
+    got = contrastive_with_ids(img3, txt4, img_ids, txt_ids, 1.0)
+    assert got.item() == pytest.approx(((i2t + t2i) / 2).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="every image needs a caption"):
+        contrastive_with_ids(img3, txt4, torch.tensor([7, 8, 9]), txt_ids, 1.0)

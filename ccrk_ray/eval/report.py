@@ -19,11 +19,18 @@ KS = (1, 5, 10)
 DIRECTIONS = ("t2i", "i2t")
 
 
-def direction_metrics(ranks: np.ndarray, num_candidates: int) -> dict[str, float]:
+def direction_metrics(ranks: np.ndarray, num_candidates: int, relevant: np.ndarray | None = None) -> dict[str, float]:
+    """Recall@1/5/10 with chance, MedR, MeanR, mAP. ``relevant``: correct items per query (default
+    1 each); chance is then averaged over the queries."""
     out: dict[str, float] = {}
     for k in KS:
         out[f"R@{k}"] = recall_at_k(ranks, k)
-        out[f"chance@{k}"] = chance_recall_at_k(num_candidates, k)
+        if relevant is None:
+            out[f"chance@{k}"] = chance_recall_at_k(num_candidates, k)
+        else:
+            counts, freq = np.unique(relevant, return_counts=True)
+            out[f"chance@{k}"] = float(sum(f * chance_recall_at_k(num_candidates, k, int(c))
+                                           for c, f in zip(counts, freq)) / freq.sum())
     out["MedR"] = median_rank(ranks)
     out["MeanR"] = mean_rank(ranks)
     out["mAP"] = mean_average_precision(ranks)
@@ -31,12 +38,40 @@ def direction_metrics(ranks: np.ndarray, num_candidates: int) -> dict[str, float
 
 
 def build_report(t2i: np.ndarray, i2t: np.ndarray, languages: Sequence[str]) -> dict[str, Any]:
-    """Report from N×K rank matrices (column k = languages[k])."""
+    """Report from N×K rank matrices (column k = languages[k]), one caption per image and language."""
     n, k = t2i.shape
     if i2t.shape != (n, k) or len(languages) != k:
         raise ValueError(f"rank matrices {t2i.shape}/{i2t.shape} do not match {len(languages)} languages")
     per_lang = {lang: {d: direction_metrics(r[:, j], n) for d, r in zip(DIRECTIONS, (t2i, i2t))}
                 for j, lang in enumerate(languages)}
+    return _assemble(per_lang, t2i, i2t, n, languages)
+
+
+def build_report_multi(num_images: int, per_language: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+                       ) -> dict[str, Any]:
+    """Report for data with several captions per image and language.
+
+    ``per_language[lang] = (t2i, i2t, owner)`` as ``rank_with_owners`` returns them plus the
+    captions' image indices. Text→image recall is over every caption; image→text uses each image's
+    best-ranked caption (images without a caption in that language are left out). For MRV an
+    image's text→image rank in a language is the mean over its captions there, and a language
+    it has no caption in is left out of its spread.
+    """
+    languages = list(per_language)
+    n = num_images
+    per_lang, t2i_mat, i2t_mat = {}, np.full((n, len(languages)), np.nan), np.full((n, len(languages)), np.nan)
+    for j, lang in enumerate(languages):
+        t2i, i2t, owner = (np.asarray(a) for a in per_language[lang])
+        has = i2t >= 0
+        counts = np.bincount(owner, minlength=n)
+        per_lang[lang] = {"t2i": direction_metrics(t2i, n),
+                          "i2t": direction_metrics(i2t[has], len(owner), relevant=counts[has])}
+        t2i_mat[has, j] = (np.bincount(owner, weights=t2i, minlength=n)[has] / counts[has])
+        i2t_mat[has, j] = i2t[has]
+    return _assemble(per_lang, t2i_mat, i2t_mat, n, languages)
+
+
+def _assemble(per_lang: dict, t2i: np.ndarray, i2t: np.ndarray, n: int, languages: Sequence[str]) -> dict[str, Any]:
     for m in per_lang.values():
         m["SumR"] = float(sum(m[d][f"R@{kk}"] for d in DIRECTIONS for kk in KS))
         m["r_mean"] = m["SumR"] / (len(DIRECTIONS) * len(KS))
@@ -47,7 +82,7 @@ def build_report(t2i: np.ndarray, i2t: np.ndarray, languages: Sequence[str]) -> 
               "mean": {**mean, "r_mean": r_mean, "SumR": r_mean * len(DIRECTIONS) * len(KS)},
               "recall_std_across_languages": {
                   d: float(np.std([per_lang[l][d]["R@1"] for l in languages])) for d in DIRECTIONS}}
-    report["mrv"] = ({d: mean_rank_variance(r) for d, r in zip(DIRECTIONS, (t2i, i2t))} if k >= 2
+    report["mrv"] = ({d: mean_rank_variance(r) for d, r in zip(DIRECTIONS, (t2i, i2t))} if len(languages) >= 2
                      else {d: None for d in DIRECTIONS})
     return report
 

@@ -128,3 +128,33 @@ def evaluate_in_process(model, batch: Mapping[str, np.ndarray], k_test: int | No
         new = itm_scores(model, tokens, lang_hidden, lang_mask, q_idx, top.ravel()).reshape(n, k_test)
         i2t[:, lang] = ranks_from_scores(rerank(s_i2t, top, new), correct)
     return t2i, i2t
+
+
+# --- several captions per image and language (COCO / Flickr30k / Multi30K style) -------------
+
+def rank_with_owners(image_emb: np.ndarray, text_emb: np.ndarray, owner: np.ndarray,
+                     chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks for one language whose M captions belong to images ``owner`` (M,) among N images.
+
+    Returns (t2i (M,): rank of each caption's image among the N images; i2t (N,): the *best*
+    rank among the image's own captions, i.e. the number of other images' captions scoring >=
+    its best-scoring caption; -1 for an image with no caption in this language).
+    """
+    owner = np.asarray(owner, dtype=np.int64)
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    if owner.shape != (m,) or (m and (owner.min() < 0 or owner.max() >= n)):
+        raise ValueError(f"owner must give an image index in [0, {n}) for each of the {m} captions")
+    t2i = np.empty(m, dtype=np.int64)
+    for start in range(0, m, chunk):
+        rows = np.arange(start, min(m, start + chunk))
+        t2i[rows] = ranks_from_scores(text_emb[rows] @ image_emb.T, owner[rows])
+    i2t = np.full(n, -1, dtype=np.int64)
+    has = np.bincount(owner, minlength=n) > 0
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(n, start + chunk))
+        scores = image_emb[rows] @ text_emb.T                           # chunk × M
+        own = owner[None, :] == rows[:, None]
+        best = np.where(own, scores, -np.inf).max(axis=1, keepdims=True)
+        ranks = ((scores >= best) & ~own).sum(axis=1)
+        i2t[rows] = np.where(has[rows], ranks, -1)
+    return t2i, i2t

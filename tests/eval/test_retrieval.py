@@ -138,3 +138,31 @@ def test_two_stage_equals_itc_when_itm_agrees_and_fixes_a_bad_shortlist_order():
     assert itc_t2i[:, 0].tolist() != [0] * n            # dot products rank the largest id first
     t2i, i2t = evaluate_in_process(Toy(), batch, k_test=n)
     assert t2i.max() == 0 and i2t.max() == 0            # ITM re-ranking puts every match first
+
+
+def test_several_captions_per_image_best_rank_and_chance():
+    from ccrk_ray.eval.report import build_report_multi
+    from ccrk_ray.eval.retrieval import rank_with_owners
+    from ccrk_ray.metrics import chance_recall_at_k
+
+    # 3 images on axes; language A: image 0 has captions [good, bad], image 1 one good, image 2 none
+    img = np.eye(3, dtype=np.float32)
+    txt = np.array([[1, 0, 0], [0, 0.2, 0.9], [0, 1, 0]], dtype=np.float32)
+    owner = np.array([0, 0, 1])
+    t2i, i2t = rank_with_owners(img, txt, owner)
+    assert t2i.tolist() == [0, 2, 0]             # image 0's bad caption ranks images 2 and 1 above it
+    assert i2t.tolist() == [0, 0, -1]            # best-ranked own caption; image 2 has none
+    # independent brute force of the best rank for image 0: captions sorted by score
+    scores = img[0] @ txt.T
+    order = np.argsort(-scores, kind="stable")
+    assert i2t[0] == min(np.where(np.isin(order, np.where(owner == 0)[0]))[0])
+    rep = build_report_multi(3, {"A": (t2i, i2t, owner), "B": (np.array([0, 2, 0]), np.array([0, 1, 0]),
+                                                              np.array([0, 1, 2]))})
+    a = rep["languages"]["A"]
+    assert a["t2i"]["R@1"] == pytest.approx(200 / 3) and a["i2t"]["R@1"] == 100.0
+    # image→text chance with 2 relevant of 3 (image 0) and 1 of 3 (image 1), averaged
+    assert a["i2t"]["chance@1"] == pytest.approx((chance_recall_at_k(3, 1, 2) + chance_recall_at_k(3, 1)) / 2)
+    assert chance_recall_at_k(3, 1, 2) == pytest.approx(200 / 3)
+    # MRV: t2i ranks per image = mean over its captions: A -> [1, 0, nan], B -> [0, 2, 0]
+    expected = np.mean([np.std([1, 0]), np.std([0, 2])])     # image 2 has one language only: left out
+    assert rep["mrv"]["t2i"] == pytest.approx(expected)
