@@ -70,6 +70,8 @@ def _add_run_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--embed-dim", type=int, default=d.embed_dim)
     p.add_argument("--workers", type=_int_pair, default=d.workers, help="MIN,MAX Ray Train workers")
     p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
+    p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
+                   help="rows in each worker's local shuffle buffer, on top of the file-order shuffle (0 = off)")
     p.add_argument("--seed", type=int, default=d.seed)
 
 

@@ -54,6 +54,7 @@ class DemoConfig:
     embed_dim: int = 128
     workers: tuple[int, int] = (1, 2)
     cpus_per_worker: int = 1
+    shuffle_buffer: int = 256                  # rows in each worker's local shuffle buffer (0 = off)
     seed: int = 0
 
     def validate(self) -> "DemoConfig":
@@ -73,6 +74,7 @@ class DemoConfig:
         check_range("--embed-dim", self.embed_dim, 8)
         check_range("--vocab-size", self.vocab_size, 100)
         check_range("--cpus-per-worker", self.cpus_per_worker, 1)
+        check_range("--shuffle-buffer", self.shuffle_buffer, 0)
         lo, hi = self.workers
         if not 1 <= lo <= hi:
             raise ConfigError(f"--workers must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
@@ -192,7 +194,7 @@ def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, caption_tokenizer, model
     loop_config = dict(model=model_cfg.to_dict(), objective=objective, objective_args=objective_args,
                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        warmup_steps=cfg.warmup_steps, rows=check.rows,
-                       threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed,
+                       threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed, shuffle_buffer_rows=cfg.shuffle_buffer,
                        tensorboard_dir=str(run_dir / "tensorboard"))
     trainer = build_trainer(train_ds, loop_config, storage_path=str(run_dir / "ray_results"), name="pretrain",
                             num_workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker)

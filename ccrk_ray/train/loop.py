@@ -2,7 +2,7 @@
 
 ``config`` keys: model (ModelConfig dict), objective (name), objective_args (ObjectiveConfig fields), epochs, batch_size (per worker), lr,
 weight_decay, warmup_steps, rows (training rows per epoch), threads_per_worker, seed,
-tensorboard_dir, log_every.
+tensorboard_dir, log_every, shuffle_buffer_rows (0 = file-order shuffle only).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ccrk_ray.data.pipeline import stats_actor
 from ccrk_ray.model import CCRKModel, ModelConfig
 from ccrk_ray.objectives import ObjectiveModule, build_objective
 from ccrk_ray.train.state import load_training_state, save_checkpoint
@@ -62,18 +63,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(config["tensorboard_dir"], purge_step=step or None)
 
-    from ccrk_ray.data.pipeline import stats_actor
-
     stats = stats_actor() if rank == 0 else None
     seen = ray.get(stats.snapshot.remote()) if stats is not None else None
     shard = ray.train.get_dataset_shard("train")
     log_every = int(config.get("log_every", 10))
+    shuffle_rows = int(config.get("shuffle_buffer_rows", 0))   # local shuffle on top of the file-order shuffle
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, epochs):
         module.train()
         t_epoch, wait, samples, losses = time.perf_counter(), 0.0, 0, []
         t_wait = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2,
+                                              local_shuffle_buffer_size=shuffle_rows or None):
             wait += time.perf_counter() - t_wait
             out = module(batch)
             optimizer.zero_grad(set_to_none=True)
