@@ -72,6 +72,8 @@ def _add_run_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
     p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
                    help="rows in each worker's local shuffle buffer, on top of the file-order shuffle (0 = off)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument("--precision", default=d.precision, help="fp32 or bf16 (autocast)")
     p.add_argument("--seed", type=int, default=d.seed)
 
 

@@ -55,6 +55,8 @@ class DemoConfig:
     workers: tuple[int, int] = (1, 2)
     cpus_per_worker: int = 1
     shuffle_buffer: int = 256                  # rows in each worker's local shuffle buffer (0 = off)
+    gpu: bool = False                          # one GPU per Ray Train worker
+    precision: str = "fp32"                    # fp32 | bf16 (autocast)
     seed: int = 0
 
     def validate(self) -> "DemoConfig":
@@ -75,6 +77,8 @@ class DemoConfig:
         check_range("--vocab-size", self.vocab_size, 100)
         check_range("--cpus-per-worker", self.cpus_per_worker, 1)
         check_range("--shuffle-buffer", self.shuffle_buffer, 0)
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         lo, hi = self.workers
         if not 1 <= lo <= hi:
             raise ConfigError(f"--workers must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
@@ -195,9 +199,10 @@ def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, caption_tokenizer, model
                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                        warmup_steps=cfg.warmup_steps, rows=check.rows,
                        threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed, shuffle_buffer_rows=cfg.shuffle_buffer,
+                       precision=cfg.precision,
                        tensorboard_dir=str(run_dir / "tensorboard"))
     trainer = build_trainer(train_ds, loop_config, storage_path=str(run_dir / "ray_results"), name="pretrain",
-                            num_workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker)
+                            num_workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.gpu)
     _log(f"pretraining {cfg.vision_model} + {cfg.text_model or 'tiny XLM-R'} with objective {objective} "
          f"(K={cfg.captions_per_image}) on {cfg.workers[0]}-{cfg.workers[1]} Ray Train workers", t0)
     result = trainer.fit()

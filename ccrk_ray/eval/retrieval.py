@@ -20,22 +20,23 @@ from ccrk_ray.metrics import ranks_from_scores
 class Embedder:
     """1-to-K batch (see OneToKBatchTransform) → ``image_emb`` N×d and ``text_emb`` N×K×d."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, device: str | None = None):
         from ccrk_ray.train.state import load_model
 
         if threads:
             torch.set_num_threads(threads)
-        self.model = load_model(model_dir).eval()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_model(model_dir).eval().to(self.device)
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = torch.as_tensor(batch["input_ids"])
+        ids = torch.as_tensor(batch["input_ids"], device=self.device)
         n, k, length = ids.shape
-        img = self.model.encode_image(torch.as_tensor(batch["pixel_values"]))
-        txt = self.model.encode_text(ids.view(n * k, length),
-                                     torch.as_tensor(batch["attention_mask"]).view(n * k, length))
-        return {"image_id": np.asarray(batch["image_id"], dtype=object), "image_emb": img.numpy(),
-                "text_emb": txt.view(n, k, -1).numpy()}
+        img = self.model.encode_image(torch.as_tensor(batch["pixel_values"], device=self.device))
+        mask = torch.as_tensor(batch["attention_mask"], device=self.device)
+        txt = self.model.encode_text(ids.view(n * k, length), mask.view(n * k, length))
+        return {"image_id": np.asarray(batch["image_id"], dtype=object), "image_emb": img.float().cpu().numpy(),
+                "text_emb": txt.view(n, k, -1).float().cpu().numpy()}
 
 
 def rank_per_language(image_emb: np.ndarray, text_emb: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -83,10 +84,10 @@ def itm_scores(model, image_tokens: torch.Tensor, text_hidden: torch.Tensor, tex
     """Matching score (the ITM head's "match" logit, as X-VLM ranks by) of each (image, text) pair."""
     out = []
     for start in range(0, len(image_idx), batch_size):
-        i = torch.as_tensor(image_idx[start:start + batch_size])
-        t = torch.as_tensor(text_idx[start:start + batch_size])
+        i = torch.as_tensor(image_idx[start:start + batch_size], device=image_tokens.device)
+        t = torch.as_tensor(text_idx[start:start + batch_size], device=text_hidden.device)
         fused = model.fuse(text_hidden[t], text_mask[t], image_tokens[i])
-        out.append(model.itm_head(fused)[:, 1].float().numpy())
+        out.append(model.itm_head(fused)[:, 1].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
@@ -99,24 +100,25 @@ def evaluate_in_process(model, batch: Mapping[str, np.ndarray], k_test: int | No
     ``k_test`` candidates by ITC are re-scored with the ITM head (needs fusion layers).
     """
     model.eval()
-    ids = torch.as_tensor(np.asarray(batch["input_ids"]))
-    masks = torch.as_tensor(np.asarray(batch["attention_mask"]))
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    ids = torch.as_tensor(np.asarray(batch["input_ids"]), device=device)
+    masks = torch.as_tensor(np.asarray(batch["attention_mask"]), device=device)
     n, k, length = ids.shape
-    tokens = model.image_tokens(torch.as_tensor(np.asarray(batch["pixel_values"])))
+    tokens = model.image_tokens(torch.as_tensor(np.asarray(batch["pixel_values"]), device=device))
     image_feat = model.image_feature(tokens)
     hidden = model.text_hidden(ids.view(n * k, length), masks.view(n * k, length))
     text_feat = model.text_feature(hidden).view(n, k, -1)
     if k_test is None:
-        return rank_per_language(image_feat.numpy(), text_feat.numpy(), chunk=chunk)
+        return rank_per_language(image_feat.float().cpu().numpy(), text_feat.float().cpu().numpy(), chunk=chunk)
     if not model.has_fusion:
         raise ValueError("two-stage evaluation (k_test) needs a model with fusion layers; use itc_only")
     hidden = hidden.view(n, k, length, -1)
     t2i = np.empty((n, k), dtype=np.int64)
     i2t = np.empty((n, k), dtype=np.int64)
     correct = np.arange(n)
-    img = image_feat.numpy()
+    img = image_feat.float().cpu().numpy()
     for lang in range(k):
-        txt = text_feat[:, lang].numpy()
+        txt = text_feat[:, lang].float().cpu().numpy()
         lang_hidden, lang_mask = hidden[:, lang], masks[:, lang]
         s_t2i = txt @ img.T                                   # caption queries × images
         top = topk_candidates(s_t2i, k_test)

@@ -2,7 +2,8 @@
 
 ``config`` keys: model (ModelConfig dict), objective (name), objective_args (ObjectiveConfig fields), epochs, batch_size (per worker), lr,
 weight_decay, warmup_steps, rows (training rows per epoch), threads_per_worker, seed,
-tensorboard_dir, log_every, shuffle_buffer_rows (0 = file-order shuffle only).
+tensorboard_dir, log_every, shuffle_buffer_rows (0 = file-order shuffle only), precision (fp32 | bf16
+autocast). Batches arrive on the worker's device (Ray moves them; GPU when the trainer has GPUs).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     shard = ray.train.get_dataset_shard("train")
     log_every = int(config.get("log_every", 10))
     shuffle_rows = int(config.get("shuffle_buffer_rows", 0))   # local shuffle on top of the file-order shuffle
+    device = ray.train.torch.get_device()
+    precision = config.get("precision", "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, epochs):
         module.train()
@@ -76,7 +82,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2,
                                               local_shuffle_buffer_size=shuffle_rows or None):
             wait += time.perf_counter() - t_wait
-            out = module(batch)
+            with autocast:
+                out = module(batch)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
