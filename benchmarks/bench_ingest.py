@@ -20,7 +20,6 @@ from pathlib import Path
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 

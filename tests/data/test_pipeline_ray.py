@@ -131,7 +131,8 @@ def test_unreadable_files_are_reported_and_left_out_or_raise(tmp_path, tiny_data
 
 
 def test_a_training_run_reads_s3(ray_local, s3_server, tiny_data, tmp_path):
-    """pretrain() on s3:// shards: the same code path as local data, a real Ray Train run."""
+    """pretrain() on s3:// shards: the same code path as local data, a real Ray Train run (in bf16
+    autocast, which the CPU supports too)."""
     import time
 
     from ccrk_ray.demo import DemoConfig, demo_model_config, pretrain
@@ -140,11 +141,12 @@ def test_a_training_run_reads_s3(ray_local, s3_server, tiny_data, tmp_path):
     endpoint, bucket = s3_server
     upload_dir(endpoint, bucket, tiny_data["train"], "train-run/train")
     cfg = DemoConfig(out=str(tmp_path), epochs=1, batch_size=16, workers=(1, 1), text_width=32, embed_dim=16,
-                     train_images=96).validate()
+                     train_images=96, precision="bf16").validate()
     tok = load_tokenizer(tiny_data["tokenizer"])
     metrics = pretrain(cfg, tmp_path, tmp_path / "run", CaptionTokenizer(tok, cfg.max_length),
                        demo_model_config(cfg, tok), "one_to_k",
                        dict(itm_weight=0.0, mlm_weight=0.0, languages=list(CCRK_LANGUAGES)), time.perf_counter(),
                        train_uri=f"s3://{bucket}/train-run/train")
     assert metrics["step"] == 96 // 16 and metrics.get("rows_read") == 96, sorted(metrics)
+    assert np.isfinite(metrics["loss"])
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

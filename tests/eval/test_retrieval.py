@@ -3,7 +3,6 @@ import pytest
 
 from ccrk_ray.eval.report import build_report, format_table
 from ccrk_ray.eval.retrieval import rank_per_language
-from ccrk_ray.metrics import ranks_from_scores
 
 
 def dense_ranks(img, txt):
