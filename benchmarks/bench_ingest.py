@@ -108,7 +108,7 @@ def main():
         sources["local S3 server"] = "s3://bench/train"
 
     # Ray gets exactly `cores` CPUs: one per transform actor; the driver iterates.
-    ray.init(num_cpus=a.cores + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=a.cores + int(os.environ.get("BENCH_EXTRA_CPUS", "1")), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"{a.images} images x {a.epochs} epochs, K=10 captions, 64 px, {a.cores} cores")
     print(f"{'source':18}{'DataLoader':>14}{'Ray Data':>14}{'ratio':>8}")

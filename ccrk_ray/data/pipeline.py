@@ -106,7 +106,9 @@ class CountingTransform(OneToKBatchTransform):
         before_rows, before = self.rows_seen, dict(self.skipped.counts)
         out = super().__call__(batch)
         delta = {r: n - before.get(r, 0) for r, n in self.skipped.counts.items() if n != before.get(r, 0)}
-        actor = stats_actor()
+        if not hasattr(self, "_stats"):
+            self._stats = stats_actor()     # looked up once per actor: a name lookup is a GCS round trip
+        actor = self._stats
         if actor is not None:
             examples = {r: self.skipped.example_ids.get(r, []) for r in delta}
             actor.add.remote(self.rows_seen - before_rows, delta, examples)
