@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     from ccrk_ray.data.converters import add_convert_parser
 
     add_convert_parser(sub)
+    evaluate = sub.add_parser("evaluate", help="per-language recall and MRV of a saved model on a parquet split")
+    evaluate.add_argument("--checkpoint", required=True, help="a saved model directory or a training checkpoint")
+    evaluate.add_argument("--data", required=True, help="parquet file or prefix (local or s3://)")
+    evaluate.add_argument("--out", required=True, help="where report.json and report.md go")
+    evaluate.add_argument("--languages", type=_languages, default=None)
+    evaluate.add_argument("--k-test", type=int, default=None, help="two-stage: re-rank the top K with the ITM head")
+    evaluate.add_argument("--image-size", type=int, default=None, help="default: the model's preprocess.json")
+    evaluate.add_argument("--max-length", type=int, default=None, help="default: the model's preprocess.json")
+    evaluate.add_argument("--tokenizer", default=None, help="default: the tokenizer saved with the model")
     validate = sub.add_parser("validate", help="check parquet data (file or prefix, local or s3://) row by row")
     validate.add_argument("uri")
     validate.add_argument("--languages", type=_languages, default=None,
@@ -116,6 +125,15 @@ def _quiet_ray_env() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "evaluate":
+            from ccrk_ray.evaluate import run_evaluate
+
+            if args.k_test is not None and args.k_test < 1:
+                raise ConfigError(f"--k-test must be >= 1, got {args.k_test}")
+            _quiet_ray_env()
+            run_evaluate(args.checkpoint, args.data, args.out, languages=args.languages, k_test=args.k_test,
+                         image_size=args.image_size, max_length=args.max_length, tokenizer=args.tokenizer)
+            return 0
         if args.command == "validate":
             from ccrk_ray.data.validate import report, validate
 

@@ -25,6 +25,7 @@ from ccrk_ray.config import ConfigError, check_range
 from ccrk_ray.languages import CCRK_LANGUAGES, validate_languages
 
 MARKER = "ccrk-demo.json"
+PREPROCESS_FILE = "preprocess.json"
 OUTPUTS = ("data", "tokenizer", "ray_results", "tensorboard", "model", "report.json", MARKER)
 
 
@@ -208,6 +209,10 @@ def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, caption_tokenizer, model
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt:
         load_model(ckpt).save_pretrained(run_dir / "model")
+    # the model directory carries what evaluation needs: its tokenizer and preprocessing
+    caption_tokenizer.save_pretrained(run_dir / "model")
+    (run_dir / "model" / PREPROCESS_FILE).write_text(json.dumps(
+        {"image_size": cfg.image_size, "max_length": cfg.max_length, "languages": list(cfg.languages)}, indent=2))
     metrics = dict(result.metrics or {})
     _log(f"pretraining done: {metrics.get('step')} steps, final loss {metrics.get('loss', float('nan')):.4f}; "
          f"model saved to {run_dir / 'model'}", t0)

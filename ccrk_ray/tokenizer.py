@@ -74,6 +74,7 @@ class CaptionTokenizer:
         hf = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self.max_length = max_length
         self.vocab_size = len(hf)
+        self.special_tokens = {k: v for k, v in hf.special_tokens_map.items() if isinstance(v, str)}
         backend = getattr(hf, "backend_tokenizer", None)
         self.backend, self.hf = None, None
         if backend is None:
@@ -84,6 +85,22 @@ class CaptionTokenizer:
             self.backend = Tokenizer.from_str(backend.to_str())
             self.backend.enable_truncation(max_length)
             self.backend.enable_padding(length=max_length, pad_id=hf.pad_token_id, pad_token=hf.pad_token)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Save the tokenizer so that ``AutoTokenizer.from_pretrained(directory)`` loads it (a model
+        directory then carries its own tokenizer)."""
+        if self.backend is None:
+            self.hf.save_pretrained(str(directory))
+            return Path(directory)
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        plain = Tokenizer.from_str(self.backend.to_str())
+        plain.no_padding()
+        plain.no_truncation()
+        PreTrainedTokenizerFast(tokenizer_object=plain, model_max_length=self.max_length,
+                                **self.special_tokens).save_pretrained(str(directory))
+        return Path(directory)
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         if self.backend is None:

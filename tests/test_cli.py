@@ -56,3 +56,10 @@ def test_a_file_as_output_directory_and_a_missing_command(tmp_path):
 def test_help_lists_the_demo():
     res = ccrk("--help")
     assert res.returncode == 0 and "demo" in res.stdout
+
+
+def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
+    res = ccrk("evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"ccrk: error: --checkpoint {tmp_path} is not a saved CCRK model "
+                                               "or checkpoint"]

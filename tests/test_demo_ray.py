@@ -100,3 +100,24 @@ def test_rerun_clears_only_its_own_outputs(demo_run, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="did not write: notes.txt"):
         prepare_out_dir(tmp_path)
+
+
+def test_ccrk_evaluate_reproduces_the_demo_report(demo_run, tmp_path):
+    out, cfg, report = demo_run
+    from ccrk_ray.evaluate import run_evaluate
+
+    assert (out / "model" / "preprocess.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+    again = run_evaluate(str(out / "model"), str(out / "data" / "test"), str(tmp_path / "eval"))
+    assert again["languages"] == report["languages"] and again["mrv"] == report["mrv"]
+    assert (tmp_path / "eval" / "report.md").read_text().count("\n") > 10
+    # a raw training checkpoint has no tokenizer/preprocess: flags supply them
+    ckpt = sorted(p for p in (out / "ray_results" / "pretrain").glob("checkpoint_*") if p.is_dir())[-1]
+    with pytest.raises(ValueError, match="--image-size and --max-length are needed"):
+        run_evaluate(str(ckpt), str(out / "data" / "test"), str(tmp_path / "e2"))
+    from_ckpt = run_evaluate(str(ckpt), str(out / "data" / "test"), str(tmp_path / "e2"), image_size=cfg.image_size,
+                             max_length=cfg.max_length, tokenizer=str(out / "tokenizer"))
+    assert from_ckpt["languages"] == report["languages"]
+    with pytest.raises(ValueError, match="--k-test needs a model with fusion layers"):
+        run_evaluate(str(out / "model"), str(out / "data" / "test"), str(tmp_path / "e3"), k_test=5)
+    with pytest.raises(ValueError, match="has no caption column for xx|unknown language"):
+        run_evaluate(str(out / "model"), str(out / "data" / "test"), str(tmp_path / "e4"), languages=["en", "xx"])
