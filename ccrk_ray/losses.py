@@ -327,3 +327,32 @@ def contrastive_with_ids(image_feat: torch.Tensor, text_feat: torch.Tensor, imag
     yt = y.t()
     loss_t2i = -((yt / yt.sum(1, keepdim=True)) * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+def one_to_k_contrastive_local(local_image: torch.Tensor, local_text: torch.Tensor, all_image: torch.Tensor,
+                               all_text: torch.Tensor, rank: int, temperature: torch.Tensor | float) -> torch.Tensor:
+    """The 1-to-K loss of this worker's rows only, against the gathered global columns.
+
+    ``local_image`` n×d and ``local_text`` (n·K)×d are this rank's rows; ``all_image`` N×d and
+    ``all_text`` (N·K)×d are every rank's, in rank order (N = n·world). Image→text is local n ×
+    global N·K, text→image local n·K × global N, with targets offset by ``rank·n``. Memory is linear
+    in the global batch, and the mean of this loss over the ranks equals ``one_to_k_contrastive``
+    on the global batch (so do the gradients, once DDP averages them).
+    """
+    n = local_image.shape[0]
+    k = captions_per_image(n, local_text.shape[0])
+    big_n = all_image.shape[0]
+    if all_text.shape[0] != big_n * k or big_n % n:
+        raise ValueError(f"global features ({big_n} images, {all_text.shape[0]} texts) do not fit local "
+                         f"batches of {n} images with K={k}")
+    if not 0 <= rank < big_n // n:
+        raise ValueError(f"rank {rank} outside 0..{big_n // n - 1}")
+    device = local_image.device
+    own_image = rank * n + torch.arange(n, device=device)                       # global index of local images
+    logits_i2t = local_image @ all_text.t() / temperature                       # n × N·K
+    owner_of_text = torch.arange(big_n, device=device).repeat_interleave(k)     # N·K
+    targets = (owner_of_text.unsqueeze(0) == own_image.unsqueeze(1)).to(logits_i2t.dtype)
+    loss_i2t = -(targets * F.log_softmax(logits_i2t, dim=1)).sum(dim=1).mean()
+    logits_t2i = local_text @ all_image.t() / temperature                       # n·K × N
+    loss_t2i = F.cross_entropy(logits_t2i, own_image.repeat_interleave(k))
+    return (loss_i2t + loss_t2i) / 2 / k

@@ -21,9 +21,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ccrk_ray.distributed import gather_with_grad
+from ccrk_ray.distributed import gather_with_grad, rank, world_size
 from ccrk_ray.losses import (mask_tokens, matching_loss, mlm_loss, one_to_k_contrastive,
-                             sample_mitm, vicreg_terms)
+                             one_to_k_contrastive_local, sample_mitm, vicreg_terms)
 
 
 def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +45,7 @@ class ObjectiveConfig:
     vocab_size: int | None = None
     special_ids: Sequence[int] = ()
     languages: Sequence[str] = ()          # batch column order; cross_lingual needs "en" among them
+    local_loss: bool = False               # one_to_k ITC: local rows × global columns (memory linear in N)
 
     def __post_init__(self):
         for name in ("itm_weight", "mlm_weight"):
@@ -126,7 +127,12 @@ class OneToK(Objective):
         ids, mask = ids.flatten(0, 1), mask.flatten(0, 1)
         image_tokens, image_feat, text_hidden, text_feat = self.encode(model, batch["pixel_values"], ids, mask)
         temperature = model.temperature
-        terms = {"itc": one_to_k_contrastive(gather_with_grad(image_feat), gather_with_grad(text_feat), temperature)}
+        all_image, all_text = gather_with_grad(image_feat), gather_with_grad(text_feat)
+        if self.config.local_loss and world_size() > 1:
+            itc = one_to_k_contrastive_local(image_feat, text_feat, all_image, all_text, rank(), temperature)
+        else:
+            itc = one_to_k_contrastive(all_image, all_text, temperature)
+        terms = {"itc": itc}
         terms.update(self.matching_and_mlm(model, image_tokens, image_feat, text_hidden, text_feat, ids, mask,
                                            k, temperature))
         terms["temperature"] = temperature.detach()

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ccrk_ray.distributed import gather_with_grad
-from ccrk_ray.losses import one_to_k_contrastive
+from ccrk_ray.losses import one_to_k_contrastive, one_to_k_contrastive_local
 
 N, K, D, WORLD = 6, 3, 8, 2
 
@@ -30,7 +30,14 @@ def worker(rank, port, out_dir):
     local_txt = txt[rank * n * K:(rank + 1) * n * K].clone().requires_grad_()
     loss = one_to_k_contrastive(gather_with_grad(local_img), gather_with_grad(local_txt), 0.1)
     loss.backward()
-    torch.save({"loss": loss.detach(), "gi": local_img.grad, "gt": local_txt.grad}, f"{out_dir}/{rank}.pt")
+    result = {"loss": loss.detach(), "gi": local_img.grad.clone(), "gt": local_txt.grad.clone()}
+    # local_loss mode: this rank's rows against the gathered columns
+    local_img.grad, local_txt.grad = None, None
+    part = one_to_k_contrastive_local(local_img, local_txt, gather_with_grad(local_img),
+                                      gather_with_grad(local_txt), rank, 0.1)
+    part.backward()
+    result.update(part=part.detach(), li=local_img.grad, lt=local_txt.grad)
+    torch.save(result, f"{out_dir}/{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -51,3 +58,9 @@ def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
         torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=0)
         torch.testing.assert_close(got["gi"] / WORLD, img.grad[rank * n:(rank + 1) * n], atol=1e-5, rtol=0)
         torch.testing.assert_close(got["gt"] / WORLD, txt.grad[rank * n * K:(rank + 1) * n * K], atol=1e-5, rtol=0)
+        # local_loss: the ranks' losses average to the global loss, and each rank's slice gradient
+        # (summed over ranks by the gather's backward) / WORLD is the global gradient, as with DDP
+        torch.testing.assert_close(got["li"] / WORLD, img.grad[rank * n:(rank + 1) * n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["lt"] / WORLD, txt.grad[rank * n * K:(rank + 1) * n * K], atol=1e-5, rtol=0)
+    parts = [torch.load(tmp_path / f"{r}.pt", weights_only=True)["part"] for r in range(WORLD)]
+    torch.testing.assert_close(torch.stack(parts).mean(), loss.detach(), atol=1e-5, rtol=0)

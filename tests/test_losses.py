@@ -112,3 +112,22 @@ def test_contrastive_with_ids_is_clip_for_unique_pairs_and_shares_positives():
     assert got.item() == pytest.approx(((i2t + t2i) / 2).item(), rel=1e-6)
     with pytest.raises(ValueError, match="every image needs a caption"):
         contrastive_with_ids(img3, txt4, torch.tensor([7, 8, 9]), txt_ids, 1.0)
+
+
+@pytest.mark.parametrize("world,n,k", [(1, 4, 3), (2, 3, 2), (4, 2, 5)])
+def test_local_loss_mean_over_ranks_equals_global_loss_and_gradients(world, n, k):
+    from ccrk_ray.losses import one_to_k_contrastive_local
+
+    g = torch.Generator().manual_seed(world * 10 + n)
+    img = F.normalize(torch.randn(world * n, 8, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(world * n * k, 8, generator=g), dim=-1).requires_grad_()
+    full = one_to_k_contrastive(img, txt, 0.1)
+    g_full = torch.autograd.grad(full, (img, txt))
+    local = torch.stack([one_to_k_contrastive_local(img[r * n:(r + 1) * n], txt[r * n * k:(r + 1) * n * k],
+                                                    img, txt, r, 0.1) for r in range(world)]).mean()
+    g_local = torch.autograd.grad(local, (img, txt))
+    assert local.item() == pytest.approx(full.item(), rel=1e-6)
+    for a, b in zip(g_local, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="rank 9 outside"):
+        one_to_k_contrastive_local(img[:n], txt[:n * k], img, txt, 9, 0.1)
