@@ -22,11 +22,6 @@ STATS_NAMESPACE = "ccrk"
 _KEEP_ALIVE: dict[str, Any] = {}
 
 
-def count_rows(uri: str, endpoint_url: str | None = None) -> int:
-    """Rows under a local or remote parquet prefix, from the footers only (no data read)."""
-    return storage.count_rows(uri, endpoint_url)
-
-
 @dataclass
 class DatasetCheck:
     rows: int
@@ -73,10 +68,7 @@ class DataStats:
 
     def add(self, rows: int, counts: dict[str, int], examples: dict[str, list[str]]) -> None:
         self.rows += rows
-        for reason, n in counts.items():
-            self.skipped.counts[reason] += n
-            mine = self.skipped.example_ids.setdefault(reason, [])
-            mine.extend(examples.get(reason, [])[: max(0, self.skipped.examples - len(mine))])
+        self.skipped.add_counts(counts, examples)
 
     def snapshot(self) -> dict[str, Any]:
         return {"rows_read": self.rows, "skipped": dict(self.skipped.counts),

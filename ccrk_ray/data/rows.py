@@ -78,13 +78,12 @@ class SkipCounter:
         if len(ids) < self.examples:
             ids.append(str(row_id))
 
-    def merge(self, other: "SkipCounter | dict[str, int]") -> None:
-        counts = other.counts if isinstance(other, SkipCounter) else other
+    def add_counts(self, counts: dict[str, int], examples: dict[str, list[str]]) -> None:
+        """Fold in counts and example ids gathered elsewhere (another data actor)."""
         self.counts.update(counts)
-        if isinstance(other, SkipCounter):
-            for reason, ids in other.example_ids.items():
-                mine = self.example_ids.setdefault(reason, [])
-                mine.extend(ids[: max(0, self.examples - len(mine))])
+        for reason, ids in examples.items():
+            mine = self.example_ids.setdefault(reason, [])
+            mine.extend(ids[: max(0, self.examples - len(mine))])
 
     @property
     def total(self) -> int:

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from ccrk_ray.data import schema
-from ccrk_ray.data.pipeline import check_dataset, count_rows, one_to_k_dataset, stats_actor
+from ccrk_ray.data.pipeline import check_dataset, one_to_k_dataset, stats_actor
+from ccrk_ray.data.storage import count_rows
 from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.languages import CCRK_LANGUAGES
 from ccrk_ray.tokenizer import CaptionTokenizer
