@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ccrk_ray.config import ConfigError
-from ccrk_ray.data.schema import IMAGE, IMAGE_ID, SOURCE, SPLIT, arrow_schema, caption_column
+from ccrk_ray.data.schema import IMAGE, IMAGE_ID, ROW_GROUP_ROWS, SOURCE, SPLIT, arrow_schema, caption_column
 from ccrk_ray.data.rows import SkipCounter, captions_problem, image_problem
 from ccrk_ray.languages import CCRK_LANGUAGES
 
@@ -354,7 +354,8 @@ class ShardWriter:
         index = len(self.shards)
         final = self.out_dir / f"part-{index:05d}.parquet"
         self._tmp = self.out_dir / f".part-{index:05d}.parquet.tmp"
-        pq.write_table(table, self._tmp, compression="snappy", use_dictionary=[SPLIT, SOURCE])
+        pq.write_table(table, self._tmp, compression="snappy", use_dictionary=[SPLIT, SOURCE],
+                       row_group_size=ROW_GROUP_ROWS)
         del table
         with open(self._tmp, "rb") as f:    # durable before it becomes visible
             os.fsync(f.fileno())

@@ -27,6 +27,7 @@ class DatasetCheck:
     rows: int
     files: list[str]                         # readable files, paths within the filesystem
     unreadable: list[tuple[str, str]]        # (file, error) of files whose footer could not be read
+    row_groups: list[list[int]]              # rows of each row group of each readable file
 
 
 def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None = None,
@@ -40,7 +41,7 @@ def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None =
     if on_bad_file not in ("skip", "raise"):
         raise ValueError(f"on_bad_file must be 'skip' or 'raise', got {on_bad_file!r}")
     fs, files = storage.list_parquet(uri, endpoint_url)
-    rows, good, bad = 0, [], []
+    rows, good, bad, groups = 0, [], [], []
     for f in files:
         try:
             meta = pq.ParquetFile(fs.open_input_file(f))
@@ -53,9 +54,10 @@ def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None =
         schema.check_schema(meta.schema_arrow, languages, where=f)
         rows += meta.metadata.num_rows
         good.append(f)
+        groups.append([meta.metadata.row_group(g).num_rows for g in range(meta.metadata.num_row_groups)])
     if not good:
         raise FileNotFoundError(f"no readable parquet files under {uri}")
-    return DatasetCheck(rows, good, bad)
+    return DatasetCheck(rows, good, bad, groups)
 
 
 @ray.remote(num_cpus=0)
@@ -144,3 +146,49 @@ def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: C
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
         num_cpus=cpus_per_actor,
     )
+
+
+def _read_segments(items: dict[str, np.ndarray], uri: str, endpoint_url: str | None, files: Sequence[str],
+                   seed: int, epoch: int, columns: Sequence[str]):
+    """Ray Data UDF: plan items (segment + its base position) → their rows, in read order."""
+    import pyarrow as pa
+
+    from ccrk_ray.data.plan import Segment, read_segment
+
+    fs, _ = storage.resolve(uri, endpoint_url)
+    tables = []
+    for seg, base in zip(items["segment"], items["base"]):
+        segment = Segment.from_list(seg)
+        with fs.open_input_file(files[segment.file]) as f:
+            tables.append(read_segment(pq.ParquetFile(f), segment, seed, epoch, int(base), columns))
+    return pa.concat_tables(tables)
+
+
+def stream_dataset(stream, *, uri: str, files: Sequence[str], seed: int, epoch: int, languages: Sequence[str],
+                   k: int, tokenizer: CaptionTokenizer, image_transform: ImageTransform, transform_batch: int = 64,
+                   num_actors: int = 1, cpus_per_actor: float = 0.8, on_bad_row: str = "skip",
+                   endpoint_url: str | None = None) -> ray.data.Dataset:
+    """One worker's stream of an epoch plan (``ccrk_ray.data.plan``) as 1-to-K training batches in
+    exactly the plan's order, each row carrying its ``_pos`` (stream position) and ``_key``.
+
+    Needs ``DataContext.execution_options.preserve_order`` (set here, for the calling process)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    items, base = [], 0
+    for seg in stream:
+        items.append({"segment": seg.to_list(), "base": base})
+        base += seg.rows
+    if not items:
+        raise ValueError("this worker's share of the epoch is empty")
+    columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in languages]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(_read_segments, batch_size=1, batch_format="numpy", num_cpus=0.1,
+                        fn_kwargs=dict(uri=uri, endpoint_url=endpoint_url, files=list(files), seed=seed,
+                                       epoch=epoch, columns=columns))
+    return ds.map_batches(
+        CountingTransform,
+        fn_constructor_kwargs=dict(tokenizer=tokenizer, languages=tuple(languages), k=k,
+                                   image_transform=image_transform, with_ids=False, on_bad_row=on_bad_row),
+        batch_size=transform_batch, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors), num_cpus=cpus_per_actor)

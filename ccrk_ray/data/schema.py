@@ -13,6 +13,10 @@ Columns (one row = one image):
 Other columns (e.g. ``scene`` in the synthetic data) are allowed and ignored by training.
 
 Per-language columns let a reader load only the languages it trains on (column projection).
+
+Row groups: training reads whole row groups and shuffles at the level of slices of them
+(``ccrk_ray.data.plan``), so writers here use row groups of ``ROW_GROUP_ROWS`` rows; files with
+bigger row groups work, with coarser shuffling and more bytes read per slice.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ IMAGE = "image"
 SPLIT = "split"
 SOURCE = "source"
 CAPTION_PREFIX = "captions_"
+ROW_GROUP_ROWS = 256
 
 
 def caption_column(lang: str) -> str:

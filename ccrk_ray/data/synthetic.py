@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from ccrk_ray.data.schema import IMAGE, IMAGE_ID, SOURCE, SPLIT, arrow_schema, caption_column
+from ccrk_ray.data.schema import IMAGE, IMAGE_ID, ROW_GROUP_ROWS, SOURCE, SPLIT, arrow_schema, caption_column
 from ccrk_ray.languages import CCRK_LANGUAGES, validate_languages
 
 __all__ = [
@@ -718,7 +718,7 @@ def generate_split(out_dir: str | os.PathLike, split: str, num_images: int,
         table = pa.Table.from_pydict(cols, schema=schema)
         path = out / f"part-{shard:05d}.parquet"
         tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp, row_group_size=rows_per_shard)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
         os.replace(tmp, path)
         paths.append(path)
 

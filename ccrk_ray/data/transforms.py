@@ -126,7 +126,8 @@ class OneToKBatchTransform:
 
     Output: ``pixel_values`` N×3×H×W uint8, ``input_ids`` and ``attention_mask`` N×K×L int64
     (the K captions of each image in ``languages`` order), and unless ``with_ids=False`` (tensors
-    only, as training wants) ``image_id`` N strings.
+    only, as training wants) ``image_id`` N strings. Input columns whose names start with ``_``
+    (bookkeeping such as ``ccrk_ray.data.plan``'s ``_pos``) pass through for the rows kept.
     """
 
     def __init__(self, tokenizer: CaptionTokenizer, languages: Sequence[str], k: int,
@@ -151,7 +152,7 @@ class OneToKBatchTransform:
         images = batch[schema.IMAGE]
         self.rows_seen += len(rows)
         decoded, captions = [], []
-        kept_ids = []
+        kept_ids, kept = [], []
         for i, row in enumerate(rows):
             try:
                 img = decode_image(images[i], ids[i])
@@ -164,6 +165,7 @@ class OneToKBatchTransform:
             decoded.append(img)
             captions += caps
             kept_ids.append(ids[i])
+            kept.append(i)
         n, ids = len(decoded), kept_ids
         size = self.image_transform.image_size
         pixels = (np.stack([self.image_transform(img, self.rng) for img in decoded])
@@ -176,4 +178,7 @@ class OneToKBatchTransform:
         out = {"pixel_values": pixels, "input_ids": input_ids.reshape(shape), "attention_mask": mask.reshape(shape)}
         if self.with_ids:
             out[schema.IMAGE_ID] = np.asarray(ids, dtype=object)
+        for col in batch:       # bookkeeping columns (e.g. the plan's _pos/_key) follow their rows
+            if col.startswith("_"):
+                out[col] = np.asarray(batch[col])[np.asarray(kept, dtype=np.int64)]
         return out
