@@ -70,8 +70,8 @@ def _add_run_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--embed-dim", type=int, default=d.embed_dim)
     p.add_argument("--workers", type=_int_pair, default=d.workers, help="MIN,MAX Ray Train workers")
     p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
-    p.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
-                   help="rows in each worker's local shuffle buffer, on top of the file-order shuffle (0 = off)")
+    p.add_argument("--chunk-rows", type=int, default=d.chunk_rows,
+                   help="shuffle granularity: each epoch reads row-group slices of this many rows in a seeded order")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
     p.add_argument("--precision", default=d.precision, help="fp32 or bf16 (autocast)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-size", type=int, default=None, help="default: the model's preprocess.json")
     evaluate.add_argument("--max-length", type=int, default=None, help="default: the model's preprocess.json")
     evaluate.add_argument("--tokenizer", default=None, help="default: the tokenizer saved with the model")
+    evaluate.add_argument("--actors", type=int, default=1, help="Ray actors for embedding and for ranking")
+    evaluate.add_argument("--itc-only", action="store_true", help="rank by ITC similarity alone (ignore --k-test)")
+    evaluate.add_argument("--tensorboard", default=None, metavar="DIR", help="also log metrics and plots here")
+    evaluate.add_argument("--save-ranks", action="store_true", help="write ranks per image and language "
+                                                                    "(ranks.parquet, for ccrk mrv)")
+    evaluate.add_argument("--dataset-name", default=None, help="dataset name in the CLIP_benchmark JSON files "
+                                                               "(default: the last part of --data)")
+    mrv = sub.add_parser("mrv", help="MRV over the rank files (ccrk evaluate --save-ranks) of several runs")
+    mrv.add_argument("ranks", nargs="+", metavar="RANKS",
+                     help="ranks.parquet, or FILE:LANG[,LANG] to take only those languages of that run")
+    mrv.add_argument("--out", default=None, help="also write the result as JSON here")
     validate = sub.add_parser("validate", help="check parquet data (file or prefix, local or s3://) row by row")
     validate.add_argument("uri")
     validate.add_argument("--languages", type=_languages, default=None,
@@ -132,7 +143,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--k-test must be >= 1, got {args.k_test}")
             _quiet_ray_env()
             run_evaluate(args.checkpoint, args.data, args.out, languages=args.languages, k_test=args.k_test,
-                         image_size=args.image_size, max_length=args.max_length, tokenizer=args.tokenizer)
+                         image_size=args.image_size, max_length=args.max_length, tokenizer=args.tokenizer,
+                         actors=args.actors, itc_only=args.itc_only, tensorboard=args.tensorboard,
+                         save_ranks=args.save_ranks, dataset_name=args.dataset_name)
+            return 0
+        if args.command == "mrv":
+            from ccrk_ray.eval.ranks import mrv_over_runs
+
+            try:
+                result = mrv_over_runs(args.ranks)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(str(exc)) from None
+            text = json.dumps(result, indent=2)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write(text + "\n")
+            print(text)
             return 0
         if args.command == "validate":
             from ccrk_ray.data.validate import report, validate

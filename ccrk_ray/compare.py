@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ccrk_ray.config import ConfigError, check_range
-from ccrk_ray.demo import (DemoConfig, _log, demo_model_config, generate_data, init_ray, objective_args_for,
+from ccrk_ray.demo import (DemoConfig, _log, demo_cpus, demo_model_config, generate_data, init_ray, objective_args_for,
                            prepare_out_dir, prepare_tokenizer, pretrain)
 
 MARKER = "ccrk-compare.json"
@@ -55,18 +55,6 @@ class CompareConfig(DemoConfig):
         return self
 
 
-def load_test_batch(path: Path, languages, caption_tokenizer, image_size: int) -> dict:
-    """The whole (small) test split as one 1-to-K batch, in image_id order."""
-    import pyarrow.parquet as pq
-
-    from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
-
-    table = pq.read_table(path).sort_by("image_id")
-    columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    return OneToKBatchTransform(caption_tokenizer, languages, len(languages),
-                                ImageTransform(image_size, train=False))(columns)
-
-
 def comparison_table(reports: dict[str, dict[str, Any]], languages) -> str:
     """Markdown: one row per (objective, language) with recall both ways and MRV per objective."""
     lines = ["| objective | lang | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 | SumR |",
@@ -96,21 +84,22 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     import ray
     import torch
 
+    from ccrk_ray.data.transforms import load_split_batch
     from ccrk_ray.eval.report import build_report
     from ccrk_ray.eval.retrieval import evaluate_in_process
     from ccrk_ray.model import CCRKModel
 
-    test_batch = load_test_batch(out / "data" / "test", cfg.languages, caption_tokenizer, cfg.image_size)
+    test_batch = load_split_batch(str(out / "data" / "test"), cfg.languages, caption_tokenizer, cfg.image_size)
     model_cfg = demo_model_config(cfg, tokenizer, fusion_layers=cfg.fusion_layers)
     args = objective_args_for(tokenizer, cfg.languages, cfg.itm_weight, cfg.mlm_weight)
     reports: dict[str, dict[str, Any]] = {}
     two_stage_reports: dict[str, dict[str, Any]] = {}
-    started = init_ray(num_cpus=cfg.workers[1] * cfg.cpus_per_worker + 2)
+    started = init_ray(num_cpus=demo_cpus(cfg))
     try:
         for objective in cfg.objectives:
             run_dir = out / "runs" / objective
             torch.manual_seed(cfg.seed)
-            metrics = pretrain(cfg, out, run_dir, caption_tokenizer, model_cfg, objective, args, t0)
+            metrics = pretrain(cfg, out, run_dir, tokenizer, caption_tokenizer, model_cfg, objective, args, t0)
             model = CCRKModel.from_pretrained(run_dir / "model")
             report = build_report(*evaluate_in_process(model, test_batch, k_test=None), cfg.languages)
             report.update(train=metrics, objective=objective, k_test=None)

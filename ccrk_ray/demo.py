@@ -25,8 +25,7 @@ from ccrk_ray.config import ConfigError, check_range
 from ccrk_ray.languages import CCRK_LANGUAGES, validate_languages
 
 MARKER = "ccrk-demo.json"
-PREPROCESS_FILE = "preprocess.json"
-OUTPUTS = ("data", "tokenizer", "ray_results", "tensorboard", "model", "report.json", MARKER)
+OUTPUTS = ("data", "tokenizer", "ray_results", "tensorboard", "model", "report.json", "train_result.json", MARKER)
 
 
 @dataclass
@@ -55,7 +54,7 @@ class DemoConfig:
     embed_dim: int = 128
     workers: tuple[int, int] = (1, 2)
     cpus_per_worker: int = 1
-    shuffle_buffer: int = 256                  # rows in each worker's local shuffle buffer (0 = off)
+    chunk_rows: int = 64                       # shuffle granularity: row-group slices of this many rows
     gpu: bool = False                          # one GPU per Ray Train worker
     precision: str = "fp32"                    # fp32 | bf16 (autocast)
     seed: int = 0
@@ -77,7 +76,7 @@ class DemoConfig:
         check_range("--embed-dim", self.embed_dim, 8)
         check_range("--vocab-size", self.vocab_size, 100)
         check_range("--cpus-per-worker", self.cpus_per_worker, 1)
-        check_range("--shuffle-buffer", self.shuffle_buffer, 0)
+        check_range("--chunk-rows", self.chunk_rows, 1)
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         lo, hi = self.workers
@@ -131,6 +130,11 @@ def text_model_config(cfg: DemoConfig, tokenizer) -> dict[str, Any]:
                 eos_token_id=tokenizer.eos_token_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
+def demo_cpus(cfg: DemoConfig) -> int:
+    """Logical CPUs of the local cluster: each worker, its data actor and read tasks, plus slack."""
+    return cfg.workers[1] * (cfg.cpus_per_worker + 1) + 1
+
+
 def init_ray(num_cpus: int) -> bool:
     """Join the cluster in RAY_ADDRESS, or start a local one; True when we started it."""
     import ray
@@ -178,45 +182,24 @@ def objective_args_for(tokenizer, languages, itm_weight: float, mlm_weight: floa
                 special_ids=sorted(set(tokenizer.all_special_ids)))
 
 
-def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, caption_tokenizer, model_cfg, objective: str,
+def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, tokenizer, caption_tokenizer, model_cfg, objective: str,
              objective_args: dict[str, Any], t0: float, train_uri: str | None = None) -> dict[str, Any]:
-    """One Ray Train run on ``train_uri`` (default ``out/data/train``; ``s3://…`` works the same);
-    the final model is saved to ``run_dir/model``."""
-    import ray
+    """One Ray Train run (``ccrk_ray.pretrain.run_training``) on ``train_uri`` (default
+    ``out/data/train``; ``s3://…`` works the same); the final model is saved to ``run_dir/model``."""
+    from ccrk_ray.pretrain import DataSection, PretrainConfig, ScalingSection, TrainSection, run_training
 
-    from ccrk_ray.data.pipeline import check_dataset, one_to_k_dataset, stats_actor
-    from ccrk_ray.data.transforms import ImageTransform
-    from ccrk_ray.train.state import load_model
-    from ccrk_ray.train.trainer import build_trainer
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    train_uri = train_uri or str(out / "data" / "train")
-    check = check_dataset(train_uri, cfg.languages)      # schema errors name the file before training
-    stats_actor(create=True)
-    train_ds = one_to_k_dataset(train_uri, files=check.files, languages=cfg.languages, k=cfg.captions_per_image,
-                                tokenizer=caption_tokenizer, batch_size=cfg.batch_size,
-                                image_transform=ImageTransform(cfg.image_size, train=True), with_ids=False)
-    loop_config = dict(model=model_cfg.to_dict(), objective=objective, objective_args=objective_args,
-                       epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                       warmup_steps=cfg.warmup_steps, rows=check.rows,
-                       threads_per_worker=cfg.cpus_per_worker, seed=cfg.seed, shuffle_buffer_rows=cfg.shuffle_buffer,
-                       precision=cfg.precision,
-                       tensorboard_dir=str(run_dir / "tensorboard"))
-    trainer = build_trainer(train_ds, loop_config, storage_path=str(run_dir / "ray_results"), name="pretrain",
-                            num_workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, use_gpu=cfg.gpu)
-    _log(f"pretraining {cfg.vision_model} + {cfg.text_model or 'tiny XLM-R'} with objective {objective} "
-         f"(K={cfg.captions_per_image}) on {cfg.workers[0]}-{cfg.workers[1]} Ray Train workers", t0)
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as ckpt:
-        load_model(ckpt).save_pretrained(run_dir / "model")
-    # the model directory carries what evaluation needs: its tokenizer and preprocessing
-    caption_tokenizer.save_pretrained(run_dir / "model")
-    (run_dir / "model" / PREPROCESS_FILE).write_text(json.dumps(
-        {"image_size": cfg.image_size, "max_length": cfg.max_length, "languages": list(cfg.languages)}, indent=2))
-    metrics = dict(result.metrics or {})
-    _log(f"pretraining done: {metrics.get('step')} steps, final loss {metrics.get('loss', float('nan')):.4f}; "
-         f"model saved to {run_dir / 'model'}", t0)
-    return metrics
+    pc = PretrainConfig(
+        output_dir=str(run_dir),
+        data=DataSection(train=train_uri or str(out / "data" / "train"), languages=cfg.languages,
+                         captions_per_image=cfg.captions_per_image, image_size=cfg.image_size,
+                         max_length=cfg.max_length, chunk_rows=cfg.chunk_rows),
+        model=model_cfg.to_dict(), objective={"name": objective, **objective_args},
+        train=TrainSection(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           warmup=cfg.warmup_steps, precision=cfg.precision, seed=cfg.seed, log_every=20),
+        scaling=ScalingSection(workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpu=cfg.gpu,
+                               max_failures=0),
+    ).validate()
+    return run_training(pc, tokenizer, caption_tokenizer, log=lambda m: _log(m, t0))
 
 
 def demo_model_config(cfg: DemoConfig, tokenizer, fusion_layers: int = 0):
@@ -241,10 +224,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     tokenizer, caption_tokenizer = prepare_tokenizer(cfg, out, t0)
     import ray
 
-    started = init_ray(num_cpus=cfg.workers[1] * cfg.cpus_per_worker + 2)
+    started = init_ray(num_cpus=demo_cpus(cfg))
     try:
         # Issue 2's demo trains 1-to-K ITC alone on a dual encoder: ITM and MLM weights are 0.
-        train_metrics = pretrain(cfg, out, out, caption_tokenizer, demo_model_config(cfg, tokenizer), "one_to_k",
+        train_metrics = pretrain(cfg, out, out, tokenizer, caption_tokenizer, demo_model_config(cfg, tokenizer), "one_to_k",
                                  dict(itm_weight=0.0, mlm_weight=0.0, languages=list(cfg.languages)), t0)
         report = evaluate_split(str(out / "data" / "test"), str(out / "model"), cfg.languages, caption_tokenizer,
                                 cfg.image_size)

@@ -1,38 +1,60 @@
 """``ccrk evaluate``: a saved model on a parquet split (local or ``s3://``), per-language recall,
-MRV and the rest of the report, as JSON and as a Markdown table.
+MRV and the rest of the report.
 
-By ITC similarity the embedding runs on Ray actors (``ccrk_ray.eval.actors``); two-stage
-(``--k-test K``: the top K by ITC re-scored with the ITM head) runs in one process on the whole
-split, which suits test sets of a few thousand images. Sharded ranking for 100k+ galleries is
-issue 6's work.
+Embedding runs on Ray Data actors (``ccrk_ray.eval.actors.embed_dataset``); ranking runs on
+``--actors N`` eval actors that each take a shard of queries and score it against the whole gallery
+in chunks (``rank_on_actors``), so no process holds the N × N·K score matrix. Two-stage
+(``--k-test K`` without ``--itc-only``): each query's top K by ITC are re-scored with the ITM head
+on the same actors; the split is then encoded in one process (token and hidden states for the
+ITM head), which suits test sets of a few thousand images.
+
+Writes into ``--out``: ``report.json``, ``report.md``, PNG plots (``ccrk_ray.eval.plots``),
+``clip_benchmark/<dataset>_<lang>_zeroshot_retrieval.json`` (CLIP_benchmark's result shape) and,
+with ``--save-ranks``, ``ranks.parquet`` (``ccrk_ray.eval.ranks``); with ``--tensorboard DIR``
+the scalars and plots also go to TensorBoard.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from ccrk_ray.config import ConfigError
 
+RANKS_FILE = "ranks.parquet"
+
 
 def load_preprocess(model_dir: Path) -> dict[str, Any]:
-    from ccrk_ray.demo import PREPROCESS_FILE
+    from ccrk_ray.pretrain import PREPROCESS_FILE
 
     path = model_dir / PREPROCESS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def dataset_name_of(data: str) -> str:
+    """CLIP_benchmark's dataset field from a data URI: the last path part, without ``.parquet``."""
+    name = data.rstrip("/").rsplit("/", 1)[-1]
+    return name[:-len(".parquet")] if name.endswith(".parquet") else name
+
+
 def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str] | None = None,
                  k_test: int | None = None, image_size: int | None = None, max_length: int | None = None,
-                 tokenizer: str | None = None) -> dict[str, Any]:
+                 tokenizer: str | None = None, actors: int = 1, itc_only: bool = False,
+                 tensorboard: str | None = None, save_ranks: bool = False,
+                 dataset_name: str | None = None) -> dict[str, Any]:
     from ccrk_ray.data import schema, storage
-    from ccrk_ray.eval.report import build_report, format_table
     from ccrk_ray.languages import validate_languages
     from ccrk_ray.tokenizer import CaptionTokenizer
 
     t0 = time.perf_counter()
+    if actors < 1:
+        raise ConfigError(f"--actors must be >= 1, got {actors}")
+    if k_test is not None and k_test < 1:
+        raise ConfigError(f"--k-test must be >= 1, got {k_test}")
+    two_stage = k_test is not None and not itc_only
     model_path = Path(model_dir)
     if (model_path / "model").is_dir():             # a training checkpoint: its model/ subfolder
         model_path = model_path / "model"
@@ -56,37 +78,102 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         raise ConfigError(f"{data} has no caption column for {', '.join(missing)} (it has {', '.join(in_data)})")
     caption_tokenizer = CaptionTokenizer(tokenizer or model_path, max_length)
 
-    if k_test is None:
-        import ray
+    import ray
 
-        from ccrk_ray.demo import evaluate_split, init_ray
+    from ccrk_ray.demo import init_ray
+    from ccrk_ray.eval.actors import rank_on_actors
 
-        started = init_ray(num_cpus=2)
-        try:
-            report = evaluate_split(data, str(model_path), langs, caption_tokenizer, image_size)
-        finally:
-            if started:
-                ray.shutdown()
-    else:
-        from ccrk_ray.compare import load_test_batch
-        from ccrk_ray.eval.retrieval import evaluate_in_process
+    if two_stage:
+        from ccrk_ray.data.transforms import load_split_batch
+        from ccrk_ray.eval.retrieval import ItmRescorer, encode_split
         from ccrk_ray.model import CCRKModel
 
         if storage.is_remote(data):
             raise ConfigError("two-stage evaluation reads a local split; use --itc-only for s3:// data")
-        batch = load_test_batch(Path(data), langs, caption_tokenizer, image_size)
-        if k_test > len(batch["input_ids"]):
-            raise ConfigError(f"--k-test {k_test} is larger than the gallery of {len(batch['input_ids'])} images")
         model = CCRKModel.from_pretrained(model_path)
         if not model.has_fusion:
             raise ConfigError(f"--k-test needs a model with fusion layers (ITM head); {model_path} is a dual "
-                              "encoder: leave --k-test out")
-        report = build_report(*evaluate_in_process(model, batch, k_test=k_test), langs)
-    report.update(model=str(model_path), data=data, k_test=k_test, seconds=round(time.perf_counter() - t0, 1))
-    out_dir = Path(out)
+                              "encoder: leave --k-test out or pass --itc-only")
+        batch = load_split_batch(data, langs, caption_tokenizer, image_size)
+        if k_test > len(batch["input_ids"]):
+            raise ConfigError(f"--k-test {k_test} is larger than the gallery of {len(batch['input_ids'])} images")
+        feats = encode_split(model, batch)
+        ids, image_emb, text_emb = batch["image_id"], feats["image_emb"], feats["text_emb"]
+        rescore = ItmRescorer(str(model_path), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
+    started = init_ray(num_cpus=max(2, actors))
+    try:
+        if not two_stage:
+            from ccrk_ray.data.pipeline import one_to_k_dataset
+            from ccrk_ray.data.transforms import ImageTransform
+            from ccrk_ray.eval.actors import embed_dataset
+
+            ds = one_to_k_dataset(data, languages=langs, k=len(langs), tokenizer=caption_tokenizer,
+                                  image_transform=ImageTransform(image_size, train=False), batch_size=128,
+                                  shuffle_files=False)
+            ids, image_emb, text_emb = embed_dataset(ds, str(model_path), num_actors=actors)
+            rescore = None
+        try:
+            t2i, i2t = rank_on_actors(image_emb, text_emb, languages=langs, num_actors=actors,
+                                      k_test=k_test if two_stage else None, rescore=rescore)
+        except ValueError as exc:       # bad embeddings (e.g. NaN from a diverged model), named
+            raise ConfigError(f"cannot rank {data}: {exc}") from None
+    finally:
+        if started:
+            ray.shutdown()
+    report = finish_report(t2i, i2t, langs)
+    report.update(model=str(model_path), data=data, k_test=k_test if two_stage else None, actors=actors,
+                  seconds=round(time.perf_counter() - t0, 1))
+    write_outputs(Path(out), report, t2i, i2t, ids, langs, dataset=dataset_name or dataset_name_of(data),
+                  model=_model_name(model_path), pretrained=str(model_dir), tensorboard=tensorboard,
+                  save_ranks=save_ranks)
+    return report
+
+
+def finish_report(t2i, i2t, langs: Sequence[str]) -> dict[str, Any]:
+    """``build_report`` plus the languages' rank correlation (JSON-safe: NaN → null)."""
+    from ccrk_ray.eval.report import DIRECTIONS, build_report, language_rank_correlation
+
+    report = build_report(t2i, i2t, list(langs))
+    report["language_rank_correlation"] = {
+        d: [[None if math.isnan(v) else round(float(v), 4) for v in row] for row in language_rank_correlation(r)]
+        for d, r in zip(DIRECTIONS, (t2i, i2t))}
+    return report
+
+
+def write_outputs(out_dir: Path, report: dict[str, Any], t2i, i2t, image_ids, langs: Sequence[str], *, dataset: str,
+                  model: str, pretrained: str, tensorboard: str | None = None, save_ranks: bool = False) -> None:
+    from ccrk_ray.eval.plots import log_tensorboard, make_figures, write_plots
+    from ccrk_ray.eval.ranks import save_ranks as write_ranks
+    from ccrk_ray.eval.report import clip_benchmark_results, format_table
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    figs = make_figures(report, t2i, i2t)
+    plots = write_plots(figs, out_dir)
+    outputs = {"plots": sorted(p.name for p in plots.values()), "clip_benchmark": []}
+    cb_dir = out_dir / "clip_benchmark"
+    cb_dir.mkdir(exist_ok=True)
+    for result in clip_benchmark_results(report, dataset, model, pretrained):
+        name = f"{dataset}_{result['language']}_{result['task']}.json".replace("/", "_")
+        (cb_dir / name).write_text(json.dumps(result, indent=2))
+        outputs["clip_benchmark"].append(f"clip_benchmark/{name}")
+    if save_ranks:
+        write_ranks(out_dir / RANKS_FILE, image_ids, langs, t2i, i2t,
+                    meta={"model": report.get("model"), "data": report.get("data"), "k_test": report.get("k_test")})
+        outputs["ranks"] = RANKS_FILE
+    if tensorboard:
+        log_tensorboard(tensorboard, report, t2i, i2t, figs)
+        outputs["tensorboard"] = str(tensorboard)
+    report["outputs"] = outputs
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     table = format_table(report)
-    (out_dir / "report.md").write_text("```\n" + table + "\n```\n")
+    images = "".join(f"\n![{name}]({path.name})\n" for name, path in plots.items())
+    (out_dir / "report.md").write_text("```\n" + table + "\n```\n" + images)
     print(table, flush=True)
-    return report
+
+
+def _model_name(model_path: Path) -> str:
+    try:
+        vision = json.loads((model_path / "config.json").read_text()).get("vision_name")
+    except (OSError, ValueError):
+        vision = None
+    return f"ccrk-{vision}" if vision else "ccrk"

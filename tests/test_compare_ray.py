@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from ccrk_ray.compare import STYLES, CompareConfig, load_test_batch, run_compare
+from ccrk_ray.compare import STYLES, CompareConfig, run_compare
+from ccrk_ray.data.transforms import load_split_batch
 from ccrk_ray.config import ConfigError
 from ccrk_ray.languages import CCRK_LANGUAGES
 
@@ -49,7 +50,7 @@ def test_two_stage_report_is_reproducible_from_the_saved_model(compare_run):
 
     model = CCRKModel.from_pretrained(out / "runs" / "one_to_k" / "model")
     assert len(model.fusion) == 1 and model.has_fusion
-    batch = load_test_batch(out / "data" / "test", LANGS, CaptionTokenizer(out / "tokenizer", cfg.max_length),
+    batch = load_split_batch(str(out / "data" / "test"), LANGS, CaptionTokenizer(out / "tokenizer", cfg.max_length),
                             cfg.image_size)
     again = build_report(*evaluate_in_process(model, batch, k_test=6), LANGS)
     assert again["languages"] == summary["results_two_stage"]["one_to_k"]["languages"]

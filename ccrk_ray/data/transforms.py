@@ -182,3 +182,18 @@ class OneToKBatchTransform:
             if col.startswith("_"):
                 out[col] = np.asarray(batch[col])[np.asarray(kept, dtype=np.int64)]
         return out
+
+
+def load_split_batch(uri: str, languages: Sequence[str], tokenizer: CaptionTokenizer, image_size: int,
+                     endpoint_url: str | None = None) -> dict[str, np.ndarray]:
+    """A whole (small) split — local or ``s3://`` — as one eval-mode 1-to-K batch in image_id order
+    (validation during training, two-stage evaluation). Bad rows raise, naming the row."""
+    import pyarrow.parquet as pq
+
+    from ccrk_ray.data import storage
+
+    fs, files = storage.list_parquet(uri, endpoint_url)
+    columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in languages]
+    table = pq.read_table(files, filesystem=fs, columns=columns).sort_by(schema.IMAGE_ID)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    return OneToKBatchTransform(tokenizer, languages, len(languages), ImageTransform(image_size, train=False))(batch)

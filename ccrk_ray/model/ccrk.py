@@ -212,6 +212,15 @@ class CCRKModel(nn.Module):
                 new.add(name)
         return new
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward (less memory, ~30% more compute) in both encoders."""
+        if hasattr(self.vision, "set_grad_checkpointing"):
+            self.vision.set_grad_checkpointing(enable)
+        if enable and getattr(self.text, "supports_gradient_checkpointing", False):
+            self.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif getattr(self.text, "supports_gradient_checkpointing", False):
+            self.text.gradient_checkpointing_disable()
+
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: (pre-trained | new) × (decayed | not: biases, norms, temperature)."""
         new = self.new_parameter_names()

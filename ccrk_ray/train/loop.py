@@ -1,34 +1,121 @@
 """The per-worker training function run by Ray Train's TorchTrainer.
 
-``config`` keys: model (ModelConfig dict), objective (name), objective_args (ObjectiveConfig fields), epochs, batch_size (per worker), lr,
-weight_decay, warmup_steps, rows (training rows per epoch), threads_per_worker, seed,
-tensorboard_dir, log_every, shuffle_buffer_rows (0 = file-order shuffle only), precision (fp32 | bf16
-autocast). Batches arrive on the worker's device (Ray moves them; GPU when the trainer has GPUs).
+``config`` keys (``ccrk_ray.pretrain.loop_config`` builds them from a YAML config):
+
+- ``model`` (ModelConfig dict), ``objective`` (name), ``objective_args`` (ObjectiveConfig fields);
+- ``data``: ``uri``, ``endpoint_url``, ``files`` and ``row_groups`` (from ``check_dataset``),
+  ``languages``, ``k``, ``tokenizer`` (CaptionTokenizer), ``image_size``, ``chunk_rows``,
+  ``transform_batch``, ``data_actors``, ``cpus_per_actor``, ``on_bad_row``;
+- ``batch_size`` (images per worker per forward pass), ``global_batch_size`` (images per optimiser
+  step over all workers: gradient accumulation = global / (batch × workers), recomputed whenever
+  the worker count changes, so the LR schedule — in optimiser steps — stays the same), ``epochs``,
+  ``max_steps`` (optional), ``lr``, ``weight_decay``, ``warmup`` (optimiser steps, or a fraction of
+  them when < 1), ``schedule`` (cosine | linear), ``grad_clip`` (0 = off), ``precision`` (fp32 |
+  bf16 autocast), ``grad_checkpointing``, ``compile``, ``seed``;
+- ``checkpoint_every`` (optimiser steps; also at every epoch end), ``log_every``,
+  ``tensorboard_dir``, ``val`` (optional: ``uri`` of a small split evaluated on rank 0 after each
+  epoch, ITC ranking), ``trace_dir`` (optional: each worker appends the row keys of every
+  optimiser step, for tests and audits).
+
+Data: each worker reads its own stream of the epoch plan (``ccrk_ray.data.plan``) through Ray
+Data. Checkpoints carry the plan position, so a restarted or resized worker group continues the
+epoch where the last checkpoint left it: rows trained before it are not trained again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ccrk_ray.data.pipeline import stats_actor
+from ccrk_ray.data.pipeline import stats_actor, stream_dataset
+from ccrk_ray.data.plan import KEY_COLUMN, POS_COLUMN, Position, epoch_segments
+from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.model import CCRKModel, ModelConfig
 from ccrk_ray.objectives import ObjectiveModule, build_objective
 from ccrk_ray.train.state import load_training_state, save_checkpoint
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier per optimiser step: linear warm-up, then cosine decay to 0 at total_steps."""
+def lr_factor(warmup_steps: int, total_steps: int, schedule: str = "cosine"):
+    """LR multiplier per optimiser step: linear warm-up, then cosine or linear decay to 0."""
+    if schedule not in ("cosine", "linear"):
+        raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}")
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
     return factor
+
+
+def accumulation(global_batch: int, batch: int, world: int) -> int:
+    """Micro-batches per optimiser step so that ``batch`` × ``world`` × it = ``global_batch``."""
+    if global_batch % (batch * world):
+        raise ValueError(f"global_batch_size {global_batch} is not a multiple of batch_size {batch} x "
+                         f"{world} workers")
+    return global_batch // (batch * world)
+
+
+def total_steps(config: dict[str, Any]) -> int:
+    per_epoch = sum(map(sum, config["data"]["row_groups"])) // int(config["global_batch_size"])
+    if per_epoch < 1:
+        raise ValueError(f"the training data makes no full global batch of {config['global_batch_size']}")
+    steps = per_epoch * int(config["epochs"])
+    return min(steps, int(config["max_steps"])) if config.get("max_steps") else steps
+
+
+def _all_min(value: int) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
+def _broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    return int(t)
+
+
+def _all_gather_int(value: int) -> list[int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.int64))
+    return [int(t) for t in out]
+
+
+def _validate(model: CCRKModel, batch, languages) -> dict[str, float]:
+    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.eval.retrieval import evaluate_in_process
+
+    model.eval()
+    report = build_report(*evaluate_in_process(model, batch), languages)
+    model.train()
+    out = {"val/r_mean": report["mean"]["r_mean"], "val/mrv_t2i": report["mrv"]["t2i"],
+           "val/mrv_i2t": report["mrv"]["i2t"]}
+    for lang in languages:
+        for d in ("t2i", "i2t"):
+            out[f"val/{lang}/{d}_R@1"] = report["languages"][lang][d]["R@1"]
+    return out
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -38,93 +125,186 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config.get("threads_per_worker", 1)))
-    torch.manual_seed(int(config.get("seed", 0)))
+    seed = int(config.get("seed", 0))
+    torch.manual_seed(seed)
+    data = config["data"]
+    batch_size, epochs = int(config["batch_size"]), int(config["epochs"])
+    accum = accumulation(int(config["global_batch_size"]), batch_size, world)
+    steps_total = total_steps(config)
+    warmup = float(config.get("warmup", 0))
+    warmup_steps = min(int(warmup * steps_total) if warmup < 1 else int(warmup), steps_total // 2)
 
     model = CCRKModel(ModelConfig.from_dict(config["model"]))
+    if config.get("grad_checkpointing"):
+        model.set_grad_checkpointing(True)
     optimizer = torch.optim.AdamW(model.param_groups(config["lr"], config["weight_decay"]))
-    batch_size, epochs = int(config["batch_size"]), int(config["epochs"])
-    steps_per_epoch = int(config["rows"]) // (batch_size * world)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{config['rows']} training rows make no full batch of {batch_size} x {world} workers")
-    total_steps = steps_per_epoch * epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(min(int(config["warmup_steps"]), total_steps // 2), total_steps))
+        optimizer, lr_factor(warmup_steps, steps_total, config.get("schedule", "cosine")))
 
-    start_epoch, step = 0, 0
+    step, position = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             progress = load_training_state(d, model, optimizer, scheduler)
-        start_epoch, step = progress["epoch"], progress["step"]
+        step = progress["step"]
+        position = Position.from_dict(progress["position"]).resume(world) if progress.get("position") else None
+        start_epoch = position.epoch if position else progress["epoch"]
+        if rank == 0:
+            print(f"[train] resumed at step {step}, epoch {start_epoch + 1}"
+                  + (f", {sum(s.rows for s in position.segments)} rows left in it" if position else ""), flush=True)
+    else:
+        start_epoch = 0
 
     module = ray.train.torch.prepare_model(
         ObjectiveModule(model, build_objective(config.get("objective", "one_to_k"), **config.get("objective_args", {}))))
+    forward = torch.compile(module) if config.get("compile") else module
     writer = None
     if rank == 0 and config.get("tensorboard_dir"):
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(config["tensorboard_dir"], purge_step=step or None)
+    val_batch = None
+    if rank == 0 and config.get("val"):
+        from ccrk_ray.data.transforms import load_split_batch
+
+        val_batch = load_split_batch(config["val"]["uri"], data["languages"], data["tokenizer"], data["image_size"],
+                               endpoint_url=data.get("endpoint_url"))
+    trace, attempt = None, 0
+    if config.get("trace_dir"):
+        attempt = _broadcast_int(int.from_bytes(os.urandom(6), "little"))   # one id per worker-group start
+        Path(config["trace_dir"]).mkdir(parents=True, exist_ok=True)
+        trace = open(Path(config["trace_dir"]) / f"rank{rank}-pid{os.getpid()}.jsonl", "a")
 
     stats = stats_actor() if rank == 0 else None
     seen = ray.get(stats.snapshot.remote()) if stats is not None else None
-    shard = ray.train.get_dataset_shard("train")
-    log_every = int(config.get("log_every", 10))
-    shuffle_rows = int(config.get("shuffle_buffer_rows", 0))   # local shuffle on top of the file-order shuffle
+    log_every, ckpt_every = int(config.get("log_every", 10)), int(config.get("checkpoint_every", 0))
     device = ray.train.torch.get_device()
     precision = config.get("precision", "fp32")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    grad_clip = float(config.get("grad_clip", 0.0))
+    image_transform = ImageTransform(int(data["image_size"]), train=True)
+
+    def save(phase: Position | None, epoch_done: int, metrics: dict[str, Any]) -> None:
+        """Every rank calls it (report is a barrier); rank 0 writes the checkpoint."""
+        consumed = _all_gather_int(phase_consumed) if phase is not None else None
+        if rank == 0:
+            pos = None
+            if phase is not None:
+                pos = Position(phase.epoch, phase.segments, phase.world, consumed).to_dict()
+            progress = {"epoch": epoch_done, "step": step, "position": pos}
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, model, optimizer, scheduler, progress)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{step:08d}_{'e' if pos is None else 'm'}")
+        else:
+            ray.train.report(metrics)
+
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, epochs):
+        if step >= steps_total:
+            break
+        phase = position if position is not None and position.epoch == epoch else Position(
+            epoch, epoch_segments(data["row_groups"], epoch, seed, int(data.get("chunk_rows", 256))), world)
+        position = None
+        stream = phase.streams()[rank]
+        ds = stream_dataset(stream, uri=data["uri"], files=data["files"], seed=seed, epoch=epoch,
+                            languages=data["languages"], k=int(data["k"]), tokenizer=data["tokenizer"],
+                            image_transform=image_transform, transform_batch=int(data.get("transform_batch", 64)),
+                            num_actors=int(data.get("data_actors", 1)),
+                            cpus_per_actor=float(data.get("cpus_per_actor", 0.8)),
+                            on_bad_row=data.get("on_bad_row", "skip"), endpoint_url=data.get("endpoint_url"))
+        batches = iter(ds.iter_torch_batches(batch_size=batch_size, drop_last=False, prefetch_batches=2))
         module.train()
-        t_epoch, wait, samples, losses = time.perf_counter(), 0.0, 0, []
-        t_wait = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2,
-                                              local_shuffle_buffer_size=shuffle_rows or None):
+        phase_consumed, exhausted = 0, False
+        t_epoch, wait, samples, losses, terms = time.perf_counter(), 0.0, 0, [], {}
+        t_log, samples_log = time.perf_counter(), 0
+        while step < steps_total:
+            micro, keys = [], []
+            t_wait = time.perf_counter()
+            for _ in range(accum):
+                b = next(batches, None)
+                if b is None or b["pixel_values"].shape[0] < batch_size:
+                    b = None
+                if not _all_min(b is not None):     # every rank stops together: no half-gathered step
+                    micro = None
+                    break
+                micro.append(b)
             wait += time.perf_counter() - t_wait
-            with autocast:
-                out = module(batch)
+            if micro is None:
+                exhausted = True
+                break
             optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            for i, b in enumerate(micro):
+                pos = b.pop(POS_COLUMN)
+                keys += b.pop(KEY_COLUMN).tolist()
+                sync = contextlib.nullcontext() if i == accum - 1 or not hasattr(module, "no_sync") else module.no_sync()
+                with sync:
+                    with autocast:
+                        out = forward(b)
+                    (out["loss"] / accum).backward()
+                for name, value in out.items():
+                    terms.setdefault(name, []).append(value.detach().float())
+                losses.append(out["loss"].detach().float())
+            phase_consumed = int(pos[-1]) + 1
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
-            samples += batch["pixel_values"].shape[0]
-            losses.append(out["loss"].detach())
-            if writer is not None and step % log_every == 0:
-                for name, value in out.items():
-                    writer.add_scalar(f"train/{name}", float(value), step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-            t_wait = time.perf_counter()
+            samples += batch_size * accum * world
+            samples_log += batch_size * accum * world
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "epoch": epoch, "attempt": attempt, "time": time.time(),
+                                        "keys": keys}) + "\n")
+                trace.flush()
+            if step % log_every == 0 and rank == 0:
+                rate = samples_log / (time.perf_counter() - t_log)
+                t_log, samples_log = time.perf_counter(), 0
+                if writer is not None:
+                    for name, values in terms.items():
+                        writer.add_scalar(f"train/{name}", float(torch.stack(values[-accum:]).mean()), step)
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                    writer.add_scalar("train/temperature", float(model.temp.detach()), step)
+                    writer.add_scalar("train/samples_per_s", rate, step)
+                print(f"[train] step {step}/{steps_total} epoch {epoch + 1} loss {float(losses[-1]):.4f} "
+                      f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} samples/s", flush=True)
+            if ckpt_every and step % ckpt_every == 0 and step < steps_total:
+                save(phase, epoch, {"epoch": epoch, "step": step, "loss": float(losses[-1]), "world_size": world})
+        if not exhausted:   # stopped by max_steps: the epoch is over anyway when no full step is left
+            left = sum(s.rows for s in stream) - phase_consumed
+            exhausted = _all_min(int(left >= batch_size * accum)) == 0
         elapsed = time.perf_counter() - t_epoch
         metrics = {"epoch": epoch + 1, "step": step,
                    "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
-                   "samples_per_s": samples * world / elapsed, "data_wait_fraction": wait / elapsed,
-                   "world_size": world}
+                   "samples_per_s": samples / elapsed, "data_wait_fraction": wait / elapsed, "world_size": world,
+                   "grad_accumulation": accum}
+        for name, values in terms.items():
+            if name != "loss":
+                metrics[f"loss/{name}"] = float(torch.stack(values).mean())
         if stats is not None:   # rows read / skipped by reason in this epoch, over every data actor
             now = ray.get(stats.snapshot.remote())
             metrics["rows_read"] = now["rows_read"] - seen["rows_read"]
             for reason, n in now["skipped"].items():
                 metrics[f"skipped/{reason}"] = n - seen["skipped"].get(reason, 0)
             seen = now
+        if val_batch is not None:
+            metrics.update(_validate(model, val_batch, data["languages"]))
         if writer is not None:
-            for name in ("samples_per_s", "data_wait_fraction", "rows_read"):
-                if name in metrics:
-                    writer.add_scalar(f"epoch/{name}", metrics[name], epoch + 1)
-            for name in (m for m in metrics if m.startswith("skipped/")):
-                writer.add_scalar(f"epoch/{name}", metrics[name], epoch + 1)
-            writer.add_scalar("epoch/loss", metrics["loss"], epoch + 1)
+            for name, value in metrics.items():
+                if name not in ("epoch", "step", "world_size"):
+                    writer.add_scalar(f"epoch/{name}" if "/" not in name else name, value, step)
             writer.flush()
         if rank == 0:
             skipped = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("skipped/") and v}
+            val = f", val r_mean {metrics['val/r_mean']:.1f} MRV {metrics['val/mrv_t2i']:.2f}" if val_batch else ""
             print(f"[train] epoch {epoch + 1}/{epochs} step {step} loss {metrics['loss']:.4f} "
                   f"{metrics['samples_per_s']:.0f} samples/s, data wait {100 * metrics['data_wait_fraction']:.0f}%, "
-                  f"rows read {metrics.get('rows_read', '?')}, skipped {skipped or 0}", flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, model, optimizer, scheduler, {"epoch": epoch + 1, "step": step})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+                  f"rows read {metrics.get('rows_read', '?')}, skipped {skipped or 0}{val}", flush=True)
+        # An epoch cut short by max_steps keeps its position; a finished one starts the next afresh.
+        save(None if exhausted else phase, epoch + 1 if exhausted else epoch, metrics)
     if writer is not None:
         writer.close()
+    if trace is not None:
+        trace.close()
     return metrics

@@ -1,9 +1,11 @@
 """Checkpoint layout (no pickled objects anywhere):
 
     <ckpt>/model/config.json, model.safetensors   the model (CCRKModel.save_pretrained)
-    <ckpt>/training_state.pt                      optimiser + scheduler state dicts (tensors and
-                                                  plain containers: loads with weights_only=True)
-    <ckpt>/progress.json                          epoch, step
+    <ckpt>/training_state.pt                      optimiser + scheduler state dicts and the torch
+                                                  RNG state (tensors and plain containers: loads
+                                                  with weights_only=True)
+    <ckpt>/progress.json                          epoch, step, and the data position inside the
+                                                  epoch (``ccrk_ray.data.plan.Position``) or null
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ PROGRESS_FILE = "progress.json"
 def save_checkpoint(directory: str | Path, model: CCRKModel, optimizer, scheduler, progress: dict[str, Any]) -> Path:
     d = Path(directory)
     model.save_pretrained(d / MODEL_DIR)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, d / STATE_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state()}, d / STATE_FILE)
     (d / PROGRESS_FILE).write_text(json.dumps(progress, sort_keys=True))
     return d
 
@@ -38,6 +41,8 @@ def load_training_state(directory: str | Path, model: CCRKModel, optimizer, sche
     state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
     return json.loads((d / PROGRESS_FILE).read_text())
 
 

@@ -144,7 +144,7 @@ def test_a_training_run_reads_s3(ray_local, s3_server, tiny_data, tmp_path):
     cfg = DemoConfig(out=str(tmp_path), epochs=1, batch_size=16, workers=(1, 1), text_width=32, embed_dim=16,
                      train_images=96, precision="bf16").validate()
     tok = load_tokenizer(tiny_data["tokenizer"])
-    metrics = pretrain(cfg, tmp_path, tmp_path / "run", CaptionTokenizer(tok, cfg.max_length),
+    metrics = pretrain(cfg, tmp_path, tmp_path / "run", tok, CaptionTokenizer(tok, cfg.max_length),
                        demo_model_config(cfg, tok), "one_to_k",
                        dict(itm_weight=0.0, mlm_weight=0.0, languages=list(CCRK_LANGUAGES)), time.perf_counter(),
                        train_uri=f"s3://{bucket}/train-run/train")
