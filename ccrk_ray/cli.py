@@ -95,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--mlm-weight", type=float, default=c.mlm_weight)
     compare.add_argument("--k-test", type=int, default=c.k_test, help="ITM re-ranking depth (two-stage)")
     compare.add_argument("--itc-only", action="store_true", help="rank by ITC similarity alone")
+    pretrain = sub.add_parser("pretrain", help="1-to-K pre-training on Ray Train from a YAML config "
+                                               "(examples: ccrk_ray/configs/pretrain_*.yaml)")
+    pretrain.add_argument("--config", required=True, help="YAML config (sections: data, model, objective, train, scaling)")
+    pretrain.add_argument("--resume", action="store_true",
+                          help="continue the run in the config's storage path from its latest checkpoint")
+    from ccrk_ray.finetune import TASKS
+
+    finetune = sub.add_parser("finetune", help="fine-tune a checkpoint on a retrieval task; best on validation "
+                                               "r_mean, tested per language with MRV")
+    finetune.add_argument("--task", required=True, choices=TASKS)
+    finetune.add_argument("--config", required=True, help="YAML overriding ccrk_ray/configs/tasks/TASK.yaml "
+                                                          "(data URIs, output_dir, scaling, ...)")
+    finetune.add_argument("--checkpoint", required=True, help="a saved model directory or a training checkpoint")
+    finetune.add_argument("--resume", action="store_true")
     from ccrk_ray.data.converters import add_convert_parser
 
     add_convert_parser(sub)
@@ -159,6 +173,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with open(args.out, "w") as f:
                     f.write(text + "\n")
             print(text)
+            return 0
+        if args.command == "pretrain":
+            from ccrk_ray.pretrain import PretrainConfig, run_pretrain
+
+            cfg = PretrainConfig.from_yaml(args.config)
+            _quiet_ray_env()
+            run_pretrain(cfg, resume=args.resume)
+            return 0
+        if args.command == "finetune":
+            from ccrk_ray.finetune import run_finetune
+
+            _quiet_ray_env()
+            run_finetune(args.task, args.config, args.checkpoint, resume=args.resume)
             return 0
         if args.command == "validate":
             from ccrk_ray.data.validate import report, validate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
 
 from ccrk_ray.config import ConfigError
@@ -14,15 +15,24 @@ class UnknownLanguageError(ConfigError):
     """A language code that the component asked has no support for."""
 
 
-def validate_languages(langs: Iterable[str], known: Sequence[str] = CCRK_LANGUAGES) -> tuple[str, ...]:
-    """Return ``langs`` as a tuple after checking each is known and none repeats."""
-    out = tuple(langs)
+# Any ISO 639-1/-3 style code, optionally with region/script parts (``pt``, ``zh-Hant``, ``pt_BR``).
+LANGUAGE_CODE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
+
+
+def validate_languages(langs: Iterable[str], known: Sequence[str] | None = CCRK_LANGUAGES) -> tuple[str, ...]:
+    """Return ``langs`` as a tuple after checking each is known (``known=None``: any well-formed
+    language code, e.g. the test languages of WIT) and none repeats."""
+    out = (langs,) if isinstance(langs, str) else tuple(langs)
     if not out:
         raise UnknownLanguageError("no languages given")
-    unknown = [lang for lang in out if lang not in known]
+    if known is None:
+        unknown = [lang for lang in out if not isinstance(lang, str) or not LANGUAGE_CODE.fullmatch(lang)]
+    else:
+        unknown = [lang for lang in out if lang not in known]
     if unknown:
         raise UnknownLanguageError(
-            f"unknown language code(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+            f"unknown language code(s) {', '.join(map(repr, unknown))}; known: "
+            + (", ".join(known) if known is not None else "not a language code (e.g. en, zh, pt-BR)")
         )
     dupes = sorted({lang for lang in out if out.count(lang) > 1})
     if dupes:

@@ -74,8 +74,8 @@ class MitmSample(NamedTuple):
 
 
 @torch.no_grad()
-def sample_mitm(sim_i2t: torch.Tensor, k: int,
-                generator: torch.Generator | None = None) -> MitmSample:
+def sample_mitm(sim_i2t: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                same_image: torch.Tensor | None = None) -> MitmSample:
     """Draw the positive caption and the hard negatives of CCRK's multi-lingual ITM (MITM).
 
     ``sim_i2t`` is the N × (N·K) matrix image_feat @ text_featᵀ / τ (image-major captions, so
@@ -88,6 +88,10 @@ def sample_mitm(sim_i2t: torch.Tensor, k: int,
       set to 0 (harder = more similar negatives are drawn more often);
     * negative image: with v = softmax(sim_i2tᵀ, dim=1) + 1e-5 (each caption over the N images),
       caption ``pos_text[i]`` draws image m with probability ∝ v[pos_text[i], m], v[·, i] set to 0.
+
+    ``same_image`` (N×N bool, optional; fine-tuning with image ids) marks rows that are the same
+    image (e.g. two captions of it in one batch): neither its captions nor the image itself are
+    drawn as negatives of the other.
 
     Each of the three is a single ``torch.multinomial`` call over the whole batch (no Python loop
     over images, no host sync), so a positive is never returned as a negative. This is the
@@ -114,11 +118,17 @@ def sample_mitm(sim_i2t: torch.Tensor, k: int,
 
     neg_w = w.clone()
     neg_w.view(n, n, k)[rows, rows] = 0.0                        # no own caption as a negative
+    if same_image is not None:
+        if same_image.shape != (n, n):
+            raise ValueError(f"same_image must be N×N = {n}×{n}, got {tuple(same_image.shape)}")
+        neg_w.view(n, n, k).masked_fill_(same_image.unsqueeze(-1), 0.0)
     neg_text = torch.multinomial(neg_w, 1, generator=generator).squeeze(1)
 
     v = F.softmax(sim.t(), dim=1) + _SAMPLING_EPS                # N·K × N
     neg_img_w = v[pos_text]                                      # row i: caption pos_text[i]
     neg_img_w[rows, rows] = 0.0                                  # its owner is image i
+    if same_image is not None:
+        neg_img_w.masked_fill_(same_image, 0.0)
     neg_image = torch.multinomial(neg_img_w, 1, generator=generator).squeeze(1)
     return MitmSample(pos_text, neg_text, neg_image)
 

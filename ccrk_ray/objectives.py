@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ccrk_ray.distributed import gather_with_grad, rank, world_size
-from ccrk_ray.losses import (mask_tokens, matching_loss, mlm_loss, one_to_k_contrastive,
+from ccrk_ray.losses import (contrastive_with_ids, mask_tokens, matching_loss, mlm_loss, one_to_k_contrastive,
                              one_to_k_contrastive_local, sample_mitm, vicreg_terms)
 
 
@@ -72,13 +72,15 @@ class Objective:
 
     # shared pieces ---------------------------------------------------------------------------
     def matching_and_mlm(self, model, image_tokens, image_feat, text_hidden, text_feat, input_ids, attention_mask,
-                         k: int, temperature) -> dict[str, torch.Tensor]:
-        """MITM and CMLM on the local batch: text rows are image-major with K per image."""
+                         k: int, temperature, image_key: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """MITM and CMLM on the local batch: text rows are image-major with K per image. With
+        ``image_key`` (N,), rows of the same image are never each other's negatives."""
         c, out = self.config, {}
         if c.itm_weight <= 0 and c.mlm_weight <= 0:
             return out
+        same = None if image_key is None else image_key.view(-1, 1) == image_key.view(1, -1)
         with torch.no_grad():
-            sample = sample_mitm(image_feat @ text_feat.t() / temperature, k)
+            sample = sample_mitm(image_feat @ text_feat.t() / temperature, k, same_image=same)
         pos = sample.pos_text
         if c.itm_weight > 0:
             pos_h, pos_m = text_hidden[pos], attention_mask[pos]
@@ -128,13 +130,19 @@ class OneToK(Objective):
         image_tokens, image_feat, text_hidden, text_feat = self.encode(model, batch["pixel_values"], ids, mask)
         temperature = model.temperature
         all_image, all_text = gather_with_grad(image_feat), gather_with_grad(text_feat)
-        if self.config.local_loss and world_size() > 1:
+        keys = batch.get("image_key")
+        if keys is not None:        # fine-tuning: every caption of the same image id is a positive
+            if self.config.local_loss and world_size() > 1:
+                raise ValueError("local_loss is not supported with image ids (fine-tuning); turn it off")
+            all_keys = gather_with_grad(keys)
+            itc = contrastive_with_ids(all_image, all_text, all_keys, all_keys.repeat_interleave(k), temperature)
+        elif self.config.local_loss and world_size() > 1:
             itc = one_to_k_contrastive_local(image_feat, text_feat, all_image, all_text, rank(), temperature)
         else:
             itc = one_to_k_contrastive(all_image, all_text, temperature)
         terms = {"itc": itc}
         terms.update(self.matching_and_mlm(model, image_tokens, image_feat, text_hidden, text_feat, ids, mask,
-                                           k, temperature))
+                                           k, temperature, image_key=keys))
         terms["temperature"] = temperature.detach()
         return self.total(terms, image_feat, text_feat)
 

@@ -36,6 +36,7 @@ RESULT_FILE = "train_result.json"
 class DataSection:
     train: str = ""                          # parquet file or prefix: local, s3://, any pyarrow URI
     val: str | None = None                   # small split evaluated after every epoch (rank 0)
+    test: str | dict[str, str] | None = None # evaluated with the final model: a URI, or {language: URI}
     endpoint_url: str | None = None          # S3-compatible endpoint (else AWS_ENDPOINT_URL)
     languages: tuple[str, ...] = CCRK_LANGUAGES
     captions_per_image: int | None = None    # K; default every language
@@ -45,6 +46,7 @@ class DataSection:
     on_bad_row: str = "skip"                 # skip (counted) | raise
     chunk_rows: int = 256                    # shuffle granularity (row-group slices)
     transform_batch: int = 64
+    image_keys: bool = False                 # batches carry image ids: captions of one image are all positives
     data_actors: int = 1                     # decode/tokenise actors per training worker
     cpus_per_actor: float = 0.8
 
@@ -90,14 +92,15 @@ class PretrainConfig:
     storage_path: str | None = None
     name: str = "pretrain"
 
+    SECTIONS = {"data": DataSection, "train": TrainSection, "scaling": ScalingSection}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "PretrainConfig":
         d = dict(d)
         _check_keys(d, cls, where)
         if "output_dir" not in d or "data" not in d:
             raise ConfigError(f"{where}: needs output_dir and data.train")
-        sections = {"data": DataSection, "train": TrainSection, "scaling": ScalingSection}
-        for key, section in sections.items():
+        for key, section in cls.SECTIONS.items():
             value = d.get(key) or {}
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
@@ -110,17 +113,7 @@ class PretrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PretrainConfig":
-        import yaml
-
-        try:
-            d = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"--config {path}: no such file") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"--config {path}: expected a mapping at the top level")
-        return cls.from_dict(d, where=str(path))
+        return cls.from_dict(read_yaml(path), where=str(path))
 
     def validate(self) -> "PretrainConfig":
         from ccrk_ray.model import ModelConfig
@@ -130,7 +123,7 @@ class PretrainConfig:
         d, t, s = self.data, self.train, self.scaling
         if not d.train:
             raise ConfigError("data.train: the training data URI is required")
-        d.languages = validate_languages(d.languages)
+        d.languages = validate_languages(d.languages, known=None)
         if d.captions_per_image is None:
             d.captions_per_image = len(d.languages)
         check_range("data.captions_per_image", d.captions_per_image, 1, len(d.languages))
@@ -183,6 +176,20 @@ class PretrainConfig:
         return self.storage_path or str(Path(self.output_dir).resolve() / "ray_results")
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        d = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    return d
+
+
 def _check_keys(d: dict[str, Any], cls, where: str) -> None:
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
@@ -223,17 +230,20 @@ def loop_config(cfg: PretrainConfig, check, tokenizer, caption_tokenizer, tensor
         data=dict(uri=d.train, endpoint_url=d.endpoint_url, files=check.files, row_groups=check.row_groups,
                   languages=list(d.languages), k=d.captions_per_image, tokenizer=caption_tokenizer,
                   image_size=d.image_size, chunk_rows=d.chunk_rows, transform_batch=d.transform_batch,
-                  data_actors=d.data_actors, cpus_per_actor=d.cpus_per_actor, on_bad_row=d.on_bad_row),
-        val={"uri": d.val} if d.val else None,
+                  data_actors=d.data_actors, cpus_per_actor=d.cpus_per_actor, on_bad_row=d.on_bad_row,
+                  image_keys=d.image_keys),
+        val={"uri": d.val, "languages": list(d.languages)} if d.val else None,
         **{k: v for k, v in dataclasses.asdict(t).items() if k != "num_to_keep"},
         threads_per_worker=int(s.threads_per_worker or max(1, s.cpus_per_worker)),
         tensorboard_dir=tensorboard_dir,
     )
 
 
-def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, log=print, resume: bool = False) -> dict[str, Any]:
+def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, log=print, resume: bool = False,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check the data, build the trainer, fit, and save the final model with its tokenizer and
-    preprocessing under ``output_dir/model``. Needs Ray initialised. Returns the final metrics."""
+    preprocessing under ``output_dir/model``. ``extra`` goes into the loop config (fine-tuning's
+    ``init_from``, ``best_dir``, ``val``). Needs Ray initialised. Returns the final metrics."""
     from ccrk_ray.data.pipeline import check_dataset, stats_actor
     from ccrk_ray.train.state import load_model
     from ccrk_ray.train.trainer import build_trainer, clean_orphan_checkpoints
@@ -244,7 +254,7 @@ def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, log=print
     removed = clean_orphan_checkpoints(cfg.run_storage, cfg.name)
     if removed:
         log(f"removed {len(removed)} uncommitted checkpoint dir(s) of an interrupted run: {', '.join(removed)}")
-    config = loop_config(cfg, check, tokenizer, caption_tokenizer, str(out / "tensorboard"))
+    config = {**loop_config(cfg, check, tokenizer, caption_tokenizer, str(out / "tensorboard")), **(extra or {})}
     trainer = build_trainer(config, storage_path=cfg.run_storage, name=cfg.name, num_workers=cfg.scaling.workers,
                             cpus_per_worker=cfg.scaling.cpus_per_worker, use_gpu=cfg.scaling.gpu,
                             max_failures=cfg.scaling.max_failures, num_to_keep=cfg.train.num_to_keep)
@@ -266,11 +276,8 @@ def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, log=print
     return metrics
 
 
-def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
-    from ccrk_ray.demo import _log, init_ray
-    from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer
-
-    t0 = time.perf_counter()
+def prepare_run(cfg: PretrainConfig, resume: bool) -> Path:
+    """The output directory, refusing to start over an earlier run unless resuming it."""
     out = Path(cfg.output_dir).resolve()
     if not resume:
         from ccrk_ray.train.trainer import run_exists
@@ -281,6 +288,15 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
             raise ConfigError(f"{cfg.run_storage}/{cfg.name} holds an interrupted run; pass --resume to continue it")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
+    return out
+
+
+def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
+    from ccrk_ray.demo import _log, init_ray
+    from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer
+
+    t0 = time.perf_counter()
+    prepare_run(cfg, resume)
     source = cfg.data.tokenizer or cfg.model.get("text_name_or_path")
     if not source:
         raise ConfigError("data.tokenizer: a tokenizer name or path is needed when the text model is built from "
@@ -291,7 +307,14 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
 
     started = init_ray(num_cpus=int(cfg.scaling.workers[1] * (cfg.scaling.cpus_per_worker + cfg.data.cpus_per_actor)) + 2)
     try:
-        return run_training(cfg, tokenizer, caption_tokenizer, log=lambda m: _log(m, t0), resume=resume)
+        metrics = run_training(cfg, tokenizer, caption_tokenizer, log=lambda m: _log(m, t0), resume=resume)
+        if cfg.data.test:
+            from ccrk_ray.finetune import evaluate_tests
+
+            out = Path(cfg.output_dir).resolve()
+            metrics["test"] = evaluate_tests(cfg, out / "model", cfg.data.languages, None, dataset=cfg.name,
+                                             log=lambda m: _log(m, t0))
+        return metrics
     finally:
         if started:
             ray.shutdown()

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from ccrk_ray.config import ConfigError
 from ccrk_ray.data.schema import IMAGE, IMAGE_ID, ROW_GROUP_ROWS, SOURCE, SPLIT, arrow_schema, caption_column
 from ccrk_ray.data.rows import SkipCounter, captions_problem, image_problem
-from ccrk_ray.languages import CCRK_LANGUAGES
+from ccrk_ray.languages import CCRK_LANGUAGES, validate_languages
 
 try:  # tqdm ships with the runtime dependencies (transformers, ray); degrade to no bar without it
     from tqdm.auto import tqdm as _tqdm
@@ -74,7 +74,6 @@ SUCCESS_FILE = "_SUCCESS.json"
 _SHARD_RE = re.compile(r"part-(\d{5})\.parquet")
 # Everything a ShardWriter may leave behind; nothing else in the folder is ever touched.
 _OWN_RE = re.compile(r"part-\d{5}\.parquet|\.part-\d{5}\.parquet\.tmp|_SUCCESS\.json|\._SUCCESS\.json\.tmp")
-_LANG_RE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
 _MB = 1024 * 1024
 
 # Field names accepted per format (first present wins).
@@ -114,16 +113,10 @@ class ConvertResult:
 
 
 def _check_languages(languages: Iterable[str], what: str = "languages") -> tuple[str, ...]:
-    langs = (languages,) if isinstance(languages, str) else tuple(languages)
-    if not langs:
-        raise ConfigError(f"{what}: no languages given")
-    bad = [lang for lang in langs if not isinstance(lang, str) or not _LANG_RE.fullmatch(lang)]
-    if bad:
-        raise ConfigError(f"{what}: not a language code: {', '.join(map(repr, bad))}")
-    dupes = sorted({lang for lang in langs if langs.count(lang) > 1})
-    if dupes:
-        raise ConfigError(f"{what}: language code(s) given more than once: {', '.join(dupes)}")
-    return langs
+    try:
+        return validate_languages(languages, known=None)
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def _jsonable(value: Any) -> Any:

@@ -167,7 +167,7 @@ def _read_segments(items: dict[str, np.ndarray], uri: str, endpoint_url: str | N
 def stream_dataset(stream, *, uri: str, files: Sequence[str], seed: int, epoch: int, languages: Sequence[str],
                    k: int, tokenizer: CaptionTokenizer, image_transform: ImageTransform, transform_batch: int = 64,
                    num_actors: int = 1, cpus_per_actor: float = 0.8, on_bad_row: str = "skip",
-                   endpoint_url: str | None = None) -> ray.data.Dataset:
+                   endpoint_url: str | None = None, image_keys: bool = False) -> ray.data.Dataset:
     """One worker's stream of an epoch plan (``ccrk_ray.data.plan``) as 1-to-K training batches in
     exactly the plan's order, each row carrying its ``_pos`` (stream position) and ``_key``.
 
@@ -189,6 +189,7 @@ def stream_dataset(stream, *, uri: str, files: Sequence[str], seed: int, epoch: 
     return ds.map_batches(
         CountingTransform,
         fn_constructor_kwargs=dict(tokenizer=tokenizer, languages=tuple(languages), k=k,
-                                   image_transform=image_transform, with_ids=False, on_bad_row=on_bad_row),
+                                   image_transform=image_transform, with_ids=False, on_bad_row=on_bad_row,
+                                   image_keys=image_keys),
         batch_size=transform_batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors), num_cpus=cpus_per_actor)

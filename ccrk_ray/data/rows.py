@@ -55,7 +55,7 @@ def caption_problem(caption: Any) -> str | None:
 def captions_problem(captions: Iterable[Any] | None) -> str | None:
     """The first problem among a language's captions (None or empty list = no captions: not a problem
     here; whether the language is required is the caller's ``missing_language`` check)."""
-    for c in captions or ():
+    for c in () if captions is None else captions:   # (a numpy array has no truth value)
         reason = caption_problem(c)
         if reason:
             return reason

@@ -92,6 +92,13 @@ class ImageTransform:
         return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
+def image_key(image_id) -> int:
+    """A stable signed 64-bit key of an image id (tensors cannot carry strings)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(str(image_id).encode(), digest_size=8).digest(), "little", signed=True)
+
+
 def choose_captions(row: Mapping[str, Any], languages: Sequence[str], k: int,
                     rng: np.random.Generator | None) -> list[str]:
     """The K captions of one row, in the order of ``languages`` (image-major layout per row).
@@ -126,19 +133,21 @@ class OneToKBatchTransform:
 
     Output: ``pixel_values`` N×3×H×W uint8, ``input_ids`` and ``attention_mask`` N×K×L int64
     (the K captions of each image in ``languages`` order), and unless ``with_ids=False`` (tensors
-    only, as training wants) ``image_id`` N strings. Input columns whose names start with ``_``
+    only, as training wants) ``image_id`` N strings; with ``image_keys=True`` also ``image_key`` N int64
+    (``image_key(image_id)``: equal ids, equal keys — fine-tuning treats them as one image). Input columns whose names start with ``_``
     (bookkeeping such as ``ccrk_ray.data.plan``'s ``_pos``) pass through for the rows kept.
     """
 
     def __init__(self, tokenizer: CaptionTokenizer, languages: Sequence[str], k: int,
                  image_transform: ImageTransform, seed: int | None = None, with_ids: bool = True,
-                 on_bad_row: str = "raise"):
+                 on_bad_row: str = "raise", image_keys: bool = False):
         if not 1 <= k <= len(languages):
             raise ValueError(f"captions_per_image K={k} must be between 1 and the {len(languages)} languages")
         self.tokenize = tokenizer
         if on_bad_row not in ("raise", "skip"):
             raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
         self.languages, self.k, self.with_ids, self.on_bad_row = tuple(languages), k, with_ids, on_bad_row
+        self.image_keys = image_keys
         self.skipped = SkipCounter()    # cumulative over this transform's life
         self.rows_seen = 0
         self.image_transform = image_transform
@@ -178,6 +187,8 @@ class OneToKBatchTransform:
         out = {"pixel_values": pixels, "input_ids": input_ids.reshape(shape), "attention_mask": mask.reshape(shape)}
         if self.with_ids:
             out[schema.IMAGE_ID] = np.asarray(ids, dtype=object)
+        if self.image_keys:
+            out["image_key"] = np.asarray([image_key(i) for i in ids], dtype=np.int64)
         for col in batch:       # bookkeeping columns (e.g. the plan's _pos/_key) follow their rows
             if col.startswith("_"):
                 out[col] = np.asarray(batch[col])[np.asarray(kept, dtype=np.int64)]

@@ -13,8 +13,10 @@
   them when < 1), ``schedule`` (cosine | linear), ``grad_clip`` (0 = off), ``precision`` (fp32 |
   bf16 autocast), ``grad_checkpointing``, ``compile``, ``seed``;
 - ``checkpoint_every`` (optimiser steps; also at every epoch end), ``log_every``,
-  ``tensorboard_dir``, ``val`` (optional: ``uri`` of a small split evaluated on rank 0 after each
-  epoch, ITC ranking), ``trace_dir`` (optional: each worker appends the row keys of every
+  ``tensorboard_dir``, ``val`` (optional: ``uri`` and ``languages`` of a small split evaluated on
+  rank 0 after each epoch, ITC ranking), ``best_dir`` (optional: where the model with the best
+  validation ``r_mean`` so far is saved, local or ``s3://``), ``init_from`` (optional: a saved model
+  directory to start from, for fine-tuning), ``trace_dir`` (optional: each worker appends the row keys of every
   optimiser step, for tests and audits).
 
 Data: each worker reads its own stream of the epoch plan (``ccrk_ray.data.plan``) through Ray
@@ -40,7 +42,7 @@ from ccrk_ray.data.plan import KEY_COLUMN, POS_COLUMN, Position, epoch_segments
 from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.model import CCRKModel, ModelConfig
 from ccrk_ray.objectives import ObjectiveModule, build_objective
-from ccrk_ray.train.state import load_training_state, save_checkpoint
+from ccrk_ray.train.state import load_model, load_training_state, save_checkpoint, save_best
 
 
 def lr_factor(warmup_steps: int, total_steps: int, schedule: str = "cosine"):
@@ -134,19 +136,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     warmup = float(config.get("warmup", 0))
     warmup_steps = min(int(warmup * steps_total) if warmup < 1 else int(warmup), steps_total // 2)
 
-    model = CCRKModel(ModelConfig.from_dict(config["model"]))
+    # fine-tuning starts from a saved model (a directory every worker can read); pre-training from scratch
+    model = load_model(config["init_from"]) if config.get("init_from") else CCRKModel(ModelConfig.from_dict(config["model"]))
     if config.get("grad_checkpointing"):
         model.set_grad_checkpointing(True)
     optimizer = torch.optim.AdamW(model.param_groups(config["lr"], config["weight_decay"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(warmup_steps, steps_total, config.get("schedule", "cosine")))
 
-    step, position = 0, None
+    step, position, best = 0, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             progress = load_training_state(d, model, optimizer, scheduler)
-        step = progress["step"]
+        step, best = progress["step"], progress.get("best")
         position = Position.from_dict(progress["position"]).resume(world) if progress.get("position") else None
         start_epoch = position.epoch if position else progress["epoch"]
         if rank == 0:
@@ -166,8 +169,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0 and config.get("val"):
         from ccrk_ray.data.transforms import load_split_batch
 
-        val_batch = load_split_batch(config["val"]["uri"], data["languages"], data["tokenizer"], data["image_size"],
-                               endpoint_url=data.get("endpoint_url"))
+        val_langs = config["val"].get("languages") or data["languages"]
+        val_batch = load_split_batch(config["val"]["uri"], val_langs, data["tokenizer"], data["image_size"],
+                                     endpoint_url=data.get("endpoint_url"))
     trace, attempt = None, 0
     if config.get("trace_dir"):
         attempt = _broadcast_int(int.from_bytes(os.urandom(6), "little"))   # one id per worker-group start
@@ -192,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             pos = None
             if phase is not None:
                 pos = Position(phase.epoch, phase.segments, phase.world, consumed).to_dict()
-            progress = {"epoch": epoch_done, "step": step, "position": pos}
+            progress = {"epoch": epoch_done, "step": step, "position": pos, "best": best}
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(tmp, model, optimizer, scheduler, progress)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -213,7 +217,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                             image_transform=image_transform, transform_batch=int(data.get("transform_batch", 64)),
                             num_actors=int(data.get("data_actors", 1)),
                             cpus_per_actor=float(data.get("cpus_per_actor", 0.8)),
-                            on_bad_row=data.get("on_bad_row", "skip"), endpoint_url=data.get("endpoint_url"))
+                            on_bad_row=data.get("on_bad_row", "skip"), endpoint_url=data.get("endpoint_url"),
+                            image_keys=bool(data.get("image_keys")))
         batches = iter(ds.iter_torch_batches(batch_size=batch_size, drop_last=False, prefetch_batches=2))
         module.train()
         phase_consumed, exhausted = 0, False
@@ -289,15 +294,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 metrics[f"skipped/{reason}"] = n - seen["skipped"].get(reason, 0)
             seen = now
         if val_batch is not None:
-            metrics.update(_validate(model, val_batch, data["languages"]))
+            metrics.update(_validate(model, val_batch, val_langs))
+            if config.get("best_dir") and (best is None or metrics["val/r_mean"] > best["r_mean"]):
+                best = {"r_mean": metrics["val/r_mean"], "step": step,
+                        "dir": save_best(model, config["best_dir"], step, metrics["val/r_mean"])}
+        if rank == 0 and best is not None:
+            metrics["best/r_mean"], metrics["best/step"] = best["r_mean"], best["step"]
         if writer is not None:
             for name, value in metrics.items():
-                if name not in ("epoch", "step", "world_size"):
+                if name not in ("epoch", "step", "world_size") and isinstance(value, (int, float)):
                     writer.add_scalar(f"epoch/{name}" if "/" not in name else name, value, step)
             writer.flush()
         if rank == 0:
             skipped = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("skipped/") and v}
-            val = f", val r_mean {metrics['val/r_mean']:.1f} MRV {metrics['val/mrv_t2i']:.2f}" if val_batch else ""
+            val = (f", val r_mean {metrics['val/r_mean']:.1f} MRV t2i {metrics['val/mrv_t2i']}"
+                   if val_batch is not None else "")
             print(f"[train] epoch {epoch + 1}/{epochs} step {step} loss {metrics['loss']:.4f} "
                   f"{metrics['samples_per_s']:.0f} samples/s, data wait {100 * metrics['data_wait_fraction']:.0f}%, "
                   f"rows read {metrics.get('rows_read', '?')}, skipped {skipped or 0}{val}", flush=True)

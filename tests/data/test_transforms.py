@@ -79,3 +79,26 @@ def test_batch_transform_on_real_shards(tiny_data):
     np.testing.assert_array_equal(out["input_ids"][3, CCRK_LANGUAGES.index("ru")], ids[0])
     with pytest.raises(ValueError, match="K=11"):
         OneToKBatchTransform(tok, CCRK_LANGUAGES, 11, ImageTransform(64))
+
+
+def test_several_captions_arrive_as_numpy_arrays_and_image_keys_and_bookkeeping_pass_through(tiny_data):
+    """Parquet list columns become numpy arrays per row (several captions: no truth value); ids map
+    to stable int64 keys; ``_``-columns follow the rows that are kept."""
+    from ccrk_ray.data.transforms import image_key
+
+    table = pq.read_table(sorted(tiny_data["train"].glob("*.parquet"))[0]).slice(0, 4)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("image_id", "image", "captions_en")}
+    batch["captions_en"] = np.array([np.array([c[0], c[0] + " again"], dtype=object)
+                                     for c in batch["captions_en"]], dtype=object)
+    batch["image"] = batch["image"].copy()
+    batch["image"][1] = b"not an image"
+    batch["_pos"] = np.arange(10, 14)
+    tok = CaptionTokenizer(tiny_data["tokenizer"], max_length=24)
+    t = OneToKBatchTransform(tok, ["en"], 1, ImageTransform(32, train=True), with_ids=False, on_bad_row="skip",
+                             image_keys=True, seed=0)
+    out = t(batch)
+    assert out["input_ids"].shape == (3, 1, 24) and t.skipped.counts == {"corrupt_image": 1}
+    assert list(out["_pos"]) == [10, 12, 13]
+    ids = [batch["image_id"][i] for i in (0, 2, 3)]
+    assert list(out["image_key"]) == [image_key(i) for i in ids] and out["image_key"].dtype == np.int64
+    assert image_key("a") == image_key("a") != image_key("b")

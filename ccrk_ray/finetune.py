@@ -1,0 +1,198 @@
+"""``ccrk finetune --task TASK --config FILE --checkpoint CKPT [--resume]``: the paper's downstream
+retrieval tasks, each from a shipped task config (``ccrk_ray/configs/tasks/<task>.yaml``) that your
+config file overrides key by key.
+
+Your config has the same sections as ``ccrk pretrain``'s (``ccrk_ray.pretrain``) plus ``task``;
+``data.train``/``data.val``/``data.test`` point at the task's data converted with ``ccrk convert``
+(``data.test``: one URI, or ``{language: URI}`` when each language has its own test images, as
+MSCOCO's ja/zh sets and WIT do). The run:
+
+1. starts from the model in CKPT (a saved model or a training checkpoint; its tokenizer and
+   preprocessing come with it), on ``task.train_languages``;
+2. trains ITC with positives by image id (every caption of the same image is a positive; MITM
+   never draws one as a negative), plus ITM when the model has fusion layers;
+3. validates on ``data.val`` in ``task.val_languages`` after every epoch and keeps the model with
+   the best ``r_mean``;
+4. evaluates that model on every test set (``ccrk evaluate``: per-language recall, MRV, two-stage
+   re-ranking with ``task.k_test``) and writes ``output_dir/report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ccrk_ray.config import ConfigError
+from ccrk_ray.languages import validate_languages
+from ccrk_ray.pretrain import CONFIG_DIR, PREPROCESS_FILE, PretrainConfig, read_yaml, run_training
+
+TASK_DIR = CONFIG_DIR / "tasks"
+TASKS = ("multi30k", "mscoco", "xflickrco", "xflickrco_fewshot", "wit")
+
+
+@dataclass
+class TaskSection:
+    name: str = ""
+    train_languages: tuple[str, ...] = ("en",)
+    val_languages: tuple[str, ...] | None = None      # default: train_languages
+    test_languages: tuple[str, ...] = ("en",)
+    k_test: int | None = None                         # two-stage re-ranking depth (None: ITC only)
+    zero_shot: bool = False                           # test languages were never trained on (documentation)
+
+
+@dataclass
+class FinetuneConfig(PretrainConfig):
+    task: TaskSection = field(default_factory=TaskSection)
+    name: str = "finetune"
+
+    SECTIONS = {**PretrainConfig.SECTIONS, "task": TaskSection}
+
+    def validate(self) -> "FinetuneConfig":
+        t = self.task
+        if t.name not in TASKS:
+            raise ConfigError(f"task.name {t.name!r} is not one of {', '.join(TASKS)}")
+        t.train_languages = validate_languages(t.train_languages, known=None)
+        t.val_languages = validate_languages(t.val_languages or t.train_languages, known=None)
+        t.test_languages = validate_languages(t.test_languages, known=None)
+        if t.k_test is not None and t.k_test < 1:
+            raise ConfigError(f"task.k_test must be >= 1 or null, got {t.k_test}")
+        self.data.languages = t.train_languages
+        self.data.image_keys = True
+        if isinstance(self.data.test, dict):
+            unknown = sorted(set(self.data.test) - set(t.test_languages))
+            if unknown:
+                raise ConfigError(f"data.test has sets for {', '.join(unknown)}, not among task.test_languages")
+        return super().validate()
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, mapping by mapping (lists and scalars replace)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def model_directory(checkpoint: str | Path) -> Path:
+    """The saved model of CKPT: a model directory, or a training checkpoint's ``model/``."""
+    path = Path(checkpoint)
+    if (path / "model" / "config.json").is_file():
+        path = path / "model"
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--checkpoint {checkpoint} is not a saved CCRK model or training checkpoint")
+    return path
+
+
+def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> tuple[FinetuneConfig, Path]:
+    """The task's shipped defaults, then the checkpoint's preprocessing, then the user's file."""
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}")
+    model_dir = model_directory(checkpoint)
+    merged = read_yaml(TASK_DIR / f"{task}.yaml")
+    pre_path = model_dir / PREPROCESS_FILE
+    if pre_path.is_file():
+        pre = json.loads(pre_path.read_text())
+        merged = deep_merge({"data": {k: pre[k] for k in ("image_size", "max_length") if k in pre}}, merged)
+    user = read_yaml(config_path)
+    if user.get("task", {}).get("name", task) != task:
+        raise ConfigError(f"{config_path}: task.name {user['task']['name']!r} does not match --task {task}")
+    merged = deep_merge(merged, user)
+    merged.setdefault("data", {}).setdefault("tokenizer", str(model_dir))
+    # the model is the checkpoint's; the config may only change training-time settings of it
+    saved = json.loads((model_dir / "config.json").read_text())
+    overrides = merged.get("model", {})
+    allowed = {"lr_mult"}
+    if set(overrides) - allowed:
+        raise ConfigError(f"model: only {', '.join(sorted(allowed))} can be set when fine-tuning "
+                          f"(the architecture is the checkpoint's), got {', '.join(sorted(set(overrides) - allowed))}")
+    merged["model"] = {**saved, **overrides}
+    positions = (saved.get("text_config") or {}).get("max_position_embeddings")
+    max_length = merged.get("data", {}).get("max_length")
+    if positions and max_length and max_length > positions - 2:
+        raise ConfigError(f"data.max_length {max_length} exceeds what the checkpoint's text encoder takes "
+                          f"({positions - 2} tokens)")
+    objective = merged.setdefault("objective", {})
+    if not saved.get("fusion_layers"):
+        objective.setdefault("itm_weight", 0.0)
+        objective.setdefault("mlm_weight", 0.0)
+        merged.setdefault("task", {})["k_test"] = None
+    return FinetuneConfig.from_dict(merged, where=str(config_path)), model_dir
+
+
+def evaluate_tests(cfg: PretrainConfig, model_dir: Path, languages, k_test: int | None, dataset: str = "test",
+                   log=print) -> dict[str, Any]:
+    """``ccrk evaluate`` of the model on every test set of ``cfg.data.test``; {set name: report}."""
+    from ccrk_ray.evaluate import run_evaluate
+
+    tests = cfg.data.test
+    if not tests:
+        return {}
+    sets = {"test": (tests, list(languages))} if isinstance(tests, str) else {
+        f"test_{lang}": (uri, [lang]) for lang, uri in tests.items()}
+    out = Path(cfg.output_dir).resolve() / "test"
+    reports = {}
+    for name, (uri, langs) in sets.items():
+        log(f"evaluating on {name} ({uri}), languages {', '.join(langs)}")
+        reports[name] = run_evaluate(str(model_dir), uri, str(out / name), languages=langs, k_test=k_test,
+                                     itc_only=k_test is None, dataset_name=dataset)
+    return reports
+
+
+def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, resume: bool = False) -> dict[str, Any]:
+    from ccrk_ray.demo import _log, init_ray
+    from ccrk_ray.pretrain import prepare_run
+    from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer
+    from ccrk_ray.train.state import read_best
+
+    t0 = time.perf_counter()
+    cfg, model_dir = load_config(task, config_path, checkpoint)
+    out = prepare_run(cfg, resume)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length)
+    best_dir = f"{cfg.run_storage.rstrip('/')}/{cfg.name}/best"
+    import ray
+
+    started = init_ray(num_cpus=int(cfg.scaling.workers[1] * (cfg.scaling.cpus_per_worker + cfg.data.cpus_per_actor)) + 2)
+    log = lambda m: _log(m, t0)   # noqa: E731
+    try:
+        log(f"fine-tuning {model_dir} on task {task} (train {', '.join(cfg.task.train_languages)}; "
+            f"test {', '.join(cfg.task.test_languages)})")
+        metrics = run_training(cfg, tokenizer, caption_tokenizer, log=log, resume=resume,
+                               extra={"init_from": str(model_dir.resolve()), "best_dir": best_dir,
+                                      "val": {"uri": cfg.data.val, "languages": list(cfg.task.val_languages)}
+                                      if cfg.data.val else None})
+        best = read_best(best_dir)
+        if best is not None:       # the final model/ becomes the best on validation
+            from ccrk_ray.data import storage
+            from ccrk_ray.model import CCRKModel
+
+            fs, root = storage.resolve(best_dir)
+            local = out / "best_download"
+            shutil.rmtree(local, ignore_errors=True)
+            local.mkdir()
+            import pyarrow.fs as pafs
+
+            pafs.copy_files(f"{root}/{best['dir']}", str(local), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            CCRKModel.from_pretrained(local).save_pretrained(out / "model")
+            shutil.rmtree(local)
+            log(f"best validation r_mean {best['r_mean']:.2f} at step {best['step']}: saved to {out / 'model'}")
+        tests = evaluate_tests(cfg, out / "model", cfg.task.test_languages, cfg.task.k_test, dataset=task, log=log)
+    finally:
+        if started:
+            ray.shutdown()
+    report = {"task": dataclasses.asdict(cfg.task), "train": metrics, "best": best, "test": tests,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
+    log(f"report written to {out / 'report.json'}")
+    return report
+

@@ -1,0 +1,152 @@
+"""``ccrk finetune`` for every task, end to end on real Ray: stand-in data in the task's real input
+format → ``ccrk convert``'s converters → fine-tuning with positives by image id → best model on
+validation r_mean → per-language test report with MRV."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ccrk_ray.cli import main
+from ccrk_ray.config import ConfigError
+from ccrk_ray.finetune import load_config, run_finetune
+from ccrk_ray.model import CCRKModel
+from tests.conftest import tiny_text_config
+from tests.train import task_data
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_data, tmp_path_factory):
+    """A small saved model with a fusion layer (ITM head), its tokenizer and preprocessing."""
+    import torch
+
+    from ccrk_ray.model import ModelConfig
+    from ccrk_ray.tokenizer import CaptionTokenizer
+
+    tok = CaptionTokenizer(tiny_data["tokenizer"], 24)
+    torch.manual_seed(0)
+    model = CCRKModel(ModelConfig(vision_name="resnet10t", text_pretrained=False, fusion_layers=1, embed_dim=16,
+                                  text_config=dict(tiny_text_config(tok.vocab_size, 24), num_hidden_layers=2)))
+    out = tmp_path_factory.mktemp("base_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "preprocess.json").write_text(json.dumps({"image_size": 32, "max_length": 24, "languages": ["en"]}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    return root, {"train": task_data.scenes(root, "train", 48, 11), "val": task_data.scenes(root, "val", 16, 12),
+                  "test": task_data.scenes(root, "test", 20, 13), "test2": task_data.scenes(root, "test2", 12, 14)}
+
+
+def user_config(tmp_path: Path, out: Path, data: dict, task: dict | None = None, **train) -> Path:
+    cfg = {"output_dir": str(out), "data": {**data, "cpus_per_actor": 0.5},
+           "train": {"epochs": 2, "batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "warmup": 1, **train},
+           "scaling": {"workers": [1, 1], "max_failures": 0}}
+    if task:
+        cfg["task"] = task
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def check_report(out: Path, test_sets: dict[str, list[str]], k_test: int | None) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert report["train"]["step"] > 0 and np.isfinite(report["train"]["loss"])
+    best = report["best"]
+    assert best is not None and best["step"] in {report["train"]["step"] // 2, report["train"]["step"]}
+    assert report["train"]["best/r_mean"] == pytest.approx(best["r_mean"])
+    assert sorted(report["test"]) == sorted(test_sets)
+    for name, langs in test_sets.items():
+        rep = report["test"][name]
+        assert list(rep["languages"]) == langs and rep["k_test"] == k_test
+        for lang in langs:
+            m = rep["languages"][lang]
+            assert 0 <= m["t2i"]["R@1"] <= m["t2i"]["R@10"] <= 100 and "MedR" in m["t2i"]
+        assert set(rep["mrv"]) == {"t2i", "i2t"}
+        assert (out / "test" / name / "report.json").is_file()
+    # the final model is the best one on validation, and it loads
+    CCRKModel.from_pretrained(out / "model")
+    return report
+
+
+def test_multi30k_train_english_test_four_languages(ray_local, base_model, rows, tmp_path):
+    root, r = rows
+    data = task_data.multi30k(root, {"train": r["train"], "val": r["val"], "test_2016_flickr": r["test"]})
+    cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
+                                                   "test": str(data["test_2016_flickr"]), "image_size": 32},
+                      task={"k_test": 4})
+    assert main(["finetune", "--task", "multi30k", "--config", str(cfg), "--checkpoint", str(base_model)]) == 0
+    report = check_report(tmp_path / "out", {"test": ["en", "de", "fr", "cs"]}, 4)
+    assert report["task"]["train_languages"] == ["en"] and report["train"]["step"] == 2 * 48 // 8
+
+
+def test_mscoco_several_captions_per_image_and_test_sets_per_language(ray_local, base_model, rows, tmp_path):
+    root, r = rows
+    data = task_data.coco(root, r["train"], r["val"], {"en": r["test"], "ja": r["test2"]})
+    cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
+                                                   "test": {"en": str(data["test_en"]), "ja": str(data["test_ja"])}},
+                      task={"test_languages": ["en", "ja"], "k_test": None}, epochs=1)
+    report = run_finetune("mscoco", cfg, base_model)
+    check_report(tmp_path / "out", {"test_en": ["en"], "test_ja": ["ja"]}, None)
+    assert report["test"]["test_ja"]["num_images"] == 12
+
+
+def test_xflickrco_zero_shot_then_few_shot_from_its_checkpoint(ray_local, base_model, rows, tmp_path):
+    root, r = rows
+    langs = ("de", "en", "es", "id", "ja", "ru", "tr", "zh")
+    data = task_data.iglue(root, {"train": (r["train"], ("en",)), "valid": (r["val"], ("en",)),
+                                  "test": (r["test"], langs)})
+    zero = user_config(tmp_path, tmp_path / "zero", {"train": str(data["train"]), "val": str(data["valid"]),
+                                                     "test": str(data["test"])}, task={"k_test": 3}, epochs=1)
+    run_finetune("xflickrco", zero, base_model)
+    check_report(tmp_path / "zero", {"test": list(langs)}, 3)
+
+    few = task_data.iglue(root, {"train_10": (r["val"], ("de",)), "dev_de": (r["test2"], ("de",))}, folder="fewshot")
+    (tmp_path / "few").mkdir()
+    cfg = user_config(tmp_path / "few", tmp_path / "few_out",
+                      {"train": str(few["train_10"]), "val": str(few["dev_de"]), "test": str(data["test"])},
+                      task={"train_languages": ["de"], "val_languages": ["de"], "test_languages": ["de"], "k_test": 3},
+                      epochs=1)
+    report = run_finetune("xflickrco_fewshot", cfg, tmp_path / "zero" / "model")
+    check_report(tmp_path / "few_out", {"test": ["de"]}, 3)
+    assert report["train"]["step"] == 16 // 8
+
+
+def test_wit_per_language_test_sets(ray_local, base_model, rows, tmp_path):
+    root, r = rows
+    data = task_data.wit(root, {"train": (r["train"], ("en",)), "val": (r["val"], ("en",)),
+                                "test_de": (r["test"], ("de",)), "test_tr": (r["test2"], ("tr",))})
+    cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
+                                                   "test": {"de": str(data["test_de"]), "tr": str(data["test_tr"])}},
+                      task={"test_languages": ["de", "tr"], "k_test": None}, epochs=1)
+    run_finetune("wit", cfg, base_model)
+    check_report(tmp_path / "out", {"test_de": ["de"], "test_tr": ["tr"]}, None)
+
+
+def test_bad_finetune_configs_are_clear_errors(base_model, tmp_path):
+    cfg = user_config(tmp_path, tmp_path / "o", {"train": "x", "test": {"xx": "y"}})
+    with pytest.raises(ConfigError, match="data.test has sets for xx, not among task.test_languages"):
+        load_config("multi30k", cfg, base_model)
+    cfg = user_config(tmp_path, tmp_path / "o", {"train": "x"}, task={"name": "wit"})
+    with pytest.raises(ConfigError, match="task.name 'wit' does not match --task multi30k"):
+        load_config("multi30k", cfg, base_model)
+    with pytest.raises(ConfigError, match="is not a saved CCRK model"):
+        load_config("multi30k", cfg, tmp_path)
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": "o", "data": {"train": "x"}, "model": {"fusion_layers": 3}}))
+    with pytest.raises(ConfigError, match="only lr_mult can be set when fine-tuning"):
+        load_config("multi30k", path, base_model)
+    # the shipped defaults reach the config, the user's values win
+    cfg = user_config(tmp_path, tmp_path / "o", {"train": "x"}, lr=0.5)
+    loaded, _ = load_config("multi30k", cfg, base_model)
+    assert loaded.train.lr == 0.5 and loaded.train.schedule == "linear" and loaded.task.k_test == 128
+    assert loaded.data.image_size == 384 and loaded.data.image_keys and loaded.data.languages == ("en",)
