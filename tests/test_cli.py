@@ -63,3 +63,36 @@ def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"ccrk: error: --checkpoint {tmp_path} is not a saved CCRK model "
                                                "or checkpoint"]
+
+
+def test_evaluate_bad_actor_count_is_one_line(tmp_path):
+    res = ccrk("evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+               "--actors", "0")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["ccrk: error: --actors must be >= 1, got 0"]
+
+
+def test_mrv_over_rank_files_of_two_runs(tmp_path):
+    import json
+
+    import numpy as np
+
+    from ccrk_ray.eval.ranks import save_ranks
+    from ccrk_ray.metrics import mean_rank_variance
+
+    rng = np.random.default_rng(0)
+    ids = [f"i{n}" for n in range(12)]
+    a_t2i, a_i2t = rng.integers(0, 12, (12, 2)), rng.integers(0, 12, (12, 2))
+    b_t2i, b_i2t = rng.integers(0, 12, (12, 1)), rng.integers(0, 12, (12, 1))
+    save_ranks(tmp_path / "a.parquet", ids, ["en", "de"], a_t2i, a_i2t)
+    save_ranks(tmp_path / "b.parquet", ids, ["fr"], b_t2i, b_i2t)
+    res = ccrk("mrv", f"{tmp_path}/a.parquet:de", f"{tmp_path}/b.parquet", "--out", str(tmp_path / "mrv.json"))
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["languages"] == ["de", "fr"] and out["num_images"] == 12
+    expected = mean_rank_variance(np.concatenate([a_t2i[:, 1:], b_t2i], axis=1))
+    assert out["mrv"]["t2i"] == expected
+    assert json.loads((tmp_path / "mrv.json").read_text()) == out
+    res = ccrk("mrv", str(tmp_path / "a.parquet"), str(tmp_path / "missing.parquet"))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"ccrk: error: rank file {tmp_path}/missing.parquet does not exist"]

@@ -101,3 +101,59 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"MRV (mean rank std across languages, lower = more consistent): "
                      f"t2i {mrv['t2i']:.2f}   i2t {mrv['i2t']:.2f}")
     return "\n".join(lines)
+
+
+# --- extras for plots and other tools --------------------------------------------------------
+
+def rank_spread(ranks: np.ndarray) -> np.ndarray:
+    """Per-instance population std (ddof=0) of the rank across languages (N,): the quantity MRV
+    averages; its histogram shows whether a few instances or all of them disagree."""
+    arr = np.asarray(ranks, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise ValueError(f"ranks must be N×K with K >= 2 languages, got shape {arr.shape}")
+    return np.nanstd(arr, axis=1, ddof=0)
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with ties given their average rank (as Spearman's rho wants)."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    starts = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
+    first = np.flatnonzero(starts)
+    size = np.diff(np.r_[first, len(x)])
+    out = np.empty(len(x), dtype=np.float64)
+    out[order] = (first + (size + 1) / 2.0)[np.cumsum(starts) - 1]
+    return out
+
+
+def language_rank_correlation(ranks: np.ndarray) -> np.ndarray:
+    """K×K Spearman correlation of the per-instance ranks of each pair of languages (ties get
+    average ranks). NaN where a language's ranks are all equal (e.g. a perfect model)."""
+    arr = np.asarray(ranks, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"ranks must be N×K, got shape {arr.shape}")
+    r = np.stack([_average_ranks(col) for col in arr.T], axis=1)
+    r -= r.mean(axis=0)
+    norm = np.sqrt((r ** 2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (r.T @ r) / np.outer(norm, norm)
+    return np.clip(corr, -1.0, 1.0)
+
+
+CLIP_BENCHMARK_TASK = "zeroshot_retrieval"
+
+
+def clip_benchmark_results(report: dict[str, Any], dataset: str, model: str, pretrained: str) -> list[dict[str, Any]]:
+    """One CLIP_benchmark result per language, shaped as its ``clip_benchmark eval`` dump:
+    ``{"dataset", "model", "pretrained", "task", "metrics", "language"}`` with
+    ``image_retrieval_recall@k`` (text→image) and ``text_retrieval_recall@k`` (image→text) as
+    fractions in [0, 1], so ``clip_benchmark build`` merges them with its own runs."""
+    out = []
+    for lang, m in report["languages"].items():
+        metrics = {}
+        for k in KS:
+            metrics[f"image_retrieval_recall@{k}"] = m["t2i"][f"R@{k}"] / 100.0
+            metrics[f"text_retrieval_recall@{k}"] = m["i2t"][f"R@{k}"] / 100.0
+        out.append({"dataset": dataset, "model": model, "pretrained": pretrained, "task": CLIP_BENCHMARK_TASK,
+                    "metrics": metrics, "language": lang})
+    return out

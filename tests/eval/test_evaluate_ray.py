@@ -1,0 +1,99 @@
+"""``ccrk evaluate`` end to end on a tiny saved model (with an ITM head) and the tiny test split:
+ranks from the eval actors equal the in-process computation, and every output is written."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_text_config
+
+pytestmark = pytest.mark.ray
+
+LANGS = ["en", "de", "ja"]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_data, tmp_path_factory):
+    import torch
+
+    from ccrk_ray.model import CCRKModel, ModelConfig
+    from ccrk_ray.tokenizer import CaptionTokenizer
+
+    tok = CaptionTokenizer(tiny_data["tokenizer"], 16)
+    text = dict(tiny_text_config(tok.vocab_size, max_length=16), num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = CCRKModel(ModelConfig(vision_name="resnet10t", text_config=text, text_pretrained=False, fusion_layers=1,
+                                  embed_dim=16))
+    out = tmp_path_factory.mktemp("model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "preprocess.json").write_text(json.dumps({"image_size": 32, "max_length": 16, "languages": LANGS}))
+    return out
+
+
+def test_evaluate_itc_on_actors_writes_every_output(saved_model, tiny_data, tmp_path, ray_local):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ccrk_ray.data.transforms import load_split_batch
+    from ccrk_ray.eval.ranks import load_ranks
+    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.eval.retrieval import encode_split, rank_per_language
+    from ccrk_ray.evaluate import run_evaluate
+    from ccrk_ray.model import CCRKModel
+    from ccrk_ray.tokenizer import CaptionTokenizer
+
+    out = tmp_path / "eval"
+    report = run_evaluate(str(saved_model), str(tiny_data["test"]), str(out), actors=2, k_test=5, itc_only=True,
+                          tensorboard=str(tmp_path / "tb"), save_ranks=True, dataset_name="tiny")
+    assert report["num_images"] == 40 and list(report["languages"]) == LANGS and report["k_test"] is None
+    # the same numbers as ranking the in-process embeddings densely
+    batch = load_split_batch(str(tiny_data["test"]), LANGS, CaptionTokenizer(saved_model, 16), 32)
+    feats = encode_split(CCRKModel.from_pretrained(saved_model), batch)
+    dense = build_report(*rank_per_language(feats["image_emb"], feats["text_emb"]), LANGS)
+    assert report["languages"] == dense["languages"] and report["mrv"] == dense["mrv"]
+    assert report["mrv"]["t2i"] > 0                               # an untrained model: languages disagree
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["languages"] == report["languages"]
+    assert len(on_disk["language_rank_correlation"]["t2i"]) == 3
+    assert sorted(on_disk["outputs"]["plots"]) == ["rank_correlation.png", "rank_spread_hist.png",
+                                                   "recall_per_language.png"]
+    for name in on_disk["outputs"]["plots"]:
+        with Image.open(out / name) as im:
+            assert im.format == "PNG"
+    assert "![recall_per_language](recall_per_language.png)" in (out / "report.md").read_text()
+    files = sorted(p.name for p in (out / "clip_benchmark").iterdir())
+    assert files == [f"tiny_{lang}_zeroshot_retrieval.json" for lang in sorted(LANGS)]
+    de = json.loads((out / "clip_benchmark" / "tiny_de_zeroshot_retrieval.json").read_text())
+    assert de["metrics"]["text_retrieval_recall@5"] == pytest.approx(report["languages"]["de"]["i2t"]["R@5"] / 100)
+    assert de["model"] == "ccrk-resnet10t" and de["task"] == "zeroshot_retrieval" and de["language"] == "de"
+    ids, langs, t2i, i2t = load_ranks(out / "ranks.parquet")
+    assert langs == LANGS and list(ids) == sorted(batch["image_id"])
+    assert build_report(t2i, i2t, LANGS)["languages"] == report["languages"]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    assert acc.Scalars("eval/ja/i2t_R@10")[0].value == pytest.approx(report["languages"]["ja"]["i2t"]["R@10"])
+    assert "eval/rank_correlation" in acc.Tags()["images"]
+
+
+def test_evaluate_two_stage_on_actors_equals_in_process(saved_model, tiny_data, tmp_path, ray_local):
+    from ccrk_ray.data.transforms import load_split_batch
+    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.eval.retrieval import evaluate_in_process
+    from ccrk_ray.evaluate import run_evaluate
+    from ccrk_ray.model import CCRKModel
+    from ccrk_ray.tokenizer import CaptionTokenizer
+
+    report = run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "two"), actors=2, k_test=8)
+    batch = load_split_batch(str(tiny_data["test"]), LANGS, CaptionTokenizer(saved_model, 16), 32)
+    model = CCRKModel.from_pretrained(saved_model)
+    ref = build_report(*evaluate_in_process(model, batch, k_test=8), LANGS)
+    itc = build_report(*evaluate_in_process(model, batch, k_test=None), LANGS)
+    assert report["k_test"] == 8 and report["actors"] == 2
+    assert report["languages"] == ref["languages"] and report["mrv"] == ref["mrv"]
+    assert report["languages"] != itc["languages"]                 # the ITM stage re-ranked
+    with pytest.raises(ValueError, match="--k-test 41 is larger than the gallery of 40"):
+        run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "x"), k_test=41)
+    with pytest.raises(ValueError, match="--actors must be >= 1, got 0"):
+        run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "x"), actors=0)
+    assert np.isfinite(report["mrv"]["i2t"])
