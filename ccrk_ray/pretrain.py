@@ -11,6 +11,9 @@ The config has five sections; every key is checked (an unknown one is an error n
     train:     TrainSection fields     (batch sizes, schedule, precision, checkpoints, ...)
     scaling:   ScalingSection fields   (worker range, CPUs/GPU per worker, max_failures)
 
+``${NAME}`` in any string value is replaced by the environment variable NAME (an unset one is an
+error), so one config file serves every cluster: ``train: ${CCRK_DATA_URI}/pretrain``.
+
 Running the same command again with ``--resume`` continues the run from its latest committed
 checkpoint (same storage path and name), mid-epoch included. ``ccrk_ray/configs/`` ships examples.
 """
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccrk_ray.config import ConfigError, check_range
+from ccrk_ray.config import ConfigError, check_range, expand_vars
 from ccrk_ray.languages import CCRK_LANGUAGES, validate_languages
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -187,7 +190,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
     if not isinstance(d, dict):
         raise ConfigError(f"--config {path}: expected a mapping at the top level")
-    return d
+    return expand_vars(d, where=str(path))
 
 
 def _check_keys(d: dict[str, Any], cls, where: str) -> None:
@@ -240,10 +243,12 @@ def loop_config(cfg: PretrainConfig, check, tokenizer, caption_tokenizer, tensor
 
 
 def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, log=print, resume: bool = False,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Check the data, build the trainer, fit, and save the final model with its tokenizer and
     preprocessing under ``output_dir/model``. ``extra`` goes into the loop config (fine-tuning's
-    ``init_from``, ``best_dir``, ``val``). Needs Ray initialised. Returns the final metrics."""
+    ``init_from``, ``best_dir``, ``val``); ``callbacks`` into the trainer's RunConfig (Ray Train
+    UserCallbacks, e.g. ``ccrk tune``'s report to Tune). Needs Ray initialised. Returns the final
+    metrics."""
     from ccrk_ray.data.pipeline import check_dataset, stats_actor
     from ccrk_ray.train.state import load_model
     from ccrk_ray.train.trainer import build_trainer, clean_orphan_checkpoints
@@ -257,7 +262,8 @@ def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, log=print
     config = {**loop_config(cfg, check, tokenizer, caption_tokenizer, str(out / "tensorboard")), **(extra or {})}
     trainer = build_trainer(config, storage_path=cfg.run_storage, name=cfg.name, num_workers=cfg.scaling.workers,
                             cpus_per_worker=cfg.scaling.cpus_per_worker, use_gpu=cfg.scaling.gpu,
-                            max_failures=cfg.scaling.max_failures, num_to_keep=cfg.train.num_to_keep)
+                            max_failures=cfg.scaling.max_failures, num_to_keep=cfg.train.num_to_keep,
+                            callbacks=callbacks)
     log(f"training {cfg.model.get('vision_name', 'resnet10t')} + {cfg.model.get('text_name_or_path') or 'text config'} "
         f"({config['objective']}, K={cfg.data.captions_per_image}) on {check.rows} rows, "
         f"{cfg.scaling.workers[0]}-{cfg.scaling.workers[1]} Ray Train workers, global batch "

@@ -22,41 +22,34 @@ one goes first on ``sys.path``, ahead of any ``ccrk_ray`` installed on the node.
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class MissingVariable(KeyError):
-    pass
+if sys.path[:1] != [str(REPO)]:         # the shipped code first, ahead of an installed ccrk_ray
+    sys.path.insert(0, str(REPO))
 
 
 def expand(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> list[str]:
-    """``argv`` with every ``${NAME}`` replaced by ``environ[NAME]``; MissingVariable names the
-    unset (or empty) ones."""
-    env = os.environ if environ is None else environ
-    missing = sorted({m.group(1) for arg in argv for m in _VAR.finditer(arg) if not env.get(m.group(1))})
-    if missing:
-        raise MissingVariable(", ".join(missing))
-    return [_VAR.sub(lambda m: env[m.group(1)], arg) for arg in argv]
+    """``argv`` with every ``${NAME}`` replaced by ``environ[NAME]`` (``ccrk_ray.config.expand_vars``);
+    a ConfigError names the unset (or empty) ones."""
+    from ccrk_ray.config import expand_vars
+
+    return expand_vars(list(argv), environ, where="arguments")
 
 
 def run(command: str, argv: Sequence[str] | None = None) -> int:
     """``ccrk <command> <argv>`` (default argv: this process's arguments); returns its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    from ccrk_ray.config import ConfigError
+
     try:
         args = expand(argv)
-    except MissingVariable as exc:
-        print(f"ccrk {command}: error: environment variable(s) not set on the cluster: {exc.args[0]} "
-              "(set them in the cluster config or the job's runtime env: env_vars)", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"ccrk {command}: error: {exc} on the cluster (set them in the cluster config or the job's "
+              "runtime env: env_vars)", file=sys.stderr)
         return 2
-    if sys.path[:1] != [str(REPO)]:
-        sys.path.insert(0, str(REPO))
     from ccrk_ray import cli
 
     print(f"ccrk {command}: running {Path(cli.__file__).resolve().parent}", flush=True)
