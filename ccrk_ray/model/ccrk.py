@@ -216,9 +216,17 @@ class CCRKModel(nn.Module):
         """Recompute activations in backward (less memory, ~30% more compute) in both encoders."""
         if hasattr(self.vision, "set_grad_checkpointing"):
             self.vision.set_grad_checkpointing(enable)
-        if enable and getattr(self.text, "supports_gradient_checkpointing", False):
-            self.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif getattr(self.text, "supports_gradient_checkpointing", False):
+        if not getattr(self.text, "supports_gradient_checkpointing", False):
+            return
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.text, "activation_checkpointing_enable"):     # transformers 5 renamed them
+            if enable:
+                self.text.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.text.activation_checkpointing_disable()
+        elif enable:
+            self.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             self.text.gradient_checkpointing_disable()
 
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:

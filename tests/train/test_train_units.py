@@ -1,0 +1,96 @@
+"""Training pieces that need no Ray: schedule, accumulation, checkpoint housekeeping, config
+variables, gradient checkpointing."""
+
+import json
+
+import pytest
+import torch
+
+from ccrk_ray.config import ConfigError, expand_vars
+from ccrk_ray.train.loop import accumulation, lr_factor
+from ccrk_ray.train.state import read_best
+from ccrk_ray.train.trainer import clean_orphan_checkpoints, run_exists
+from tests.conftest import tiny_text_config
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    cos, lin = lr_factor(4, 20, "cosine"), lr_factor(4, 20, "linear")
+    assert [cos(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cos(4) == pytest.approx(1.0) and cos(12) == pytest.approx(0.5) and cos(20) == pytest.approx(0.0)
+    assert lin(12) == pytest.approx(0.5) and lin(8) == pytest.approx(0.75) and lin(30) == 0.0
+    with pytest.raises(ValueError, match="schedule must be"):
+        lr_factor(1, 2, "step")
+
+
+def test_accumulation_keeps_the_global_batch():
+    assert [accumulation(128, 32, w) for w in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ValueError, match="global_batch_size 128 is not a multiple of batch_size 32 x 3 workers"):
+        accumulation(128, 32, 3)
+
+
+def test_orphan_checkpoints_are_removed_committed_ones_kept(tmp_path):
+    run = tmp_path / "runs" / "pretrain"
+    for name in ("checkpoint_00000010_m", "checkpoint_00000020_m", "checkpoint_00000030_m"):
+        (run / name).mkdir(parents=True)
+        (run / name / "progress.json").write_text("{}")
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000010_m"}],
+        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000020_m"}}))
+    assert run_exists(str(tmp_path / "runs"), "pretrain") and not run_exists(str(tmp_path / "runs"), "other")
+    assert clean_orphan_checkpoints(str(tmp_path / "runs"), "pretrain") == ["checkpoint_00000030_m"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_00000010_m", "checkpoint_00000020_m",
+                                                     "checkpoint_manager_snapshot.json"]
+    # no snapshot: nothing was ever committed
+    (run / "checkpoint_manager_snapshot.json").unlink()
+    assert clean_orphan_checkpoints(str(tmp_path / "runs"), "pretrain") == ["checkpoint_00000010_m",
+                                                                            "checkpoint_00000020_m"]
+    assert clean_orphan_checkpoints(str(tmp_path / "runs"), "missing") == []
+
+
+def test_config_variables_expand_or_name_what_is_missing():
+    env = {"DATA": "s3://b/d", "EMPTY": ""}
+    assert expand_vars({"train": "${DATA}/train", "n": 3, "l": ["$x", "${DATA}"]}, env) == {
+        "train": "s3://b/d/train", "n": 3, "l": ["$x", "s3://b/d"]}
+    with pytest.raises(ConfigError, match="cfg.yaml: environment variable.s. not set: EMPTY, NOPE"):
+        expand_vars({"a": "${NOPE}", "b": ["${EMPTY}"]}, env, where="cfg.yaml")
+
+
+def test_best_model_pointer_replaces_the_previous_best(tmp_path):
+    from ccrk_ray.model import CCRKModel, ModelConfig
+    from ccrk_ray.train.state import save_best
+
+    model = CCRKModel(ModelConfig(text_config=tiny_text_config(100), text_pretrained=False, embed_dim=8))
+    best = str(tmp_path / "best")
+    assert read_best(best) is None
+    save_best(model, best, 10, 40.0)
+    save_best(model, best, 20, 55.5)
+    assert read_best(best) == {"step": 20, "r_mean": 55.5, "dir": "step_00000020"}
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", "step_00000020"]
+    CCRKModel.from_pretrained(tmp_path / "best" / "step_00000020")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from ccrk_ray.model import CCRKModel, ModelConfig
+    from ccrk_ray.objectives import build_objective
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(text_config=dict(tiny_text_config(100), num_hidden_layers=2), text_pretrained=False,
+                      embed_dim=8, fusion_layers=1)
+    model = CCRKModel(cfg).train()
+    batch = {"pixel_values": torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8),
+             "input_ids": torch.randint(3, 100, (4, 2, 8)), "attention_mask": torch.ones(4, 2, 8, dtype=torch.long)}
+    objective = build_objective("one_to_k", itm_weight=0.0, mlm_weight=0.0, languages=["en", "de"])
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(1)
+        objective(model, batch)["loss"].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.text.modules())
+    again = grads()
+    assert plain.keys() == again.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(again[name], plain[name], atol=1e-6, rtol=1e-5)
