@@ -175,6 +175,7 @@ def stream_dataset(stream, *, uri: str, files: Sequence[str], seed: int, epoch: 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False      # one dataset per worker and epoch: keep the logs readable
     items, base = [], 0
     for seg in stream:
         items.append({"segment": seg.to_list(), "base": base})
