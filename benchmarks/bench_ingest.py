@@ -4,7 +4,9 @@ from local disk and from a local S3 server (moto, 127.0.0.1).
 
     .venv/bin/python benchmarks/bench_ingest.py [--images 4000] [--cores 2] [--epochs 2] [--no-s3]
 
-Prints samples/s of each and the ratio Ray Data / DataLoader. Both use one transform
+Prints samples/s of each and the ratio Ray Data / DataLoader, for the generic pipeline
+(``one_to_k_dataset``: Ray's parquet reader, then transform actors) and for the training path
+(``stream_dataset``: the seeded epoch plan, each actor reading and transforming whole segments). Both use one transform
 implementation (ccrk_ray.data.transforms.OneToKBatchTransform); the DataLoader workers each read
 whole parquet files (file-sharded), as a hand-written loader would.
 """
@@ -71,6 +73,23 @@ def run_ray(uri, tokenizer, cores, epochs, map_batch=BATCH) -> float:
     return n / (time.perf_counter() - t)
 
 
+def run_stream(uri, tokenizer, cores, epochs) -> float:
+    """The training path: one worker's stream of the seeded epoch plan (``stream_dataset``), each
+    actor reading and transforming whole segments."""
+    from ccrk_ray.data.pipeline import check_dataset, stream_dataset
+    from ccrk_ray.data.plan import epoch_segments
+
+    check = check_dataset(uri, CCRK_LANGUAGES)
+    n, t = 0, time.perf_counter()
+    for epoch in range(epochs):
+        ds = stream_dataset(epoch_segments(check.row_groups, epoch, 0, 64), uri=uri, files=check.files, seed=0,
+                            epoch=epoch, languages=CCRK_LANGUAGES, k=len(CCRK_LANGUAGES), tokenizer=tokenizer,
+                            image_transform=ImageTransform(64, train=True), num_actors=cores, cpus_per_actor=1)
+        for b in ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=2):
+            n += b["pixel_values"].shape[0]
+    return n / (time.perf_counter() - t)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=4000)
@@ -113,12 +132,13 @@ def main():
     ray.init(num_cpus=a.cores + a.extra_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"{a.images} images x {a.epochs} epochs, K=10 captions, 64 px, {a.cores} cores")
-    print(f"{'source':18}{'DataLoader':>14}{'Ray Data':>14}{'ratio':>8}")
+    print(f"{'source':18}{'DataLoader':>14}{'Ray Data':>14}{'ratio':>8}{'training path':>16}{'ratio':>8}")
     try:
         for name, uri in sources.items():
             dl = run_dataloader(uri, transform, a.cores, a.epochs)
             rd = run_ray(uri, tok, a.cores, a.epochs, a.map_batch)
-            print(f"{name:18}{dl:10.0f} /s {rd:10.0f} /s {rd / dl:7.2f}x", flush=True)
+            st = run_stream(uri, tok, a.cores, a.epochs)
+            print(f"{name:18}{dl:10.0f} /s {rd:10.0f} /s {rd / dl:7.2f}x {st:12.0f} /s {st / dl:7.2f}x", flush=True)
     finally:
         ray.shutdown()
         if server is not None:

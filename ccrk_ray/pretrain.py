@@ -48,7 +48,6 @@ class DataSection:
     tokenizer: str | None = None             # HF name/path; default the model's text_name_or_path
     on_bad_row: str = "skip"                 # skip (counted) | raise
     chunk_rows: int = 256                    # shuffle granularity (row-group slices)
-    transform_batch: int = 64
     image_keys: bool = False                 # batches carry image ids: captions of one image are all positives
     data_actors: int = 1                     # decode/tokenise actors per training worker
     cpus_per_actor: float = 0.8
@@ -232,7 +231,7 @@ def loop_config(cfg: PretrainConfig, check, tokenizer, caption_tokenizer, tensor
         model=fill_text_config(cfg.model, tokenizer), objective=name, objective_args=args,
         data=dict(uri=d.train, endpoint_url=d.endpoint_url, files=check.files, row_groups=check.row_groups,
                   languages=list(d.languages), k=d.captions_per_image, tokenizer=caption_tokenizer,
-                  image_size=d.image_size, chunk_rows=d.chunk_rows, transform_batch=d.transform_batch,
+                  image_size=d.image_size, chunk_rows=d.chunk_rows,
                   data_actors=d.data_actors, cpus_per_actor=d.cpus_per_actor, on_bad_row=d.on_bad_row,
                   image_keys=d.image_keys),
         val={"uri": d.val, "languages": list(d.languages)} if d.val else None,

@@ -148,30 +148,46 @@ def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: C
     )
 
 
-def _read_segments(items: dict[str, np.ndarray], uri: str, endpoint_url: str | None, files: Sequence[str],
-                   seed: int, epoch: int, columns: Sequence[str]):
-    """Ray Data UDF: plan items (segment + its base position) → their rows, in read order."""
+def read_plan_items(items: Mapping[str, np.ndarray], fs, files: Sequence[str], seed: int, epoch: int,
+                    columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """Plan items (``segment`` + its ``base`` stream position) → their rows as a numpy batch, in
+    plan order (``ccrk_ray.data.plan.read_segment``)."""
     import pyarrow as pa
 
     from ccrk_ray.data.plan import Segment, read_segment
 
-    fs, _ = storage.resolve(uri, endpoint_url)
     tables = []
     for seg, base in zip(items["segment"], items["base"]):
         segment = Segment.from_list(seg)
         with fs.open_input_file(files[segment.file]) as f:
             tables.append(read_segment(pq.ParquetFile(f), segment, seed, epoch, int(base), columns))
-    return pa.concat_tables(tables)
+    table = pa.concat_tables(tables)
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+class StreamTransform(CountingTransform):
+    """Read a worker's plan segments *and* turn them into 1-to-K batches in one actor call: the
+    encoded images go from parquet straight to pixels, never through the object store."""
+
+    def __init__(self, *, uri: str, endpoint_url: str | None, files: Sequence[str], seed: int, epoch: int,
+                 **transform_kwargs):
+        super().__init__(**transform_kwargs)
+        self.fs, _ = storage.resolve(uri, endpoint_url)
+        self.files, self.seed, self.epoch = list(files), seed, epoch
+        self.columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in self.languages]
+
+    def __call__(self, items: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return super().__call__(read_plan_items(items, self.fs, self.files, self.seed, self.epoch, self.columns))
 
 
 def stream_dataset(stream, *, uri: str, files: Sequence[str], seed: int, epoch: int, languages: Sequence[str],
-                   k: int, tokenizer: CaptionTokenizer, image_transform: ImageTransform, transform_batch: int = 64,
-                   num_actors: int = 1, cpus_per_actor: float = 0.8, on_bad_row: str = "skip",
+                   k: int, tokenizer: CaptionTokenizer, image_transform: ImageTransform, num_actors: int = 1, cpus_per_actor: float = 0.8, on_bad_row: str = "skip",
                    endpoint_url: str | None = None, image_keys: bool = False) -> ray.data.Dataset:
     """One worker's stream of an epoch plan (``ccrk_ray.data.plan``) as 1-to-K training batches in
     exactly the plan's order, each row carrying its ``_pos`` (stream position) and ``_key``.
 
-    Needs ``DataContext.execution_options.preserve_order`` (set here, for the calling process)."""
+    Each actor call reads and transforms one segment (``StreamTransform``). Sets ``DataContext.execution_options.preserve_order`` for
+    the calling process."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
@@ -182,15 +198,11 @@ def stream_dataset(stream, *, uri: str, files: Sequence[str], seed: int, epoch: 
         base += seg.rows
     if not items:
         raise ValueError("this worker's share of the epoch is empty")
-    columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in languages]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_read_segments, batch_size=1, batch_format="numpy", num_cpus=0.1,
-                        fn_kwargs=dict(uri=uri, endpoint_url=endpoint_url, files=list(files), seed=seed,
-                                       epoch=epoch, columns=columns))
-    return ds.map_batches(
-        CountingTransform,
-        fn_constructor_kwargs=dict(tokenizer=tokenizer, languages=tuple(languages), k=k,
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        StreamTransform,
+        fn_constructor_kwargs=dict(uri=uri, endpoint_url=endpoint_url, files=list(files), seed=seed, epoch=epoch,
+                                   tokenizer=tokenizer, languages=tuple(languages), k=k,
                                    image_transform=image_transform, with_ids=False, on_bad_row=on_bad_row,
                                    image_keys=image_keys),
-        batch_size=transform_batch, batch_format="numpy",
+        batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors), num_cpus=cpus_per_actor)
