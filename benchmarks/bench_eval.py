@@ -10,7 +10,8 @@ times ``rank_on_actors`` (object-store put, actor start, sharded ranking) and th
 MedR, MeanR, mAP, SumR, MRV, rank correlation, rank spread), and each actor's CPU seconds (what
 the wall time would be on otherwise idle cores). Memory: the peak of the summed PSS
 (proportional set size: shared object-store pages counted once) of the child and all its
-descendants (Ray's raylet, GCS, dashboard and the eval actors), sampled every 0.2 s, and its rise
+descendants (Ray's raylet, GCS and the eval actors), sampled every second (reading smaps is not
+free: at 0.2 s the sampler took a fifth of a core), and its rise
 over the value just before the embeddings were made; also the driver's and each actor's peak RSS.
 
 At the smallest size a straightforward implementation (full score matrix per language, per-row
@@ -59,7 +60,7 @@ def structured_embeddings(g: int, k: int, d: int, seed: int = 0) -> tuple[np.nda
 class PssSampler:
     """Peak of the summed PSS of this process and its descendants, sampled in a thread."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 1.0):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 

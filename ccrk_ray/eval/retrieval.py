@@ -204,6 +204,7 @@ def rank_with_owners(image_emb: np.ndarray, text_emb: np.ndarray, owner: np.ndar
 # ``chunk`` so that the float32 products, and so the top-k sets, are the same in any layout.
 
 SCORE_BUDGET_BYTES = 128 << 20      # one query chunk's float32 scores against the whole gallery
+GALLERY_TILE = 2048                 # ITC mode: gallery columns per product (chunk × tile stays in cache)
 _U32 = 2.0 ** -24                   # float32 unit roundoff
 
 
@@ -310,28 +311,34 @@ def _band(true: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def _count_at_or_above(scores: np.ndarray, true: np.ndarray, eps: np.ndarray, axis: int, exact,
+def _count_at_or_above(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray, true: np.ndarray, axis: int, exact,
                        mask: np.ndarray) -> np.ndarray:
     """Per query — rows of ``scores`` (axis=1) or columns (axis=0) — the number of candidates whose
-    exact score is >= the query's ``true`` score. Entries clearly above or below (beyond ``eps``)
-    are counted from the float32 scores; those in between (rare) get ``exact(rows, cols)``.
-    ``mask`` is a bool buffer of the scores' shape. Cost: two comparisons and one count per entry."""
-    shape = (-1, 1) if axis == 1 else (1, -1)
-    lo, hi = _band(true, eps)
-    lo, hi = lo.reshape(shape), hi.reshape(shape)
+    exact score is >= the query's ``true`` score. ``lo``/``hi`` (float32, shaped (q, 1) or (1, c))
+    bound the band where float32 cannot decide (``_band``): entries outside it are counted from the
+    float32 scores, those inside (rare) get ``exact(rows, cols)``. ``mask`` is a bool buffer of the
+    scores' shape. Cost: two comparisons and one count per entry."""
     np.greater_equal(scores, lo, out=mask)
     counts = _row_counts(mask) if axis == 1 else _col_counts(mask)
     n_lo = np.count_nonzero(mask)
-    if np.count_nonzero(np.greater_equal(scores, hi, out=mask)) == n_lo:
+    np.greater_equal(scores, hi, out=mask)
+    if np.count_nonzero(mask) == n_lo:
         return counts                                   # nothing within rounding of a true score
-    r, c = np.nonzero((scores >= lo) & (scores < hi))
-    owner = r if axis == 1 else c
+    queries = np.flatnonzero(counts - (_row_counts(mask) if axis == 1 else _col_counts(mask)))
+    if axis == 1:
+        sub = scores[queries]
+        r, c = np.nonzero((sub >= lo[queries]) & (sub < hi[queries]))
+        r = owner = queries[r]
+    else:
+        sub = scores[:, queries]
+        r, c = np.nonzero((sub >= lo[:, queries]) & (sub < hi[:, queries]))
+        c = owner = queries[c]
     hit = exact(r, c) >= true[owner]
     return counts - np.bincount(owner[~hit], minlength=len(true))
 
 
 def _row_counts(mask: np.ndarray) -> np.ndarray:
-    return mask.view(np.uint8).sum(axis=1, dtype=np.int64)
+    return mask.view(np.uint8).sum(axis=1, dtype=np.int32).astype(np.int64)
 
 
 def _col_counts(mask: np.ndarray) -> np.ndarray:
@@ -363,13 +370,14 @@ Rescore = Callable[[int, str, np.ndarray, np.ndarray], np.ndarray]
 
 def rank_shard(image_emb: np.ndarray, text_emb: np.ndarray, start: int, stop: int, *, true: np.ndarray,
                columns: Sequence[int] | None = None, k_test: int | None = None, rescore: Rescore | None = None,
-               chunk: int | None = None) -> ShardRanks:
+               chunk: int | None = None, tile: int | None = None) -> ShardRanks:
     """Rank the queries of rows [start, stop) against the whole gallery, ``chunk`` rows at a time.
 
-    ITC mode (``rescore`` None): one float32 product per chunk and language serves both
-    directions, its columns giving the image→text counts. Two-stage mode: each query's top
-    ``k_test`` by ITC are re-scored by ``rescore``. ``true`` is ``true_scores(...)``. Memory:
-    O(chunk × N), never the full score matrix. Tie policy: see the comment above.
+    ITC mode (``rescore`` None): float32 products of ``chunk`` captions × ``tile`` images (small
+    enough to stay in cache while they are compared) serve both directions: rows give text→image
+    ranks, columns the image→text counts. Memory O(chunk × tile). Two-stage mode: whole rows
+    (O(chunk × N)); each query's top ``k_test`` by ITC are re-scored by ``rescore``. ``true`` is
+    ``true_scores(...)``. Never the full score matrix. Tie policy: see the comment above.
     """
     n, k_all = text_emb.shape[:2]
     if not 0 <= start <= stop <= n:
@@ -387,7 +395,8 @@ def rank_shard(image_emb: np.ndarray, text_emb: np.ndarray, start: int, stop: in
     t2i = np.empty((rows_n, len(columns)), dtype=np.int64)
     i2t = np.empty((rows_n, len(columns)), dtype=np.int64) if two_stage else None
     counts = None if two_stage else np.zeros((n, len(columns)), dtype=np.int64)
-    buf = np.empty((min(chunk, rows_n), n), dtype=np.float32)
+    width = n if two_stage else min(n, tile or GALLERY_TILE)      # two-stage needs whole rows for top-k
+    buf = np.empty((min(chunk, rows_n), width), dtype=np.float32)
     mask = np.empty(buf.shape, dtype=bool)
     images = np.ascontiguousarray(image_emb, dtype=np.float32)
     img_norm = np.linalg.norm(images, axis=1).astype(np.float64)
@@ -396,42 +405,58 @@ def rank_shard(image_emb: np.ndarray, text_emb: np.ndarray, start: int, stop: in
         true_l = np.asarray(true[:, lang], dtype=np.float64)
         captions = np.ascontiguousarray(text_emb[:, lang], dtype=np.float32)
         txt_norm = np.linalg.norm(captions, axis=1).astype(np.float64)
+        if not two_stage:           # image→text bands: each image's true score ± its error bound
+            col_lo, col_hi = _band(true_l, bound * img_norm * txt_norm[start:stop].max())
+            col_lo, col_hi = col_lo[None, :], col_hi[None, :]
         for c0 in range(start, stop, chunk):
             c1 = min(stop, c0 + chunk)
             rows = np.arange(c0, c1)
             local = slice(c0 - start, c1 - start)
-            scores = buf[:c1 - c0]
+            row_lo, row_hi = _band(true_l[c0:c1], bound * txt_norm[c0:c1] * img_norm.max())
+            row_lo, row_hi = row_lo[:, None], row_hi[:, None]
+            if not two_stage:
+                row_counts = np.zeros(c1 - c0, dtype=np.int64)
+                for w0 in range(0, n, width):                    # tiles small enough to stay in cache
+                    w1 = min(n, w0 + width)
+                    scores, tile_mask = buf[:c1 - c0, :w1 - w0], mask[:c1 - c0, :w1 - w0]
+                    np.matmul(captions[c0:c1], images[w0:w1].T, out=scores)   # caption rows × images
+                    own = np.arange(max(c0, w0), min(c1, w1))
+                    scores[own - c0, own - w0] = -np.inf          # the pair itself is not a rival
+
+                    def exact_t(r, c, c0=c0, w0=w0):              # scores[r, c]: caption c0+r, image w0+c
+                        return exact_scores(captions[c0 + r], images[w0 + c])
+
+                    row_counts += _count_at_or_above(scores, row_lo, row_hi, true_l[c0:c1], 1, exact_t, tile_mask)
+                    counts[w0:w1, j] += _count_at_or_above(scores, col_lo[:, w0:w1], col_hi[:, w0:w1], true_l[w0:w1],
+                                                           0, exact_t, tile_mask)
+                t2i[local, j] = row_counts
+                continue
+            scores, chunk_mask = buf[:c1 - c0], mask[:c1 - c0]
             np.matmul(captions[c0:c1], images.T, out=scores)        # caption rows × images
 
             def exact_t(r, c, c0=c0):                                # scores[r, c]: caption c0+r, image c
                 return exact_scores(captions[c0 + r], images[c])
 
-            eps_rows = bound * txt_norm[c0:c1] * img_norm.max()
-            if not two_stage:
-                scores[rows - c0, rows] = -np.inf                    # the pair itself is not a rival
-                t2i[local, j] = _count_at_or_above(scores, true_l[c0:c1], eps_rows, 1, exact_t, mask[:c1 - c0])
-                counts[:, j] += _count_at_or_above(scores, true_l, bound * img_norm * txt_norm[c0:c1].max(), 0,
-                                                   exact_t, mask[:c1 - c0])
-                continue
-            t2i[local, j] = _two_stage_ranks(scores, rows, true_l[c0:c1], eps_rows, exact_t, mask[:c1 - c0],
+            t2i[local, j] = _two_stage_ranks(scores, rows, true_l[c0:c1], row_lo, row_hi, exact_t, chunk_mask,
                                              k_test, rescore, lang, "t2i")
             np.matmul(images[c0:c1], captions.T, out=scores)        # image rows × captions
 
             def exact_i(r, c, c0=c0):                                # scores[r, c]: image c0+r, caption c
                 return exact_scores(captions[c], images[c0 + r])
 
-            i2t[local, j] = _two_stage_ranks(scores, rows, true_l[c0:c1], bound * img_norm[c0:c1] * txt_norm.max(),
-                                             exact_i, mask[:c1 - c0], k_test, rescore, lang, "i2t")
+            lo, hi = _band(true_l[c0:c1], bound * img_norm[c0:c1] * txt_norm.max())
+            i2t[local, j] = _two_stage_ranks(scores, rows, true_l[c0:c1], lo[:, None], hi[:, None], exact_i,
+                                             chunk_mask, k_test, rescore, lang, "i2t")
     return ShardRanks(start, stop, t2i, i2t=i2t, i2t_counts=counts)
 
 
-def _two_stage_ranks(scores: np.ndarray, rows: np.ndarray, true: np.ndarray, eps: np.ndarray, exact,
+def _two_stage_ranks(scores: np.ndarray, rows: np.ndarray, true: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact,
                      mask: np.ndarray, k_test: int, rescore: Rescore, lang: int, direction: str) -> np.ndarray:
     local = np.arange(len(rows))
     scores[local, rows] = true.astype(np.float32)           # the pair's own score, for the shortlist
     top = topk_indices(scores, k_test)
     scores[local, rows] = -np.inf
-    itc = _count_at_or_above(scores, true, eps, 1, exact, mask)
+    itc = _count_at_or_above(scores, lo, hi, true, 1, exact, mask)
     new = np.asarray(rescore(lang, direction, rows, top), dtype=np.float64)
     if new.shape != top.shape:
         raise ValueError(f"re-scorer returned shape {new.shape} for {top.shape} candidates")
@@ -458,7 +483,8 @@ def merge_shards(parts: Sequence[ShardRanks], n: int) -> tuple[np.ndarray, np.nd
 
 def rank_sharded(image_emb: np.ndarray, text_emb: np.ndarray, *, languages: Sequence[str] | None = None,
                  query_languages: Sequence[str] | None = None, num_shards: int = 1, k_test: int | None = None,
-                 rescore: Rescore | None = None, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 rescore: Rescore | None = None, chunk: int | None = None,
+                 tile: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Single-process driver of ``rank_shard``: what ``ccrk_ray.eval.actors.rank_on_actors`` does
     with the shards spread over actors. Returns (t2i, i2t) N×L for the query languages."""
     columns = check_inputs(image_emb, text_emb, languages, query_languages)
@@ -466,7 +492,7 @@ def rank_sharded(image_emb: np.ndarray, text_emb: np.ndarray, *, languages: Sequ
     chunk = chunk or default_chunk(n)
     true = true_scores(image_emb, text_emb)
     parts = [rank_shard(image_emb, text_emb, a, b, true=true, columns=columns, k_test=k_test, rescore=rescore,
-                        chunk=chunk) for a, b in shard_bounds(n, num_shards, chunk)]
+                        chunk=chunk, tile=tile) for a, b in shard_bounds(n, num_shards, chunk)]
     return merge_shards(parts, n)
 
 

@@ -39,10 +39,11 @@ def test_sharded_equals_dense_reference_with_planted_ties():
     assert (strict_ranks(img, txt) != ref[0]).sum() > 20       # the planted ties change many ranks
     np.testing.assert_array_equal(rank_per_language(img, txt)[0], ref[0])
     for num_shards in (1, 2, 3, 5):
-        for chunk in (16, 32, 4096):
-            t2i, i2t = rank_sharded(img, txt, num_shards=num_shards, chunk=chunk)
-            np.testing.assert_array_equal(t2i, ref[0], err_msg=f"{num_shards} shards, chunk {chunk}")
-            np.testing.assert_array_equal(i2t, ref[1], err_msg=f"{num_shards} shards, chunk {chunk}")
+        for chunk, tile in ((16, None), (32, 7), (16, 16), (4096, 64)):
+            t2i, i2t = rank_sharded(img, txt, num_shards=num_shards, chunk=chunk, tile=tile)
+            msg = f"{num_shards} shards, chunk {chunk}, tile {tile}"
+            np.testing.assert_array_equal(t2i, ref[0], err_msg=msg)
+            np.testing.assert_array_equal(i2t, ref[1], err_msg=msg)
 
 
 def float64_dense_ranks(img, txt):
@@ -64,8 +65,8 @@ def test_float_ranks_are_exact_for_any_shard_layout_and_chunk():
         img[b, j] = np.nextafter(img[a, j], -np.inf if txt[a, 0, j] > 0 else np.inf)   # exactly a bit worse
     ref = float64_dense_ranks(img, txt)
     assert 0 < ref[0].mean() < 150                                   # neither trivial nor random
-    for num_shards, chunk in [(1, 32), (4, 32), (10, 32), (3, 16), (1, 512), (2, 64)]:
-        got = rank_sharded(img, txt, num_shards=num_shards, chunk=chunk)
+    for num_shards, chunk, tile in [(1, 32, None), (4, 32, 50), (10, 32, 7), (3, 16, 64), (1, 512, 300), (2, 64, 1)]:
+        got = rank_sharded(img, txt, num_shards=num_shards, chunk=chunk, tile=tile)
         np.testing.assert_array_equal(got[0], ref[0], err_msg=f"{num_shards} shards, chunk {chunk}")
         np.testing.assert_array_equal(got[1], ref[1], err_msg=f"{num_shards} shards, chunk {chunk}")
     # float32 scores cannot tell the nudged image from the original: a dense float32 ranking
