@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(data URIs, output_dir, scaling, ...)")
     finetune.add_argument("--checkpoint", required=True, help="a saved model directory or a training checkpoint")
     finetune.add_argument("--resume", action="store_true")
+    tune = sub.add_parser("tune", help="Ray Tune sweep of a task's fine-tuning hyperparameters (ASHA early stopping); "
+                                       "results table, best config and best model")
+    tune.add_argument("--task", required=True, choices=TASKS)
+    tune.add_argument("--config", required=True, help="a `ccrk finetune` config with a `tune:` section (search "
+                                                      "space, objective, ASHA)")
+    tune.add_argument("--checkpoint", required=True, help="a saved model directory or a training checkpoint")
+    tune.add_argument("--num-samples", type=int, required=True, help="trials drawn from the search space")
+    tune.add_argument("--max-concurrent", type=int, default=None,
+                      help="trials at a time (default: as many as the cluster's CPUs/GPUs hold)")
+    tune.add_argument("--resume", action="store_true", help="finish an interrupted sweep (finished trials are kept)")
     from ccrk_ray.data.converters import add_convert_parser
 
     add_convert_parser(sub)
@@ -187,6 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _quiet_ray_env()
             run_finetune(args.task, args.config, args.checkpoint, resume=args.resume)
             return 0
+        if args.command == "tune":
+            from ccrk_ray.tune import run_tune
+
+            _quiet_ray_env()
+            report = run_tune(args.task, args.config, args.checkpoint, args.num_samples,
+                              max_concurrent=args.max_concurrent, resume=args.resume)
+            return 0 if report["best"] else 1      # 1: no trial reported a validation result
         if args.command == "validate":
             from ccrk_ray.data.validate import report, validate
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccrk_ray.config import ConfigError
+from ccrk_ray.config import ConfigError, check_range
 from ccrk_ray.languages import validate_languages
 from ccrk_ray.pretrain import CONFIG_DIR, PREPROCESS_FILE, PretrainConfig, read_yaml, run_training
 
@@ -102,19 +102,26 @@ def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> t
     if pre_path.is_file():
         pre = json.loads(pre_path.read_text())
         merged = deep_merge({"data": {k: pre[k] for k in ("image_size", "max_length") if k in pre}}, merged)
+    saved = json.loads((model_dir / "config.json").read_text())
+    if not saved.get("fusion_layers"):      # a dual encoder: the task's ITM/MLM weights do not apply to it
+        merged.setdefault("objective", {}).update(itm_weight=0.0, mlm_weight=0.0)
     user = read_yaml(config_path)
     if user.get("task", {}).get("name", task) != task:
         raise ConfigError(f"{config_path}: task.name {user['task']['name']!r} does not match --task {task}")
     merged = deep_merge(merged, user)
     merged.setdefault("data", {}).setdefault("tokenizer", str(model_dir))
     # the model is the checkpoint's; the config may only change training-time settings of it
-    saved = json.loads((model_dir / "config.json").read_text())
     overrides = merged.get("model", {})
-    allowed = {"lr_mult"}
+    allowed = {"lr_mult", "temperature"}
     if set(overrides) - allowed:
         raise ConfigError(f"model: only {', '.join(sorted(allowed))} can be set when fine-tuning "
                           f"(the architecture is the checkpoint's), got {', '.join(sorted(set(overrides) - allowed))}")
-    merged["model"] = {**saved, **overrides}
+    if overrides.get("temperature") is not None:
+        from ccrk_ray.losses import TEMPERATURE_MAX, TEMPERATURE_MIN
+
+        check_range("model.temperature", overrides["temperature"], TEMPERATURE_MIN, TEMPERATURE_MAX)
+    # model.temperature is where the ITC temperature starts; null (the default): the checkpoint's learned one
+    merged["model"] = {**saved, "temperature": None, **overrides}
     positions = (saved.get("text_config") or {}).get("max_position_embeddings")
     max_length = merged.get("data", {}).get("max_length")
     if positions and max_length and max_length > positions - 2:

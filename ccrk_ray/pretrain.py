@@ -246,7 +246,7 @@ def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, log=print
     """Check the data, build the trainer, fit, and save the final model with its tokenizer and
     preprocessing under ``output_dir/model``. ``extra`` goes into the loop config (fine-tuning's
     ``init_from``, ``best_dir``, ``val``); ``callbacks`` into the trainer's RunConfig (Ray Train
-    UserCallbacks, e.g. ``ccrk tune``'s report to Tune). Needs Ray initialised. Returns the final
+    callbacks, e.g. ``ccrk tune``'s report to Tune). Needs Ray initialised. Returns the final
     metrics."""
     from ccrk_ray.data.pipeline import check_dataset, stats_actor
     from ccrk_ray.train.state import load_model

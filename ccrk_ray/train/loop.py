@@ -16,7 +16,8 @@
   ``tensorboard_dir``, ``val`` (optional: ``uri`` and ``languages`` of a small split evaluated on
   rank 0 after each epoch, ITC ranking), ``best_dir`` (optional: where the model with the best
   validation ``r_mean`` so far is saved, local or ``s3://``), ``init_from`` (optional: a saved model
-  directory to start from, for fine-tuning), ``trace_dir`` (optional: each worker appends the row keys of every
+  directory to start from, for fine-tuning; ``model.temperature``, when not null, resets its ITC
+  temperature), ``trace_dir`` (optional: each worker appends the row keys of every
   optimiser step, for tests and audits).
 
 Data: each worker reads its own stream of the epoch plan (``ccrk_ray.data.plan``) through Ray
@@ -138,6 +139,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # fine-tuning starts from a saved model (a directory every worker can read); pre-training from scratch
     model = load_model(config["init_from"]) if config.get("init_from") else CCRKModel(ModelConfig.from_dict(config["model"]))
+    if config.get("init_from") and config["model"].get("temperature") is not None:
+        with torch.no_grad():       # fine-tuning may restart the learned temperature (a resume loads its own)
+            model.temp.fill_(float(config["model"]["temperature"]))
+        model.config.temperature = float(config["model"]["temperature"])
     if config.get("grad_checkpointing"):
         model.set_grad_checkpointing(True)
     optimizer = torch.optim.AdamW(model.param_groups(config["lr"], config["weight_decay"]))

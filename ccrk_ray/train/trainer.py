@@ -22,7 +22,9 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"     # Ray Train V2's record of com
 
 def build_trainer(loop_config: dict[str, Any], *, storage_path: str, name: str,
                   num_workers: tuple[int, int] = (1, 2), cpus_per_worker: float = 1.0, use_gpu: bool = False,
-                  max_failures: int = 0, num_to_keep: int = 2) -> TorchTrainer:
+                  max_failures: int = 0, num_to_keep: int = 2, callbacks: list | None = None) -> TorchTrainer:
+    """``callbacks``: Ray Train callbacks for the RunConfig (``ccrk tune`` passes its report to
+    Tune and a record of the worker group's placement group)."""
     lo, hi = num_workers
     if not 1 <= lo <= hi:
         raise ValueError(f"worker range must satisfy 1 <= min <= max, got {num_workers}")
@@ -33,6 +35,7 @@ def build_trainer(loop_config: dict[str, Any], *, storage_path: str, name: str,
         name=name, storage_path=path if fs is None else path, storage_filesystem=fs,
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+        callbacks=list(callbacks) if callbacks else None,
     )
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                         run_config=run)

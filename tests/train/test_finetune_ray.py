@@ -143,7 +143,7 @@ def test_bad_finetune_configs_are_clear_errors(base_model, tmp_path):
         load_config("multi30k", cfg, tmp_path)
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump({"output_dir": "o", "data": {"train": "x"}, "model": {"fusion_layers": 3}}))
-    with pytest.raises(ConfigError, match="only lr_mult can be set when fine-tuning"):
+    with pytest.raises(ConfigError, match="only lr_mult, temperature can be set when fine-tuning"):
         load_config("multi30k", path, base_model)
     # the shipped defaults reach the config, the user's values win
     cfg = user_config(tmp_path, tmp_path / "o", {"train": "x"}, lr=0.5)

@@ -1,0 +1,269 @@
+"""``ccrk tune`` on real Ray: trials are Ray Train fine-tuning runs launched from Tune trials, with
+ASHA on the objective reported each epoch; results table, best config, best model (evaluated),
+an interrupted sweep resumed, and bad search spaces refused before any trial starts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ccrk_ray.cli import main
+from ccrk_ray.config import ConfigError
+from ccrk_ray.finetune import load_config
+from tests.conftest import tiny_text_config
+from tests.train import task_data
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_data, tmp_path_factory):
+    """A small saved dual-encoder model (ITC only: fast trials), its tokenizer and preprocessing."""
+    import torch
+
+    from ccrk_ray.model import CCRKModel, ModelConfig
+    from ccrk_ray.tokenizer import CaptionTokenizer
+
+    tok = CaptionTokenizer(tiny_data["tokenizer"], 24)
+    torch.manual_seed(0)
+    model = CCRKModel(ModelConfig(vision_name="resnet10t", text_pretrained=False, embed_dim=16,
+                                  text_config=tiny_text_config(tok.vocab_size, 24)))
+    out = tmp_path_factory.mktemp("base_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "preprocess.json").write_text(json.dumps({"image_size": 32, "max_length": 24, "languages": ["en"]}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Multi30K stand-in (48 train / 16 val / 20 test images), converted by ``ccrk convert``'s code."""
+    root = tmp_path_factory.mktemp("tune_tasks")
+    rows = {"train": task_data.scenes(root, "train", 48, 21), "val": task_data.scenes(root, "val", 16, 22),
+            "test_2016_flickr": task_data.scenes(root, "test", 20, 23)}
+    return {k: str(v) for k, v in task_data.multi30k(root, rows).items()}
+
+
+def sweep_config(path: Path, out: Path, data: dict, tune: dict, **train) -> Path:
+    cfg = {"output_dir": str(out),
+           "data": {"train": data["train"], "val": data["val"], "test": data["test_2016_flickr"], "image_size": 32,
+                    "cpus_per_actor": 0.5},
+           "task": {"val_languages": ["en", "de"], "k_test": None},
+           "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup": 1, "log_every": 100, **train},
+           "scaling": {"workers": [1, 1], "max_failures": 0},
+           "tune": tune}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def per_epoch(exp_dir: Path) -> dict[str, dict[int, float]]:
+    """Tune's own record of every trial: {trial_id: {epoch: objective}} from each result.json."""
+    out = {}
+    for f in exp_dir.glob("*/result.json"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            out.setdefault(r["trial_id"], {})[r["epoch"]] = r["objective"]
+    return out
+
+
+def tune_states(exp_dir: Path) -> dict[str, str]:
+    """{trial_id: status} in the newest experiment state file Tune wrote, {} before the first."""
+    files = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+    except json.JSONDecodeError:        # being written
+        return {}
+    return {s["trial_id"]: s["status"] for s in (json.loads(t[0]) for t in state["trial_data"])}
+
+
+def interrupt_sweep(args: list[str], env: dict, out: Path, log_path: Path) -> tuple[str, str]:
+    """Run ``ccrk tune ARGS`` in a subprocess and SIGKILL it once Tune has recorded one trial as
+    finished and another running trial has committed its first epoch (its best model is written
+    when that report is handled). Returns (finished trial, interrupted trial)."""
+    exp = out / "ray_results" / "tune"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "ccrk_ray", "tune", *args], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.perf_counter()
+    try:
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.perf_counter() - t0 < 300, log_path.read_text()[-3000:]
+            states = tune_states(exp)
+            done = [t for t, s in states.items() if s == "TERMINATED"]
+            running = [t for t, s in states.items() if s == "RUNNING" and (
+                out / "trials" / t / "ray_results" / "finetune" / "best" / "best.json").is_file()]
+            if done and running:
+                return done[0], running[0]
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+        print(f"sweep interrupted after {time.perf_counter() - t0:.1f}s")
+
+
+def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(ray_local, base_model, data,
+                                                                                tmp_path):
+    """3 trials, 2 at a time, ASHA on r_mean - 0.5 mrv; the sweep's driver is killed once a trial
+    has finished and another is halfway, then ``--resume`` finishes it."""
+    from ccrk_ray.evaluate import run_evaluate
+
+    out = tmp_path / "sweep"
+    space = {"lr": {"loguniform": [3e-4, 3e-3]}, "temperature": {"uniform": [0.03, 0.12]},
+             "batch_size": {"choice": [4, 8]}, "warmup": {"uniform": [0.0, 0.3]}, "weight_decay": 0.02}
+    cfg = sweep_config(tmp_path / "c.yaml", out, data, {"objective": "r_mean-mrv", "mrv_weight": 0.5, "seed": 3,
+                                                        "space": space}, trace_dir=str(tmp_path / "trace"))
+    args = ["--task", "multi30k", "--config", str(cfg), "--checkpoint", str(base_model), "--num-samples", "3",
+            "--max-concurrent", "2"]
+    # the interrupted driver joins this module's cluster, as a job submitted to a cluster would
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    finished, interrupted = interrupt_sweep(args, env, out, tmp_path / "first.log")
+    print(f"interrupted: trial {finished} finished, trial {interrupted} after its first epoch")
+    assert not (out / "results.csv").exists()
+    t0 = time.perf_counter()
+    assert main(["tune", *args, "--resume"]) == 0
+    print(f"resumed sweep finished in {time.perf_counter() - t0:.1f}s")
+    # trials stopped by Tune left no Ray Train placement group (worker CPUs) reserved behind them
+    assert [pg for pg in ray_local.util.placement_group_table().values() if pg["state"] != "REMOVED"] == []
+
+    rows = read_csv(out / "results.csv")
+    print((out / "results.md").read_text())
+    assert len(rows) == 3 and len({r["trial"] for r in rows}) == 3 and {finished, interrupted} < {r["trial"] for r in rows}
+    md = (out / "results.md").read_text().splitlines()
+    assert len(md) == 2 + 3 and all(r["trial"] in "".join(md) for r in rows)
+    history = per_epoch(out / "ray_results" / "tune")
+    for r in rows:
+        lr, temp, bs, warmup = float(r["lr"]), float(r["temperature"]), int(r["batch_size"]), float(r["warmup"])
+        assert 3e-4 <= lr <= 3e-3 and 0.03 <= temp <= 0.12 and bs in (4, 8) and 0 <= warmup <= 0.3
+        assert float(r["weight_decay"]) == 0.02
+        # the objective Tune saw is computed from the validation metrics of the same report
+        r_mean, mrv = float(r["val_r_mean"]), float(r["val_mrv"])
+        assert mrv == pytest.approx((float(r["val_mrv_t2i"]) + float(r["val_mrv_i2t"])) / 2)
+        assert float(r["objective"]) == pytest.approx(r_mean - 0.5 * mrv)
+        assert 0 <= r_mean <= 100 and mrv >= 0 and math.isfinite(float(r["loss"]))
+        # ASHA: a trial runs both epochs, or was stopped after epoch 1 behind another trial's epoch 1
+        epochs = history[r["trial"]]
+        assert sorted(epochs) == list(range(1, int(r["epochs_done"]) + 1))
+        if r["status"] == "stopped early":
+            assert r["epochs_done"] == "1"
+            assert any(h[1] > epochs[1] for t, h in history.items() if t != r["trial"])
+        else:
+            assert r["status"] == "finished" and r["epochs_done"] == "2"
+        assert float(r["best_objective"]) == pytest.approx(max(epochs.values()))
+        # each trial's config, checkpoints, TensorBoard logs and best model are under the sweep directory
+        trial = out / "trials" / r["trial"]
+        tc = yaml.safe_load((trial / "config.yaml").read_text())
+        assert tc["train"]["lr"] == pytest.approx(lr) and tc["model"]["temperature"] == pytest.approx(temp)
+        assert tc["train"]["batch_size"] == tc["train"]["global_batch_size"] == bs
+        assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
+        assert list((trial / "ray_results" / "finetune").glob("checkpoint_*"))
+        best = json.loads((trial / "ray_results" / "finetune" / "best" / "best.json").read_text())
+        assert best["epoch"] == int(r["best_epoch"]) and best["objective"] == pytest.approx(float(r["best_objective"]))
+        # the trial's model started from the sampled temperature, not the checkpoint's learned one
+        saved = json.loads((trial / "ray_results" / "finetune" / "best" / best["dir"] / "config.json").read_text())
+        assert saved["temperature"] == pytest.approx(temp)
+        # resume: the finished trial was not started again and trained each step once; the
+        # interrupted one restarted once, from its epoch-1 checkpoint (not from step 1)
+        per_epoch_steps = 48 // bs
+        attempts = (trial / "attempts.jsonl").read_text().splitlines()
+        steps = [json.loads(line) for f in sorted((tmp_path / "trace" / r["trial"]).glob("*.jsonl"))
+                 for line in f.read_text().splitlines()]
+        runs = {}
+        for st in steps:
+            runs.setdefault(st["attempt"], []).append(st["step"])
+        if r["trial"] == finished:
+            assert len(attempts) == 1 and len(runs) == 1
+            trained = sorted(st["step"] for st in steps)     # (a stopped trial may have begun its next epoch)
+            assert trained == list(range(1, len(trained) + 1)) and len(trained) >= int(r["epochs_done"]) * per_epoch_steps
+        if r["trial"] == interrupted:
+            assert len(attempts) == 2 and len(runs) == 2
+            first, second = sorted(runs.values(), key=min)
+            assert sorted(first)[:per_epoch_steps] == list(range(1, per_epoch_steps + 1))
+            assert sorted(second) == list(range(per_epoch_steps + 1, 2 * per_epoch_steps + 1))
+    assert [float(r["best_objective"]) for r in rows] == sorted((float(r["best_objective"]) for r in rows), reverse=True)
+
+    # best_config.yaml is a config `ccrk finetune` takes, with the best trial's hyperparameters
+    top = rows[0]
+    cfg_best, _ = load_config("multi30k", out / "best_config.yaml", base_model)
+    assert cfg_best.train.lr == pytest.approx(float(top["lr"])) and cfg_best.train.batch_size == int(top["batch_size"])
+    assert cfg_best.train.warmup == pytest.approx(float(top["warmup"])) and cfg_best.train.weight_decay == 0.02
+    assert cfg_best.model["temperature"] == pytest.approx(float(top["temperature"]))
+    assert cfg_best.train.epochs == 2 and cfg_best.task.val_languages == ("en", "de")
+    assert Path(cfg_best.output_dir) == out / "best_finetune" and cfg_best.data.test == data["test_2016_flickr"]
+    assert "tune" not in yaml.safe_load((out / "best_config.yaml").read_text())
+
+    # the exported model is the best trial's best epoch: `ccrk evaluate` of it on the validation
+    # split scores exactly what that epoch reported
+    best_model = out / "best_model"
+    best_dir = out / "trials" / top["trial"] / "ray_results" / "finetune" / "best"
+    best = json.loads((best_dir / "best.json").read_text())
+    assert (best_model / "model.safetensors").read_bytes() == (best_dir / best["dir"] / "model.safetensors").read_bytes()
+    val = run_evaluate(str(best_model), data["val"], str(tmp_path / "eval_val"), languages=["en", "de"], itc_only=True)
+    assert val["mean"]["r_mean"] == pytest.approx(best["r_mean"], abs=1e-6)
+    assert sorted(val["languages"]) == ["de", "en"] and val["num_images"] == 16
+    report = json.loads((out / "tune_report.json").read_text())
+    assert report["best"]["trial"] == top["trial"] and report["errors"] == 0
+
+    # the same sweep again without --resume is refused
+    assert main(["tune", *args]) == 2
+
+
+def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, tmp_path):
+    from ccrk_ray.tune import prepare_sweep
+
+    def err(tune: dict, match: str, **kw):
+        cfg = sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, tune, **kw)
+        with pytest.raises(ConfigError, match=match):
+            prepare_sweep("multi30k", cfg, base_model, 2)
+        assert not (tmp_path / "o").exists()       # nothing started, nothing written
+
+    err({"space": {"lr": {"loguniform": [1e-4, 1e-3]}, "dropout": {"choice": [0.1]}}},
+        r"unknown hyperparameter\(s\) dropout \(known: lr, lr_mult, temperature")
+    err({"space": {}}, "tune.space is empty")
+    err({"space": {"lr": 1e-3, "epochs": 2}}, "varies no hyperparameter")
+    err({"space": {"lr": {"normal": [0, 1]}}}, "expected one of uniform, loguniform")
+    err({"space": {"lr": {"loguniform": [0, 1e-3]}}}, "needs low > 0")
+    err({"space": {"lr": {"uniform": [1e-3, 1e-4]}}}, "needs low < high")
+    err({"space": {"lr": [1e-3, 1e-4]}}, "a list needs a distribution")
+    err({"space": {"epochs": {"uniform": [1, 3]}}}, "integer values only")
+    err({"space": {"temperature": {"uniform": [0.01, 0.9]}}}, r"temperature: value 0.9 is not valid: model.temperature")
+    err({"space": {"batch_size": {"choice": [1, 8]}}}, r"batch_size: value 1 is not valid: train.batch_size must be")
+    err({"space": {"batch_size": {"choice": [8, 64]}}}, "48 rows: not one full global batch of 64")
+    err({"space": {"lr_mult": {"choice": [1.0, 3.0]}}}, "lr_mult changes nothing")
+    err({"objective": "mrv"}, "tune.objective must be one of r_mean, -mrv, r_mean-mrv")
+    err({"objective": "-mrv", "spcae": {}}, r"tune: unknown key\(s\) spcae")
+    cfg = sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, {"objective": "-mrv"})
+    d = yaml.safe_load(cfg.read_text())
+    d["task"]["val_languages"] = ["en"]
+    cfg.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match="needs MRV on validation"):
+        prepare_sweep("multi30k", cfg, base_model, 2)
+    assert main(["tune", "--task", "multi30k", "--config", str(cfg), "--checkpoint", str(base_model),
+                 "--num-samples", "0"]) == 2
+    # the default space: around the config's values, epochs fixed
+    from ccrk_ray.tune import parse_dist
+
+    sweep, _ = prepare_sweep("multi30k", sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, {}), base_model, 4)
+    space = {k: parse_dist(k, v) for k, v in sweep["space"].items()}
+    assert space["lr"].kind == "loguniform" and space["lr"].args == pytest.approx((1e-3 / 3, 3e-3))
+    assert space["batch_size"].args == (4, 8) and space["epochs"].args == (2,)
+    assert set(space) == {"lr", "temperature", "batch_size", "epochs", "warmup", "weight_decay"}
