@@ -5,7 +5,7 @@
 - ``model`` (ModelConfig dict), ``objective`` (name), ``objective_args`` (ObjectiveConfig fields);
 - ``data``: ``uri``, ``endpoint_url``, ``files`` and ``row_groups`` (from ``check_dataset``),
   ``languages``, ``k``, ``tokenizer`` (CaptionTokenizer), ``image_size``, ``chunk_rows``,
-  ``transform_batch``, ``data_actors``, ``cpus_per_actor``, ``on_bad_row``;
+  ``data_actors``, ``cpus_per_actor``, ``on_bad_row``;
 - ``batch_size`` (images per worker per forward pass), ``global_batch_size`` (images per optimiser
   step over all workers: gradient accumulation = global / (batch × workers), recomputed whenever
   the worker count changes, so the LR schedule — in optimiser steps — stays the same), ``epochs``,
@@ -75,12 +75,23 @@ def total_steps(config: dict[str, Any]) -> int:
     return min(steps, int(config["max_steps"])) if config.get("max_steps") else steps
 
 
-def _all_min(value: int) -> int:
+def _int_tensor(value: int) -> torch.Tensor | None:
+    """``value`` as a 1-element tensor on the device the process group communicates on (NCCL
+    needs CUDA tensors), or None when there is no group of more than one process."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
+def _all_min(value: int) -> int:
+    import torch.distributed as dist
+
+    t = _int_tensor(value)
+    if t is None:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t)
 
@@ -89,9 +100,9 @@ def _broadcast_int(value: int) -> int:
     """Rank 0's ``value`` on every rank."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    t = _int_tensor(value)
+    if t is None:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
     dist.broadcast(t, src=0)
     return int(t)
 
@@ -99,11 +110,12 @@ def _broadcast_int(value: int) -> int:
 def _all_gather_int(value: int) -> list[int]:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    t = _int_tensor(value)
+    if t is None:
         return [value]
-    out = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.int64))
-    return [int(t) for t in out]
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [int(x) for x in out]
 
 
 def _validate(model: CCRKModel, batch, languages) -> dict[str, float]:
@@ -219,7 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         stream = phase.streams()[rank]
         ds = stream_dataset(stream, uri=data["uri"], files=data["files"], seed=seed, epoch=epoch,
                             languages=data["languages"], k=int(data["k"]), tokenizer=data["tokenizer"],
-                            image_transform=image_transform, transform_batch=int(data.get("transform_batch", 64)),
+                            image_transform=image_transform,
                             num_actors=int(data.get("data_actors", 1)),
                             cpus_per_actor=float(data.get("cpus_per_actor", 0.8)),
                             on_bad_row=data.get("on_bad_row", "skip"), endpoint_url=data.get("endpoint_url"),
