@@ -14,6 +14,26 @@ from ccrk_ray.data.converters import convert_coco, convert_iglue, convert_multi3
 from ccrk_ray.data.synthetic import generate_split
 
 
+def save_tiny_model(out: Path, tokenizer_dir, fusion_layers: int = 0, max_length: int = 24) -> Path:
+    """A small saved model (``fusion_layers`` > 0: with ITM head), its tokenizer and preprocessing,
+    as fine-tuning and evaluation read it."""
+    import torch
+
+    from ccrk_ray.model import CCRKModel, ModelConfig
+    from ccrk_ray.tokenizer import CaptionTokenizer
+    from tests.conftest import tiny_text_config
+
+    tok = CaptionTokenizer(tokenizer_dir, max_length)
+    torch.manual_seed(0)
+    text = dict(tiny_text_config(tok.vocab_size, max_length), num_hidden_layers=1 + fusion_layers)
+    model = CCRKModel(ModelConfig(vision_name="resnet10t", text_pretrained=False, fusion_layers=fusion_layers,
+                                  embed_dim=16, text_config=text))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "preprocess.json").write_text(json.dumps({"image_size": 32, "max_length": max_length, "languages": ["en"]}))
+    return out
+
+
 def scenes(root: Path, name: str, n: int, seed: int) -> list[dict]:
     """n synthetic rows (image bytes + a caption per language), images also saved as files."""
     generate_split(root / "parquet" / name, name, n, seed=seed, image_size=32)

@@ -15,7 +15,6 @@ from ccrk_ray.cli import main
 from ccrk_ray.config import ConfigError
 from ccrk_ray.finetune import load_config, run_finetune
 from ccrk_ray.model import CCRKModel
-from tests.conftest import tiny_text_config
 from tests.train import task_data
 
 pytestmark = pytest.mark.ray
@@ -24,20 +23,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def base_model(tiny_data, tmp_path_factory):
     """A small saved model with a fusion layer (ITM head), its tokenizer and preprocessing."""
-    import torch
-
-    from ccrk_ray.model import ModelConfig
-    from ccrk_ray.tokenizer import CaptionTokenizer
-
-    tok = CaptionTokenizer(tiny_data["tokenizer"], 24)
-    torch.manual_seed(0)
-    model = CCRKModel(ModelConfig(vision_name="resnet10t", text_pretrained=False, fusion_layers=1, embed_dim=16,
-                                  text_config=dict(tiny_text_config(tok.vocab_size, 24), num_hidden_layers=2)))
-    out = tmp_path_factory.mktemp("base_model")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "preprocess.json").write_text(json.dumps({"image_size": 32, "max_length": 24, "languages": ["en"]}))
-    return out
+    return task_data.save_tiny_model(tmp_path_factory.mktemp("base_model"), tiny_data["tokenizer"], fusion_layers=1)
 
 
 @pytest.fixture(scope="module")

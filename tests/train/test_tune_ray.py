@@ -20,7 +20,6 @@ import yaml
 from ccrk_ray.cli import main
 from ccrk_ray.config import ConfigError
 from ccrk_ray.finetune import load_config
-from tests.conftest import tiny_text_config
 from tests.train import task_data
 
 pytestmark = pytest.mark.ray
@@ -30,20 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def base_model(tiny_data, tmp_path_factory):
     """A small saved dual-encoder model (ITC only: fast trials), its tokenizer and preprocessing."""
-    import torch
-
-    from ccrk_ray.model import CCRKModel, ModelConfig
-    from ccrk_ray.tokenizer import CaptionTokenizer
-
-    tok = CaptionTokenizer(tiny_data["tokenizer"], 24)
-    torch.manual_seed(0)
-    model = CCRKModel(ModelConfig(vision_name="resnet10t", text_pretrained=False, embed_dim=16,
-                                  text_config=tiny_text_config(tok.vocab_size, 24)))
-    out = tmp_path_factory.mktemp("base_model")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "preprocess.json").write_text(json.dumps({"image_size": 32, "max_length": 24, "languages": ["en"]}))
-    return out
+    return task_data.save_tiny_model(tmp_path_factory.mktemp("base_model"), tiny_data["tokenizer"])
 
 
 @pytest.fixture(scope="module")
