@@ -352,12 +352,10 @@ def test_convert_and_evaluate_jobs(head, xflickrco, tmp_path):
     print(f"\njob wall times: convert {t_convert:.1f} s, evaluate {t_eval:.1f} s")
 
 
-def test_pretrain_job_resumes_and_its_model_evaluates(head, tiny_data, tmp_path):
-    """The demo-sized pretrain job through `ray job submit`: locations come from the cluster's
-    environment (``${CCRK_STORAGE_PATH}`` in the config file), a second submission with --resume
-    continues the same run, and the evaluate job takes the model it wrote."""
-    import yaml
-
+def test_pretrain_job_reads_its_locations_from_the_cluster(head, tiny_data, tmp_path):
+    """The demo-sized pretrain job through `ray job submit`: its output location comes from the
+    cluster's environment (``${CCRK_STORAGE_PATH}`` in the config file); the model it writes loads.
+    (Resume is tested in tests/train/test_pretrain_ray.py; the evaluate job above.)"""
     from ccrk_ray.train.state import load_model
     from tests.train.test_pretrain_ray import write_config
 
@@ -368,18 +366,4 @@ def test_pretrain_job_resumes_and_its_model_evaluates(head, tiny_data, tmp_path)
     assert job_status(head, "ccrk-pretrain-1")["status"] == "SUCCEEDED"
     out = head.storage / "pretrain"
     assert json.loads((out / "train_result.json").read_text())["metrics"]["step"] == 3
-
-    cfg = yaml.safe_load(config.read_text())
-    cfg["train"]["max_steps"] = None                     # the rest of the epoch: 96 rows / 16 = 6 steps
-    config.write_text(yaml.safe_dump(cfg))
-    res = head.submit("ccrk-pretrain-2", "python", "jobs/pretrain.py", "--config", str(config), "--resume")
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "resumed at step 3" in res.stdout, res.stdout[-3000:]
-    assert json.loads((out / "train_result.json").read_text())["metrics"]["step"] == 6
     assert load_model(out / "model").config.embed_dim == 16
-
-    res = head.submit("ccrk-evaluate-2", "python", "jobs/evaluate.py", "--checkpoint", "${CCRK_STORAGE_PATH}/pretrain/model",
-                      "--data", str(tiny_data["test"]), "--out", "${CCRK_STORAGE_PATH}/pretrain-eval")
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    report = json.loads((head.storage / "pretrain-eval" / "report.json").read_text())
-    assert report["num_images"] == 40 and list(report["languages"]) == ["en", "de", "zh"]
