@@ -14,7 +14,7 @@ descendants (Ray's raylet, GCS and the eval actors), sampled every second (readi
 free: at 0.2 s the sampler took a fifth of a core), and its rise
 over the value just before the embeddings were made; also the driver's and each actor's peak RSS.
 
-At the smallest size a straightforward implementation (full score matrix per language, per-row
+At G = 2,000 (``--compare-at``) a straightforward implementation (full score matrix per language, per-row
 argsort as in the original CCRK/X-VLM code) runs in the same child on the same embeddings, in
 float32 as the original and in float64: the metrics must be identical to the float64 one (ranks
 here follow exact scores; float32 can misorder candidates within rounding of the true score, and
@@ -81,9 +81,9 @@ class PssSampler:
         return tree
 
     @classmethod
-    def now(cls) -> int:
+    def now(cls, pids: list[int] | None = None) -> int:
         total = 0
-        for pid in cls._tree():
+        for pid in pids if pids is not None else cls._tree():
             try:
                 with open(f"/proc/{pid}/smaps_rollup") as f:
                     for line in f:
@@ -95,8 +95,12 @@ class PssSampler:
         return total
 
     def _run(self):
+        tree, listed, samples = [], 0.0, 0
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
+            samples += 1                                  # listing every process is the costly part:
+            if samples <= 10 or time.monotonic() - listed > 10:  # each second at first, then every 10 s
+                tree, listed = self._tree(), time.monotonic()
+            self.peak = max(self.peak, self.now(tree))
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -194,6 +198,8 @@ def main() -> None:
     ap.add_argument("--languages", type=int, default=10)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--compare-at", type=int, default=2000,
+                    help="gallery size of the straightforward comparison (it holds full G×G matrices)")
     ap.add_argument("--one", nargs=2, type=int, metavar=("G", "ACTORS"), help=argparse.SUPPRESS)
     ap.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -201,11 +207,12 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(*args.one, args.languages, args.dim, args.compare)), flush=True)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
+    actor_counts = [int(x) for x in args.actors.split(",")]
     results = []
     for g in sizes:
-        for a in [int(x) for x in args.actors.split(",")]:
+        for a in actor_counts:
             cmd = [sys.executable, __file__, "--one", str(g), str(a), "--languages", str(args.languages),
-                   "--dim", str(args.dim)] + (["--compare"] if g == min(sizes) and a == 1 else [])
+                   "--dim", str(args.dim)] + (["--compare"] if g == args.compare_at and a == min(actor_counts) else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:

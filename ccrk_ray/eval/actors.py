@@ -128,6 +128,8 @@ def rank_on_actors(image_emb: np.ndarray, text_emb: np.ndarray, *, languages: Se
 
 
 def _check_shards(shards: list[tuple[int, int]], n: int, chunk: int) -> None:
+    if not shards:
+        raise ValueError("no shards given")
     for a, b in shards:
         if a >= b:
             raise ValueError(f"empty shard [{a}, {b}): it holds no queries")

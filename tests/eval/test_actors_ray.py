@@ -76,6 +76,8 @@ def test_bad_input_fails_fast_without_starting_actors(ray_local):
         rank_on_actors(img, txt, languages=["en", "de", "fr"], query_languages=["xx"], num_actors=2)
     with pytest.raises(ValueError, match=r"empty shard \[16, 16\)"):
         rank_on_actors(img, txt, chunk=16, shards=[(0, 16), (16, 16), (16, 70)], num_actors=2)
+    with pytest.raises(ValueError, match="no shards given"):
+        rank_on_actors(img, txt, chunk=16, shards=[], num_actors=2)
     with pytest.raises(ValueError, match="do not tile"):
         rank_on_actors(img, txt, chunk=16, shards=[(0, 16), (32, 70)], num_actors=2)
     assert time.perf_counter() - t0 < 10
