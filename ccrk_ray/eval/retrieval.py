@@ -113,14 +113,9 @@ def itm_scores(model, image_tokens: torch.Tensor, text_hidden: torch.Tensor, tex
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-@_no_grad
-def evaluate_in_process(model, batch: Mapping[str, np.ndarray], k_test: int | None = None,
-                        chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """(t2i, i2t) rank matrices N×K of a model on one 1-to-K batch (the whole test split).
-
-    ``k_test=None``: ITC similarity only. Otherwise two-stage as in the paper: every query's top
-    ``k_test`` candidates by ITC are re-scored with the ITM head (needs fusion layers).
-    """
+def _encode_batch(model, batch: Mapping[str, np.ndarray]):
+    """(image tokens, text hidden states (N·K)×L×h, attention mask N×K×L) of a 1-to-K batch, on
+    the model's device (the model in eval mode)."""
     import torch
 
     model.eval()
@@ -129,8 +124,20 @@ def evaluate_in_process(model, batch: Mapping[str, np.ndarray], k_test: int | No
     masks = torch.as_tensor(np.asarray(batch["attention_mask"]), device=device)
     n, k, length = ids.shape
     tokens = model.image_tokens(torch.as_tensor(np.asarray(batch["pixel_values"]), device=device))
+    return tokens, model.text_hidden(ids.view(n * k, length), masks.view(n * k, length)), masks
+
+
+@_no_grad
+def evaluate_in_process(model, batch: Mapping[str, np.ndarray], k_test: int | None = None,
+                        chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(t2i, i2t) rank matrices N×K of a model on one 1-to-K batch (the whole test split).
+
+    ``k_test=None``: ITC similarity only. Otherwise two-stage as in the paper: every query's top
+    ``k_test`` candidates by ITC are re-scored with the ITM head (needs fusion layers).
+    """
+    tokens, hidden, masks = _encode_batch(model, batch)
+    n, k, length = masks.shape
     image_feat = model.image_feature(tokens)
-    hidden = model.text_hidden(ids.view(n * k, length), masks.view(n * k, length))
     text_feat = model.text_feature(hidden).view(n, k, -1)
     if k_test is None:
         return rank_per_language(image_feat.float().cpu().numpy(), text_feat.float().cpu().numpy(), chunk=chunk)
@@ -534,15 +541,8 @@ class ItmRescorer:
 def encode_split(model, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Everything two-stage ranking needs of a 1-to-K batch: ``image_emb`` N×d, ``text_emb``
     N×K×d, ``image_tokens``, ``text_hidden`` N×K×L×h and ``text_mask`` N×K×L (float32 numpy)."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
-    ids = torch.as_tensor(np.asarray(batch["input_ids"]), device=device)
-    masks = torch.as_tensor(np.asarray(batch["attention_mask"]), device=device)
-    n, k, length = ids.shape
-    tokens = model.image_tokens(torch.as_tensor(np.asarray(batch["pixel_values"]), device=device))
-    hidden = model.text_hidden(ids.view(n * k, length), masks.view(n * k, length))
+    tokens, hidden, masks = _encode_batch(model, batch)
+    n, k, length = masks.shape
     return {"image_emb": model.image_feature(tokens).float().cpu().numpy(),
             "text_emb": model.text_feature(hidden).view(n, k, -1).float().cpu().numpy(),
             "image_tokens": tokens.float().cpu().numpy(),

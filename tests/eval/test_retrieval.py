@@ -96,37 +96,11 @@ def test_rerank_changes_scores_only_inside_each_querys_topk():
 
 def test_two_stage_equals_itc_when_itm_agrees_and_fixes_a_bad_shortlist_order():
     """evaluate_in_process with a model whose ITM score is a function we control."""
-    import torch
-
     from ccrk_ray.eval.retrieval import evaluate_in_process
+    from tests.eval.toy import D as d
+    from tests.eval.toy import ToyTwoStage as Toy
 
-    n, k, d = 6, 2, 4
-
-    class Toy:
-        has_fusion = True
-
-        def eval(self):
-            return self
-
-        def image_tokens(self, px):
-            return px.float().view(len(px), 1, -1)
-
-        def image_feature(self, tokens):
-            return tokens[:, 0]
-
-        def text_hidden(self, ids, mask):
-            return ids.float().unsqueeze(-1).expand(-1, -1, d)[:, :1]
-
-        def text_feature(self, hidden):
-            return hidden[:, 0]
-
-        def fuse(self, hidden, mask, tokens):
-            return torch.stack([hidden[:, 0, 0], tokens[:, 0, 0]], dim=1).unsqueeze(1)
-
-        def itm_head(self, fused):
-            # "match" logit: high when the text's id equals the image's id
-            h = fused[:, 0]
-            return torch.stack([torch.zeros(len(h)), -(h[:, 0] - h[:, 1]).abs()], dim=1)
+    n, k = 6, 2
 
     # images: one-hot-ish ids; captions: the same ids (ITC dot products favour large ids, ITM is exact)
     ids = np.arange(1, n + 1, dtype=np.float32)
