@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="parquet file or prefix (local or s3://)")
     evaluate.add_argument("--out", required=True, help="where report.json and report.md go")
     evaluate.add_argument("--languages", type=_languages, default=None)
-    evaluate.add_argument("--k-test", type=int, default=None, help="two-stage: re-rank the top K with the ITM head")
+    evaluate.add_argument("--k-test", type=int, default=None,
+                          help="two-stage: re-rank the top K with the ITM head (default for a model with an ITM "
+                               "head and a local split: 128, at most the gallery; --itc-only turns it off)")
     evaluate.add_argument("--image-size", type=int, default=None, help="default: the model's preprocess.json")
     evaluate.add_argument("--max-length", type=int, default=None, help="default: the model's preprocess.json")
     evaluate.add_argument("--tokenizer", default=None, help="default: the tokenizer saved with the model")

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 from ccrk_ray.config import ConfigError
 
+DEFAULT_K_TEST = 128      # the paper's re-ranking depth (X-VLM / CCLM's k_test)
+
 RANKS_FILE = "ranks.parquet"
 
 
@@ -54,7 +56,6 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         raise ConfigError(f"--actors must be >= 1, got {actors}")
     if k_test is not None and k_test < 1:
         raise ConfigError(f"--k-test must be >= 1, got {k_test}")
-    two_stage = k_test is not None and not itc_only
     model_path = Path(model_dir)
     if (model_path / "model").is_dir():             # a training checkpoint: its model/ subfolder
         model_path = model_path / "model"
@@ -77,6 +78,14 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     if missing:
         raise ConfigError(f"{data} has no caption column for {', '.join(missing)} (it has {', '.join(in_data)})")
     caption_tokenizer = CaptionTokenizer(tokenizer or model_path, max_length)
+    if k_test is None and not itc_only and json.loads((model_path / "config.json").read_text()).get("fusion_layers"):
+        # the paper's protocol for a model with an ITM head: re-rank the top 128 (at most the gallery)
+        if storage.is_remote(data):
+            print(f"[evaluate] {data} is remote: ranking by ITC (two-stage reads a local split; copy it "
+                  "locally, or pass --itc-only to silence this)", flush=True)
+        else:
+            k_test = min(DEFAULT_K_TEST, storage.count_rows(data))
+    two_stage = k_test is not None and not itc_only
 
     import ray
 

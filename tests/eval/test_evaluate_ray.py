@@ -97,3 +97,7 @@ def test_evaluate_two_stage_on_actors_equals_in_process(saved_model, tiny_data, 
     with pytest.raises(ValueError, match="--actors must be >= 1, got 0"):
         run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "x"), actors=0)
     assert np.isfinite(report["mrv"]["i2t"])
+    # by default a model with an ITM head is evaluated two-stage at the paper's depth, capped at the gallery
+    default = run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "default"))
+    assert default["k_test"] == 40 and default["languages"] == build_report(
+        *evaluate_in_process(model, batch, k_test=40), LANGS)["languages"]
