@@ -259,7 +259,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             for i, b in enumerate(micro):
                 pos = b.pop(POS_COLUMN)
-                keys += b.pop(KEY_COLUMN).tolist()
+                key = b.pop(KEY_COLUMN)
+                if trace is not None:         # row keys leave the device only when auditing
+                    keys += key.tolist()
                 sync = contextlib.nullcontext() if i == accum - 1 or not hasattr(module, "no_sync") else module.no_sync()
                 with sync:
                     with autocast:
