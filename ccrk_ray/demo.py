@@ -246,18 +246,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def evaluate_split(uri: str, model_dir: str, languages, tokenizer, image_size: int,
                    num_actors: int = 1) -> dict[str, Any]:
-    """Per-language retrieval report of a saved model on a parquet split (embedding on Ray actors)."""
-    from ccrk_ray.data.pipeline import one_to_k_dataset
-    from ccrk_ray.data.transforms import ImageTransform
-    from ccrk_ray.eval.actors import embed_dataset
+    """Per-language retrieval report of a saved model on a parquet split (ITC, the same ranking
+    as ``ccrk evaluate --itc-only``). Ray must be running."""
     from ccrk_ray.eval.report import build_report
-    from ccrk_ray.eval.retrieval import rank_per_language
+    from ccrk_ray.evaluate import rank_split_itc
 
-    ds = one_to_k_dataset(uri, languages=languages, k=len(languages), tokenizer=tokenizer,
-                          image_transform=ImageTransform(image_size, train=False), batch_size=128,
-                          shuffle_files=False)
-    _, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=num_actors)
-    t2i, i2t = rank_per_language(image_emb, text_emb)
+    _, t2i, i2t = rank_split_itc(uri, model_dir, languages, tokenizer, image_size, actors=num_actors)
     return build_report(t2i, i2t, languages)
 
 

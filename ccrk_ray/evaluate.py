@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from ccrk_ray.config import ConfigError
 
 DEFAULT_K_TEST = 128      # the paper's re-ranking depth (X-VLM / CCLM's k_test)
@@ -90,7 +92,6 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     import ray
 
     from ccrk_ray.demo import init_ray
-    from ccrk_ray.eval.actors import rank_on_actors
 
     if two_stage:
         from ccrk_ray.data.transforms import load_split_batch
@@ -111,21 +112,11 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         rescore = ItmRescorer(str(model_path), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
     started = init_ray(num_cpus=max(2, actors))
     try:
-        if not two_stage:
-            from ccrk_ray.data.pipeline import one_to_k_dataset
-            from ccrk_ray.data.transforms import ImageTransform
-            from ccrk_ray.eval.actors import embed_dataset
-
-            ds = one_to_k_dataset(data, languages=langs, k=len(langs), tokenizer=caption_tokenizer,
-                                  image_transform=ImageTransform(image_size, train=False), batch_size=128,
-                                  shuffle_files=False)
-            ids, image_emb, text_emb = embed_dataset(ds, str(model_path), num_actors=actors)
-            rescore = None
-        try:
-            t2i, i2t = rank_on_actors(image_emb, text_emb, languages=langs, num_actors=actors,
-                                      k_test=k_test if two_stage else None, rescore=rescore)
-        except ValueError as exc:       # bad embeddings (e.g. NaN from a diverged model), named
-            raise ConfigError(f"cannot rank {data}: {exc}") from None
+        if two_stage:
+            t2i, i2t = _rank(data, image_emb, text_emb, langs, actors, k_test=k_test, rescore=rescore)
+        else:
+            ids, t2i, i2t = rank_split_itc(data, str(model_path), langs, caption_tokenizer, image_size,
+                                           actors=actors)
     finally:
         if started:
             ray.shutdown()
@@ -136,6 +127,31 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
                   model=_model_name(model_path), pretrained=str(model_dir), tensorboard=tensorboard,
                   save_ranks=save_ranks)
     return report
+
+
+def rank_split_itc(data: str, model_dir: str, languages: Sequence[str], tokenizer, image_size: int, *,
+                   actors: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids, t2i, i2t) of a saved model on a parquet split by ITC: embedding on Ray actors
+    (``embed_dataset``) and ranking on eval actors (``rank_on_actors``, the documented tie
+    policy). Ray must be running. ``ccrk evaluate`` and the demo both rank through here."""
+    from ccrk_ray.data.pipeline import one_to_k_dataset
+    from ccrk_ray.data.transforms import ImageTransform
+    from ccrk_ray.eval.actors import embed_dataset
+
+    ds = one_to_k_dataset(data, languages=languages, k=len(languages), tokenizer=tokenizer,
+                          image_transform=ImageTransform(image_size, train=False), batch_size=128,
+                          shuffle_files=False)
+    ids, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=actors)
+    return (ids, *_rank(data, image_emb, text_emb, languages, actors))
+
+
+def _rank(data: str, image_emb, text_emb, languages, actors: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    from ccrk_ray.eval.actors import rank_on_actors
+
+    try:
+        return rank_on_actors(image_emb, text_emb, languages=languages, num_actors=actors, **kwargs)
+    except ValueError as exc:       # bad embeddings (e.g. NaN from a diverged model), named
+        raise ConfigError(f"cannot rank {data}: {exc}") from None
 
 
 def finish_report(t2i, i2t, langs: Sequence[str]) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def test_report_equals_single_process_evaluation_of_the_saved_model(demo_run):
     out, cfg, report = demo_run
     from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
     from ccrk_ray.eval.report import build_report
-    from ccrk_ray.eval.retrieval import Embedder, rank_per_language
+    from ccrk_ray.eval.retrieval import Embedder, rank_sharded
     from ccrk_ray.tokenizer import CaptionTokenizer
 
     table = pq.read_table(out / "data" / "test").sort_by("image_id")
@@ -74,7 +74,7 @@ def test_report_equals_single_process_evaluation_of_the_saved_model(demo_run):
     rows = OneToKBatchTransform(CaptionTokenizer(out / "tokenizer", cfg.max_length), CCRK_LANGUAGES, 10,
                                 ImageTransform(cfg.image_size, train=False))(batch)
     emb = Embedder(out / "model")(rows)
-    expected = build_report(*rank_per_language(emb["image_emb"], emb["text_emb"]), CCRK_LANGUAGES)
+    expected = build_report(*rank_sharded(emb["image_emb"], emb["text_emb"]), CCRK_LANGUAGES)
     assert report["languages"] == expected["languages"]
     assert report["mrv"] == pytest.approx(expected["mrv"], abs=1e-9)
 

@@ -128,8 +128,8 @@ def _encode_batch(model, batch: Mapping[str, np.ndarray]):
 
 
 @_no_grad
-def evaluate_in_process(model, batch: Mapping[str, np.ndarray], k_test: int | None = None,
-                        chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def evaluate_in_process(model, batch: Mapping[str, np.ndarray],
+                        k_test: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(t2i, i2t) rank matrices N×K of a model on one 1-to-K batch (the whole test split).
 
     ``k_test=None``: ITC similarity only. Otherwise two-stage as in the paper: every query's top
@@ -140,7 +140,8 @@ def evaluate_in_process(model, batch: Mapping[str, np.ndarray], k_test: int | No
     image_feat = model.image_feature(tokens)
     text_feat = model.text_feature(hidden).view(n, k, -1)
     if k_test is None:
-        return rank_per_language(image_feat.float().cpu().numpy(), text_feat.float().cpu().numpy(), chunk=chunk)
+        # the documented tie policy (as ``ccrk evaluate`` and the eval actors), not dense float32
+        return rank_sharded(image_feat.float().cpu().numpy(), text_feat.float().cpu().numpy())
     if not model.has_fusion:
         raise ValueError("two-stage evaluation (k_test) needs a model with fusion layers; use itc_only")
     hidden = hidden.view(n, k, length, -1)
