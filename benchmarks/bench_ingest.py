@@ -6,7 +6,8 @@ from local disk and from a local S3 server (moto, 127.0.0.1).
 
 Prints samples/s of each and the ratio Ray Data / DataLoader, for the generic pipeline
 (``one_to_k_dataset``: Ray's parquet reader, then transform actors) and for the training path
-(``stream_dataset``: the seeded epoch plan, each actor reading and transforming whole segments). Both use one transform
+(``stream_blocks``: the seeded epoch plans, each actor reading and transforming whole segments, one
+stream for all epochs, cut into batches by ``EpochBatcher``). Both use one transform
 implementation (ccrk_ray.data.transforms.OneToKBatchTransform); the DataLoader workers each read
 whole parquet files (file-sharded), as a hand-written loader would.
 """
@@ -50,44 +51,65 @@ class ParquetOneToK(torch.utils.data.IterableDataset):
                 yield {k: torch.as_tensor(v) for k, v in out.items()}
 
 
-def run_dataloader(uri, transform, cores, epochs) -> float:
+class Meter:
+    """Samples/s over the whole run and after the first batch (start-up left out)."""
+
+    def __init__(self):
+        self.t0, self.first, self.n, self.n_first = time.perf_counter(), None, 0, 0
+
+    def add(self, rows: int) -> None:
+        self.n += rows
+        if self.first is None:
+            self.first, self.n_first = time.perf_counter(), self.n
+
+    def result(self) -> tuple[float, float, float]:
+        end = time.perf_counter()
+        return self.n / (end - self.t0), self.first - self.t0, (self.n - self.n_first) / max(1e-9, end - self.first)
+
+
+def run_dataloader(uri, transform, cores, epochs):
+    # persistent workers: what a hand-written multi-epoch loader would use
     loader = torch.utils.data.DataLoader(ParquetOneToK(uri, transform), batch_size=None, num_workers=cores,
-                                         persistent_workers=False, prefetch_factor=2)
-    n, t = 0, time.perf_counter()
+                                         persistent_workers=True, prefetch_factor=2)
+    m = Meter()
     for _ in range(epochs):
         for b in loader:
-            n += b["pixel_values"].shape[0]
-    return n / (time.perf_counter() - t)
+            m.add(b["pixel_values"].shape[0])
+    return m.result()
 
 
-def run_ray(uri, tokenizer, cores, epochs, map_batch=BATCH) -> float:
+def run_ray(uri, tokenizer, cores, epochs, map_batch=BATCH):
     from ccrk_ray.data.pipeline import one_to_k_dataset
 
     ds = one_to_k_dataset(uri, languages=CCRK_LANGUAGES, k=len(CCRK_LANGUAGES), tokenizer=tokenizer,
                           image_transform=ImageTransform(64, train=True), batch_size=map_batch, num_actors=cores,
                           cpus_per_actor=1, with_ids=False)
-    n, t = 0, time.perf_counter()
+    m = Meter()
     for _ in range(epochs):
         for b in ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=2):
-            n += b["pixel_values"].shape[0]
-    return n / (time.perf_counter() - t)
+            m.add(b["pixel_values"].shape[0])
+    return m.result()
 
 
-def run_stream(uri, tokenizer, cores, epochs) -> float:
-    """The training path: one worker's stream of the seeded epoch plan (``stream_dataset``), each
-    actor reading and transforming whole segments."""
-    from ccrk_ray.data.pipeline import check_dataset, stream_dataset
+def run_stream(uri, tokenizer, cores, epochs):
+    """The training path: one worker's stream of the seeded epoch plans, all epochs in one data
+    stream (``stream_blocks``: each actor reads and transforms whole segments, the actors live
+    across epochs), cut into per-epoch batches by ``EpochBatcher`` as the training loop does."""
+    from ccrk_ray.data.batching import EpochBatcher
+    from ccrk_ray.data.pipeline import check_dataset, stream_blocks
     from ccrk_ray.data.plan import epoch_segments
 
+    m = Meter()
     check = check_dataset(uri, CCRK_LANGUAGES)
-    n, t = 0, time.perf_counter()
+    streams = [(e, epoch_segments(check.row_groups, e, 0)) for e in range(epochs)]     # training's chunk_rows
+    batcher = EpochBatcher(stream_blocks(streams, uri=uri, files=check.files, seed=0, languages=CCRK_LANGUAGES,
+                                         k=len(CCRK_LANGUAGES), tokenizer=tokenizer,
+                                         image_transform=ImageTransform(64, train=True), num_actors=cores,
+                                         cpus_per_actor=1), BATCH)
     for epoch in range(epochs):
-        ds = stream_dataset(epoch_segments(check.row_groups, epoch, 0, 64), uri=uri, files=check.files, seed=0,
-                            epoch=epoch, languages=CCRK_LANGUAGES, k=len(CCRK_LANGUAGES), tokenizer=tokenizer,
-                            image_transform=ImageTransform(64, train=True), num_actors=cores, cpus_per_actor=1)
-        for b in ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=2):
-            n += b["pixel_values"].shape[0]
-    return n / (time.perf_counter() - t)
+        while (b := batcher.next(epoch)) is not None:
+            m.add(b["pixel_values"].shape[0])
+    return m.result()
 
 
 def main():
@@ -131,14 +153,18 @@ def main():
     # cores stay the same); the driver iterates.
     ray.init(num_cpus=a.cores + a.extra_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    print(f"{a.images} images x {a.epochs} epochs, K=10 captions, 64 px, {a.cores} cores")
-    print(f"{'source':18}{'DataLoader':>14}{'Ray Data':>14}{'ratio':>8}{'training path':>16}{'ratio':>8}")
+    print(f"{a.images} images x {a.epochs} epochs, K=10 captions, 64 px, {a.cores} cores; samples/s over the "
+          "whole run (first batch after N s) | after the first batch")
+    print(f"{'source':16}{'pipeline':28}{'whole run':>12}{'first batch':>13}{'steady':>9}{'ratio':>14}")
     try:
         for name, uri in sources.items():
             dl = run_dataloader(uri, transform, a.cores, a.epochs)
-            rd = run_ray(uri, tok, a.cores, a.epochs, a.map_batch)
-            st = run_stream(uri, tok, a.cores, a.epochs)
-            print(f"{name:18}{dl:10.0f} /s {rd:10.0f} /s {rd / dl:7.2f}x {st:12.0f} /s {st / dl:7.2f}x", flush=True)
+            runs = {"DataLoader": dl, "Ray Data, generic": run_ray(uri, tok, a.cores, a.epochs, a.map_batch),
+                    "Ray Data, training path": run_stream(uri, tok, a.cores, a.epochs)}
+            for pipeline, (whole, first, steady) in runs.items():
+                ratio = "" if pipeline == "DataLoader" else f"{whole / dl[0]:.2f}x | {steady / dl[2]:.2f}x"
+                print(f"{name:16}{pipeline:28}{whole:8.0f} /s{first:11.1f} s{steady:7.0f} /s  {ratio:>12}",
+                      flush=True)
     finally:
         ray.shutdown()
         if server is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,7 @@ def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, log=print
     if removed:
         log(f"removed {len(removed)} uncommitted checkpoint dir(s) of an interrupted run: {', '.join(removed)}")
     config = {**loop_config(cfg, check, tokenizer, caption_tokenizer, str(out / "tensorboard")), **(extra or {})}
+    config["data"] = {**config["data"], "run_id": uuid.uuid4().hex}     # the data stats of this run
     trainer = build_trainer(config, storage_path=cfg.run_storage, name=cfg.name, num_workers=cfg.scaling.workers,
                             cpus_per_worker=cfg.scaling.cpus_per_worker, use_gpu=cfg.scaling.gpu,
                             max_failures=cfg.scaling.max_failures, num_to_keep=cfg.train.num_to_keep,

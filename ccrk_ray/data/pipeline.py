@@ -7,7 +7,7 @@ Only wiring lives here; the per-row work is ``ccrk_ray.data.transforms``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -62,19 +62,32 @@ def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None =
 
 @ray.remote(num_cpus=0)
 class DataStats:
-    """Rows read and skipped (by reason, with example ids), summed over every data actor."""
+    """Rows read and skipped (by reason, with example ids), summed over every data actor, kept per
+    training run and epoch (both ``None`` for rows read outside training, e.g. evaluation): the
+    trials of a sweep share the job's actor but not their counts."""
 
     def __init__(self):
-        self.rows = 0
-        self.skipped = SkipCounter()
+        self.rows: dict[tuple[str | None, int | None], int] = {}
+        self.skipped: dict[tuple[str | None, int | None], SkipCounter] = {}
 
-    def add(self, rows: int, counts: dict[str, int], examples: dict[str, list[str]]) -> None:
-        self.rows += rows
-        self.skipped.add_counts(counts, examples)
+    def add(self, rows: int, counts: dict[str, int], examples: dict[str, list[str]],
+            epoch: int | None = None, run: str | None = None) -> None:
+        key = (run, epoch)
+        self.rows[key] = self.rows.get(key, 0) + rows
+        self.skipped.setdefault(key, SkipCounter()).add_counts(counts, examples)
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"rows_read": self.rows, "skipped": dict(self.skipped.counts),
-                "examples": {k: list(v) for k, v in self.skipped.example_ids.items()}}
+    def snapshot(self, epoch: int | None = None, run: str | None = None) -> dict[str, Any]:
+        """Totals over everything read, or over one run's rows and/or one epoch's."""
+        keys = [k for k in self.rows if (run is None or k[0] == run) and (epoch is None or k[1] == epoch)]
+        skipped = SkipCounter()
+        for key in keys:
+            skipped.add_counts(self.skipped[key].counts, self.skipped[key].example_ids)
+        return {"rows_read": sum(self.rows[key] for key in keys), "skipped": dict(skipped.counts),
+                "examples": {k: list(v) for k, v in skipped.example_ids.items()}}
+
+    def epochs(self, run: str | None = None) -> dict[int, dict[str, Any]]:
+        """``snapshot(epoch, run)`` of every training epoch read so far."""
+        return {e: self.snapshot(e, run) for r, e in self.rows if e is not None and (run is None or r == run)}
 
 
 def stats_actor(create: bool = False):
@@ -96,7 +109,8 @@ def stats_actor(create: bool = False):
 class CountingTransform(OneToKBatchTransform):
     """OneToKBatchTransform that reports rows read and skipped to the DataStats actor."""
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: Mapping[str, np.ndarray], epoch: int | None = None,
+                 run: str | None = None) -> dict[str, np.ndarray]:
         before_rows, before = self.rows_seen, dict(self.skipped.counts)
         out = super().__call__(batch)
         delta = {r: n - before.get(r, 0) for r, n in self.skipped.counts.items() if n != before.get(r, 0)}
@@ -105,7 +119,7 @@ class CountingTransform(OneToKBatchTransform):
         actor = self._stats
         if actor is not None:
             examples = {r: self.skipped.example_ids.get(r, []) for r in delta}
-            actor.add.remote(self.rows_seen - before_rows, delta, examples)
+            actor.add.remote(self.rows_seen - before_rows, delta, examples, epoch, run)
         return out
 
 
@@ -148,61 +162,100 @@ def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: C
     )
 
 
-def read_plan_items(items: Mapping[str, np.ndarray], fs, files: Sequence[str], seed: int, epoch: int,
+def read_plan_items(items: Mapping[str, np.ndarray], open_file, seed: int,
                     columns: Sequence[str]) -> dict[str, np.ndarray]:
-    """Plan items (``segment`` + its ``base`` stream position) → their rows as a numpy batch, in
-    plan order (``ccrk_ray.data.plan.read_segment``)."""
+    """Plan items (``segment``, its ``epoch`` and ``base`` stream position) → their rows as a
+    numpy batch, in plan order (``ccrk_ray.data.plan.read_segment``). ``open_file(i)`` gives the
+    ``pyarrow.parquet.ParquetFile`` of the plan's file ``i``."""
     import pyarrow as pa
 
     from ccrk_ray.data.plan import Segment, read_segment
 
     tables = []
-    for seg, base in zip(items["segment"], items["base"]):
+    for seg, epoch, base in zip(items["segment"], items["epoch"], items["base"]):
         segment = Segment.from_list(seg)
-        with fs.open_input_file(files[segment.file]) as f:
-            tables.append(read_segment(pq.ParquetFile(f), segment, seed, epoch, int(base), columns))
+        tables.append(read_segment(open_file(segment.file), segment, seed, int(epoch), int(base), columns))
     table = pa.concat_tables(tables)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
 class StreamTransform(CountingTransform):
     """Read a worker's plan segments *and* turn them into 1-to-K batches in one actor call: the
-    encoded images go from parquet straight to pixels, never through the object store."""
+    encoded images go from parquet straight to pixels, never through the object store. The last
+    ``OPEN_FILES`` files stay open (footer parsed once; on S3 no HEAD and footer GET per segment)."""
 
-    def __init__(self, *, uri: str, endpoint_url: str | None, files: Sequence[str], seed: int, epoch: int,
-                 **transform_kwargs):
+    OPEN_FILES = 8
+
+    def __init__(self, *, uri: str, endpoint_url: str | None, files: Sequence[str], seed: int,
+                 run: str | None = None, **transform_kwargs):
         super().__init__(**transform_kwargs)
         self.fs, _ = storage.resolve(uri, endpoint_url)
-        self.files, self.seed, self.epoch = list(files), seed, epoch
+        self.files, self.seed, self.run = list(files), seed, run
         self.columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in self.languages]
+        self._open: dict[int, pq.ParquetFile] = {}
+
+    def open_file(self, index: int) -> pq.ParquetFile:
+        f = self._open.pop(index, None)
+        if f is None:
+            f = pq.ParquetFile(self.fs.open_input_file(self.files[index]))
+            if len(self._open) >= self.OPEN_FILES:
+                oldest = next(iter(self._open))
+                self._open.pop(oldest).close(force=True)
+        self._open[index] = f       # most recently used last
+        return f
 
     def __call__(self, items: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return super().__call__(read_plan_items(items, self.fs, self.files, self.seed, self.epoch, self.columns))
+        epochs = set(int(e) for e in items["epoch"])
+        epoch = epochs.pop() if len(epochs) == 1 else None      # one item per call: always one epoch
+        return super().__call__(read_plan_items(items, self.open_file, self.seed, self.columns), epoch, self.run)
 
 
-def stream_dataset(stream, *, uri: str, files: Sequence[str], seed: int, epoch: int, languages: Sequence[str],
-                   k: int, tokenizer: CaptionTokenizer, image_transform: ImageTransform, num_actors: int = 1, cpus_per_actor: float = 0.8, on_bad_row: str = "skip",
-                   endpoint_url: str | None = None, image_keys: bool = False) -> ray.data.Dataset:
-    """One worker's stream of an epoch plan (``ccrk_ray.data.plan``) as 1-to-K training batches in
-    exactly the plan's order, each row carrying its ``_pos`` (stream position) and ``_key``.
+MAX_BLOCKS = 512          # input blocks of one stream dataset (each costs ~1.4 ms to create)
+WINDOW_SEGMENTS = 8192    # plan segments per stream dataset (~2M rows at 256 rows per segment)
 
-    Each actor call reads and transforms one segment (``StreamTransform``). Sets ``DataContext.execution_options.preserve_order`` for
-    the calling process."""
+
+def stream_dataset(items: Sequence[Mapping[str, Any]], *, uri: str, files: Sequence[str], seed: int,
+                   languages: Sequence[str], k: int, tokenizer: CaptionTokenizer, image_transform: ImageTransform,
+                   num_actors: int = 1, cpus_per_actor: float = 0.8, on_bad_row: str = "skip",
+                   endpoint_url: str | None = None, image_keys: bool = False, run: str | None = None
+                   ) -> ray.data.Dataset:
+    """Plan items (``ccrk_ray.data.plan.stream_items``: segments of one or several epochs) as a
+    dataset of 1-to-K training batches in exactly the items' order, each row carrying its ``_pos``
+    (position in its epoch's stream), ``_key`` and ``_epoch``. Rows read and skipped are counted in
+    the DataStats actor under (``run``, epoch).
+
+    Each actor call reads and transforms one segment (``StreamTransform``); at most ``MAX_BLOCKS``
+    input blocks (a block holds consecutive items). Sets
+    ``DataContext.execution_options.preserve_order`` for the calling process."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False      # one dataset per worker and epoch: keep the logs readable
-    items, base = [], 0
-    for seg in stream:
-        items.append({"segment": seg.to_list(), "base": base})
-        base += seg.rows
+    ctx.print_on_execution_start = False      # one dataset per worker and window: keep the logs readable
     if not items:
-        raise ValueError("this worker's share of the epoch is empty")
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        raise ValueError("this worker's share of the data is empty")
+    return ray.data.from_items(list(items), override_num_blocks=min(len(items), MAX_BLOCKS)).map_batches(
         StreamTransform,
-        fn_constructor_kwargs=dict(uri=uri, endpoint_url=endpoint_url, files=list(files), seed=seed, epoch=epoch,
+        fn_constructor_kwargs=dict(uri=uri, endpoint_url=endpoint_url, files=list(files), seed=seed, run=run,
                                    tokenizer=tokenizer, languages=tuple(languages), k=k,
                                    image_transform=image_transform, with_ids=False, on_bad_row=on_bad_row,
                                    image_keys=image_keys),
         batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors), num_cpus=cpus_per_actor)
+
+
+def stream_blocks(streams, *, window: int = WINDOW_SEGMENTS, prefetch_blocks: int = 2,
+                  **dataset_kwargs) -> Iterator[dict[str, Any]]:
+    """One worker's streams of several epochs (``[(epoch, segments), ...]``) as torch blocks in
+    plan order, for ``ccrk_ray.data.batching.EpochBatcher``.
+
+    The items go to Ray Data ``window`` segments at a time, one dataset per window: the data actors
+    (their start-up costs seconds) live across epochs, and a long run never holds its whole plan
+    as blocks. Only what is consumed (plus ``prefetch_blocks``) is read."""
+    from ccrk_ray.data.plan import stream_items
+
+    items = stream_items(streams)
+    if not items:
+        raise ValueError("this worker's share of the data is empty")
+    for start in range(0, len(items), window):
+        ds = stream_dataset(items[start:start + window], **dataset_kwargs)
+        yield from ds.iter_torch_batches(batch_size=None, prefetch_batches=prefetch_blocks)

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 POS_COLUMN = "_pos"     # index of the row in its worker's stream for this phase
 KEY_COLUMN = "_key"     # file index << 32 | row in file: identifies a row across plans
+EPOCH_COLUMN = "_epoch"  # the epoch whose plan the row was read for
 
 
 @dataclass(frozen=True)
@@ -149,13 +150,27 @@ class Position:
                    [int(c) for c in d["consumed"]])
 
 
+def stream_items(streams: Sequence[tuple[int, Sequence[Segment]]]) -> list[dict[str, Any]]:
+    """A worker's streams of several epochs, ``[(epoch, segments), ...]``, as plan items: each
+    segment with its epoch and ``base``, the position of its first row in its epoch's stream."""
+    items = []
+    for epoch, stream in streams:
+        base = 0
+        for seg in stream:
+            items.append({"segment": seg.to_list(), "epoch": int(epoch), "base": base})
+            base += seg.rows
+    return items
+
+
 def read_segment(parquet_file, segment: Segment, seed: int, epoch: int, base: int,
                  columns: Sequence[str] | None = None) -> pa.Table:
     """The segment's unconsumed rows from an open ``pyarrow.parquet.ParquetFile``, in read order,
-    with ``_pos`` (``base`` + position in the segment) and ``_key`` columns added."""
+    with ``_pos`` (``base`` + position in the segment), ``_key`` and ``_epoch`` columns added."""
     table = parquet_file.read_row_group(segment.group, columns=list(columns) if columns else None)
     rows = segment.order(seed, epoch)
     table = table.take(pa.array(rows - segment.group_start))
     pos = np.arange(base, base + len(rows), dtype=np.int64)
     key = (np.int64(segment.file) << np.int64(32)) | rows.astype(np.int64)
-    return table.append_column(POS_COLUMN, pa.array(pos)).append_column(KEY_COLUMN, pa.array(key))
+    epochs = np.full(len(rows), epoch, dtype=np.int64)
+    return (table.append_column(POS_COLUMN, pa.array(pos)).append_column(KEY_COLUMN, pa.array(key))
+            .append_column(EPOCH_COLUMN, pa.array(epochs)))

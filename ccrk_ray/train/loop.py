@@ -5,7 +5,8 @@
 - ``model`` (ModelConfig dict), ``objective`` (name), ``objective_args`` (ObjectiveConfig fields);
 - ``data``: ``uri``, ``endpoint_url``, ``files`` and ``row_groups`` (from ``check_dataset``),
   ``languages``, ``k``, ``tokenizer`` (CaptionTokenizer), ``image_size``, ``chunk_rows``,
-  ``data_actors``, ``cpus_per_actor``, ``on_bad_row``;
+  ``data_actors``, ``cpus_per_actor``, ``on_bad_row``, ``run_id`` (the key of this run's rows in the
+  data stats actor);
 - ``batch_size`` (images per worker per forward pass), ``global_batch_size`` (images per optimiser
   step over all workers: gradient accumulation = global / (batch × workers), recomputed whenever
   the worker count changes, so the LR schedule — in optimiser steps — stays the same), ``epochs``,
@@ -38,8 +39,9 @@ from typing import Any
 
 import torch
 
-from ccrk_ray.data.pipeline import stats_actor, stream_dataset
-from ccrk_ray.data.plan import KEY_COLUMN, POS_COLUMN, Position, epoch_segments
+from ccrk_ray.data.batching import EpochBatcher
+from ccrk_ray.data.pipeline import stats_actor, stream_blocks
+from ccrk_ray.data.plan import EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, epoch_segments
 from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.model import CCRKModel, ModelConfig
 from ccrk_ray.objectives import ObjectiveModule, build_objective
@@ -196,7 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         trace = open(Path(config["trace_dir"]) / f"rank{rank}-pid{os.getpid()}.jsonl", "a")
 
     stats = stats_actor() if rank == 0 else None
-    seen = ray.get(stats.snapshot.remote()) if stats is not None else None
+    run_id = data.get("run_id")     # this run's rows only (a sweep's trials share the job's stats actor)
+    seen = ray.get(stats.epochs.remote(run_id)) if stats is not None else None
     log_every, ckpt_every = int(config.get("log_every", 10)), int(config.get("checkpoint_every", 0))
     device = ray.train.torch.get_device()
     precision = config.get("precision", "fp32")
@@ -221,22 +224,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         else:
             ray.train.report(metrics)
 
+    # Every epoch's plan is known now (it depends on seed, epoch and world size only; a resumed
+    # epoch continues its checkpointed position): one data stream for the whole run, so the data
+    # actors start once, not once per epoch.
+    phases = [position if position is not None and position.epoch == epoch else Position(
+        epoch, epoch_segments(data["row_groups"], epoch, seed, int(data.get("chunk_rows", 256))), world)
+        for epoch in range(start_epoch, epochs)]
+    batcher = EpochBatcher(stream_blocks(
+        [(p.epoch, p.streams()[rank]) for p in phases], uri=data["uri"], files=data["files"], seed=seed,
+        languages=data["languages"], k=int(data["k"]), tokenizer=data["tokenizer"], image_transform=image_transform,
+        num_actors=int(data.get("data_actors", 1)), cpus_per_actor=float(data.get("cpus_per_actor", 0.8)),
+        on_bad_row=data.get("on_bad_row", "skip"), endpoint_url=data.get("endpoint_url"),
+        image_keys=bool(data.get("image_keys")), run=run_id) if phases else (), batch_size)
     metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, epochs):
+    for phase in phases:
+        epoch = phase.epoch
         if step >= steps_total:
             break
-        phase = position if position is not None and position.epoch == epoch else Position(
-            epoch, epoch_segments(data["row_groups"], epoch, seed, int(data.get("chunk_rows", 256))), world)
-        position = None
         stream = phase.streams()[rank]
-        ds = stream_dataset(stream, uri=data["uri"], files=data["files"], seed=seed, epoch=epoch,
-                            languages=data["languages"], k=int(data["k"]), tokenizer=data["tokenizer"],
-                            image_transform=image_transform,
-                            num_actors=int(data.get("data_actors", 1)),
-                            cpus_per_actor=float(data.get("cpus_per_actor", 0.8)),
-                            on_bad_row=data.get("on_bad_row", "skip"), endpoint_url=data.get("endpoint_url"),
-                            image_keys=bool(data.get("image_keys")))
-        batches = iter(ds.iter_torch_batches(batch_size=batch_size, drop_last=False, prefetch_batches=2))
         module.train()
         phase_consumed, exhausted = 0, False
         t_epoch, wait, samples, losses, terms = time.perf_counter(), 0.0, 0, [], {}
@@ -245,9 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             micro, keys = [], []
             t_wait = time.perf_counter()
             for _ in range(accum):
-                b = next(batches, None)
-                if b is None or b["pixel_values"].shape[0] < batch_size:
-                    b = None
+                b = batcher.next(epoch)
                 if not _all_min(b is not None):     # every rank stops together: no half-gathered step
                     micro = None
                     break
@@ -260,6 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             for i, b in enumerate(micro):
                 pos = b.pop(POS_COLUMN)
                 key = b.pop(KEY_COLUMN)
+                b.pop(EPOCH_COLUMN)
                 if trace is not None:         # row keys leave the device only when auditing
                     keys += key.tolist()
                 sync = contextlib.nullcontext() if i == accum - 1 or not hasattr(module, "no_sync") else module.no_sync()
@@ -306,12 +310,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         for name, values in terms.items():
             if name != "loss":
                 metrics[f"loss/{name}"] = float(torch.stack(values).mean())
-        if stats is not None:   # rows read / skipped by reason in this epoch, over every data actor
-            now = ray.get(stats.snapshot.remote())
-            metrics["rows_read"] = now["rows_read"] - seen["rows_read"]
+        if stats is not None:   # rows read / skipped by reason for this epoch in this run, over every data actor
+            now, before = ray.get(stats.snapshot.remote(epoch, run_id)), seen.get(epoch, {})
+            metrics["rows_read"] = now["rows_read"] - before.get("rows_read", 0)
             for reason, n in now["skipped"].items():
-                metrics[f"skipped/{reason}"] = n - seen["skipped"].get(reason, 0)
-            seen = now
+                metrics[f"skipped/{reason}"] = n - before.get("skipped", {}).get(reason, 0)
         if val_batch is not None:
             metrics.update(_validate(model, val_batch, val_langs))
             if config.get("best_dir") and (best is None or metrics["val/r_mean"] > best["r_mean"]):

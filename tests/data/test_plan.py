@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccrk_ray.data.plan import (KEY_COLUMN, POS_COLUMN, Position, Segment, assign, epoch_segments, file_segments,
+from ccrk_ray.data.plan import (EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, Segment, assign, epoch_segments, file_segments,
                                 read_segment, remaining)
 
 GROUPS = [[256, 256, 100], [37], [256, 5]]   # rows per row group, per file
@@ -91,4 +91,5 @@ def test_read_segment_returns_rows_in_plan_order(tmp_path):
     assert table.column("image_id").to_pylist() == [f"img{r}" for r in expected]
     assert table.column(POS_COLUMN).to_pylist() == list(range(1000, 1000 + len(expected)))
     assert table.column(KEY_COLUMN).to_pylist() == list(expected)      # file 0: key = row
+    assert set(table.column(EPOCH_COLUMN).to_pylist()) == {2}
     assert len(expected) == 46 and np.all((expected >= 178) & (expected < 228))

@@ -4,6 +4,7 @@ an interrupted sweep resumed, and bad search spaces refused before any trial sta
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from tests.train import task_data
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
+TRAIN = 64     # training images of the Multi30K stand-in
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +37,9 @@ def base_model(tiny_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Multi30K stand-in (48 train / 16 val / 20 test images), converted by ``ccrk convert``'s code."""
+    """Multi30K stand-in (TRAIN train / 16 val / 20 test images), converted by ``ccrk convert``'s code."""
     root = tmp_path_factory.mktemp("tune_tasks")
-    rows = {"train": task_data.scenes(root, "train", 48, 21), "val": task_data.scenes(root, "val", 16, 22),
+    rows = {"train": task_data.scenes(root, "train", TRAIN, 21), "val": task_data.scenes(root, "val", 16, 22),
             "test_2016_flickr": task_data.scenes(root, "test", 20, 23)}
     return {k: str(v) for k, v in task_data.multi30k(root, rows).items()}
 
@@ -80,10 +83,17 @@ def tune_states(exp_dir: Path) -> dict[str, str]:
     return {s["trial_id"]: s["status"] for s in (json.loads(t[0]) for t in state["trial_data"])}
 
 
-def interrupt_sweep(args: list[str], env: dict, out: Path, log_path: Path) -> tuple[str, str]:
+def traced_steps(trace_dir: Path, trial: str) -> int:
+    """Optimiser steps the trial's workers have taken so far (their trace files)."""
+    return sum(len(f.read_text().splitlines()) for f in (trace_dir / trial).glob("*.jsonl"))
+
+
+def interrupt_sweep(args: list[str], env: dict, out: Path, log_path: Path, trace_dir: Path,
+                    steps: Callable[[str], int]) -> tuple[str, str]:
     """Run ``ccrk tune ARGS`` in a subprocess and SIGKILL it once Tune has recorded one trial as
-    finished and another running trial has committed its first epoch (its best model is written
-    when that report is handled). Returns (finished trial, interrupted trial)."""
+    finished and another trial has committed its first epoch (its best model is written when that
+    report is handled) but not taken all its ``steps(trial)`` optimiser steps. Returns (finished
+    trial, interrupted trial)."""
     exp = out / "ray_results" / "tune"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "ccrk_ray", "tune", *args], cwd=REPO, env=env, stdout=log,
@@ -95,13 +105,16 @@ def interrupt_sweep(args: list[str], env: dict, out: Path, log_path: Path) -> tu
             assert time.perf_counter() - t0 < 300, log_path.read_text()[-3000:]
             states = tune_states(exp)
             done = [t for t, s in states.items() if s == "TERMINATED"]
-            running = [t for t, s in states.items() if s == "RUNNING" and (
-                out / "trials" / t / "ray_results" / "finetune" / "best" / "best.json").is_file()]
+            # a trial mid-run: its trace (not Tune's state file, written every few seconds) says so
+            running = [t.name for t in sorted((out / "trials").glob("*")) if t.name not in done and (
+                t / "ray_results" / "finetune" / "best" / "best.json").is_file()
+                and traced_steps(trace_dir, t.name) < steps(t.name)]
             if done and running:
                 return done[0], running[0]
-            time.sleep(0.5)
+            time.sleep(0.1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):      # already gone: the assertion above says why
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
         print(f"sweep interrupted after {time.perf_counter() - t0:.1f}s")
@@ -122,7 +135,14 @@ def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(
             "--max-concurrent", "2"]
     # the interrupted driver joins this module's cluster, as a job submitted to a cluster would
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    finished, interrupted = interrupt_sweep(args, env, out, tmp_path / "first.log")
+    trial_batch = {}
+
+    def total_steps(trial: str) -> int:     # 2 epochs of TRAIN rows at the trial's batch size
+        if trial not in trial_batch:
+            trial_batch[trial] = yaml.safe_load((out / "trials" / trial / "config.yaml").read_text())["train"]["batch_size"]
+        return 2 * (TRAIN // trial_batch[trial])
+
+    finished, interrupted = interrupt_sweep(args, env, out, tmp_path / "first.log", tmp_path / "trace", total_steps)
     print(f"interrupted: trial {finished} finished, trial {interrupted} after its first epoch")
     assert not (out / "results.csv").exists()
     t0 = time.perf_counter()
@@ -169,7 +189,7 @@ def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(
         assert saved["temperature"] == pytest.approx(temp)
         # resume: the finished trial was not started again and trained each step once; the
         # interrupted one restarted once, from its epoch-1 checkpoint (not from step 1)
-        per_epoch_steps = 48 // bs
+        per_epoch_steps = TRAIN // bs
         attempts = (trial / "attempts.jsonl").read_text().splitlines()
         steps = [json.loads(line) for f in sorted((tmp_path / "trace" / r["trial"]).glob("*.jsonl"))
                  for line in f.read_text().splitlines()]
@@ -233,7 +253,7 @@ def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, t
     err({"space": {"epochs": {"uniform": [1, 3]}}}, "integer values only")
     err({"space": {"temperature": {"uniform": [0.01, 0.9]}}}, r"temperature: value 0.9 is not valid: model.temperature")
     err({"space": {"batch_size": {"choice": [1, 8]}}}, r"batch_size: value 1 is not valid: train.batch_size must be")
-    err({"space": {"batch_size": {"choice": [8, 64]}}}, "48 rows: not one full global batch of 64")
+    err({"space": {"batch_size": {"choice": [8, 128]}}}, "64 rows: not one full global batch of 128")
     err({"space": {"lr_mult": {"choice": [1.0, 3.0]}}}, "lr_mult changes nothing")
     err({"objective": "mrv"}, "tune.objective must be one of r_mean, -mrv, r_mean-mrv")
     err({"objective": "-mrv", "spcae": {}}, r"tune: unknown key\(s\) spcae")
