@@ -2,7 +2,7 @@
 decode / random-resized-crop / K-caption tokenisation on the same parquet, on the same CPU cores,
 from local disk and from a local S3 server (moto, 127.0.0.1).
 
-    .venv/bin/python benchmarks/bench_ingest.py [--images 4000] [--cores 2] [--epochs 2] [--no-s3]
+    .venv/bin/python benchmarks/bench_ingest.py [--images 4000] [--cores 2] [--epochs 4] [--no-s3]
 
 Prints samples/s of each and the ratio Ray Data / DataLoader, for the generic pipeline
 (``one_to_k_dataset``: Ray's parquet reader, then transform actors) and for the training path
@@ -116,7 +116,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--cores", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--no-s3", action="store_true")
     p.add_argument("--map-batch", type=int, default=BATCH, help="rows per Ray Data transform call")
     p.add_argument("--extra-cpus", type=int, default=1, help="logical CPUs for Ray beyond the transform actors")

@@ -72,12 +72,20 @@ class EpochBatcher:
         return None
 
     def _take(self, n: int) -> Batch:
-        part = self._parts[0] if len(self._parts) == 1 else {
-            k: torch.cat([p[k] for p in self._parts]) for k in self._parts[0]}
-        out, rest = {k: v[:n] for k, v in part.items()}, {k: v[n:] for k, v in part.items()}
-        self._parts = [rest] if len(rest[EPOCH_COLUMN]) else []
+        """The first n buffered rows: a view when they lie in one block, else only they are copied."""
+        pieces, need = [], n
+        while need:
+            part = self._parts[0]
+            rows = len(part[EPOCH_COLUMN])
+            if rows <= need:
+                pieces.append(self._parts.pop(0))
+                need -= rows
+            else:
+                pieces.append({k: v[:need] for k, v in part.items()})
+                self._parts[0] = {k: v[need:] for k, v in part.items()}
+                need = 0
         self._rows -= n
-        return out
+        return pieces[0] if len(pieces) == 1 else {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
     def _drop_parts(self) -> None:
         self.dropped += self._rows

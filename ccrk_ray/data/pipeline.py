@@ -6,6 +6,7 @@ Only wiring lives here; the per-row work is ``ccrk_ray.data.transforms``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -107,7 +108,13 @@ def stats_actor(create: bool = False):
 
 
 class CountingTransform(OneToKBatchTransform):
-    """OneToKBatchTransform that reports rows read and skipped to the DataStats actor."""
+    """OneToKBatchTransform that reports rows read and skipped to the DataStats actor. Runs in data
+    actors: tokenisation stays on the actor's thread (an actor is one of several on a node; its
+    parallelism is the actor count, not Rayon threads over every core)."""
+
+    def __init__(self, **kwargs):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        super().__init__(**kwargs)
 
     def __call__(self, batch: Mapping[str, np.ndarray], epoch: int | None = None,
                  run: str | None = None) -> dict[str, np.ndarray]:
