@@ -579,11 +579,15 @@ def _results_table(results, sweep: dict[str, Any]) -> list[dict[str, Any]]:
         m = r.metrics or {}
         params = {k: r.config.get(k) for k in names}
         trial = m.get("trial_id") or Path(r.path).name
+        # the trial's own best (what best_model holds, kept across attempts): Tune's history can
+        # miss an epoch whose report the trial committed just before a killed driver logged it
+        best_obj, best_epoch = m.get("best/objective"), m.get("best/epoch")
         df = r.metrics_dataframe
-        best_obj = best_epoch = None
-        if df is not None and METRIC in df and df[METRIC].notna().any():
+        if best_obj is None and df is not None and METRIC in df and df[METRIC].notna().any():
             i = df[METRIC].idxmax()
             best_obj, best_epoch = float(df[METRIC][i]), int(df["epoch"][i])
+        best_obj = None if best_obj is None else float(best_obj)
+        best_epoch = None if best_epoch is None else int(best_epoch)
         planned = int(params.get("epochs") or sweep["epochs"])
         epochs = int(m.get("epoch", 0) or 0)
         status = "error" if r.error else "finished" if epochs >= planned else "stopped early"

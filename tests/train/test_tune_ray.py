@@ -26,7 +26,7 @@ from tests.train import task_data
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = 64     # training images of the Multi30K stand-in
+TRAIN = 128    # training images of the Multi30K stand-in
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,10 @@ def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(
     args = ["--task", "multi30k", "--config", str(cfg), "--checkpoint", str(base_model), "--num-samples", "3",
             "--max-concurrent", "2"]
     # the interrupted driver joins this module's cluster, as a job submitted to a cluster would
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    # Tune writes its experiment state every 10 s by default: the test must see a finished trial
+    # recorded while another is mid-run, and a trial trains for a few seconds
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO),
+           "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}
     trial_batch = {}
 
     def total_steps(trial: str) -> int:     # 2 epochs of TRAIN rows at the trial's batch size
@@ -168,13 +171,19 @@ def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(
         assert 0 <= r_mean <= 100 and mrv >= 0 and math.isfinite(float(r["loss"]))
         # ASHA: a trial runs both epochs, or was stopped after epoch 1 behind another trial's epoch 1
         epochs = history[r["trial"]]
-        assert sorted(epochs) == list(range(1, int(r["epochs_done"]) + 1))
+        # Tune's own history of the interrupted trial may lack the epoch whose report the trial
+        # committed just before its driver was killed (the resumed trial goes on after it)
+        first = 2 if r["trial"] == interrupted and 1 not in epochs else 1
+        assert sorted(epochs) == list(range(first, int(r["epochs_done"]) + 1))
         if r["status"] == "stopped early":
             assert r["epochs_done"] == "1"
-            assert any(h[1] > epochs[1] for t, h in history.items() if t != r["trial"])
+            assert any(h.get(1, -math.inf) > epochs[1] for t, h in history.items() if t != r["trial"])
         else:
             assert r["status"] == "finished" and r["epochs_done"] == "2"
-        assert float(r["best_objective"]) == pytest.approx(max(epochs.values()))
+        if first == 1:
+            assert float(r["best_objective"]) == pytest.approx(max(epochs.values()))
+        else:
+            assert float(r["best_objective"]) >= max(epochs.values()) - 1e-9
         # each trial's config, checkpoints, TensorBoard logs and best model are under the sweep directory
         trial = out / "trials" / r["trial"]
         tc = yaml.safe_load((trial / "config.yaml").read_text())
@@ -253,7 +262,7 @@ def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, t
     err({"space": {"epochs": {"uniform": [1, 3]}}}, "integer values only")
     err({"space": {"temperature": {"uniform": [0.01, 0.9]}}}, r"temperature: value 0.9 is not valid: model.temperature")
     err({"space": {"batch_size": {"choice": [1, 8]}}}, r"batch_size: value 1 is not valid: train.batch_size must be")
-    err({"space": {"batch_size": {"choice": [8, 128]}}}, "64 rows: not one full global batch of 128")
+    err({"space": {"batch_size": {"choice": [8, 256]}}}, "128 rows: not one full global batch of 256")
     err({"space": {"lr_mult": {"choice": [1.0, 3.0]}}}, "lr_mult changes nothing")
     err({"objective": "mrv"}, "tune.objective must be one of r_mean, -mrv, r_mean-mrv")
     err({"objective": "-mrv", "spcae": {}}, r"tune: unknown key\(s\) spcae")
