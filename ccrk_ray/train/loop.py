@@ -21,8 +21,9 @@
   temperature), ``trace_dir`` (optional: each worker appends the row keys of every
   optimiser step, for tests and audits).
 
-Data: each worker reads its own stream of the epoch plan (``ccrk_ray.data.plan``) through Ray
-Data. Checkpoints carry the plan position, so a restarted or resized worker group continues the
+Data: each worker reads its own streams of the epoch plans (``ccrk_ray.data.plan``) as one Ray
+Data stream for the whole run (``stream_blocks``: data actors start once), cut into per-epoch
+batches by ``EpochBatcher``. Checkpoints carry the plan position, so a restarted or resized worker group continues the
 epoch where the last checkpoint left it: rows trained before it are not trained again.
 """
 
