@@ -59,26 +59,6 @@ class Embedder:
                 "text_emb": txt.view(n, k, -1).float().cpu().numpy()}
 
 
-def rank_per_language(image_emb: np.ndarray, text_emb: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks of the correct item, N×K each: (text→image, image→text).
-
-    ``image_emb`` N×d, ``text_emb`` N×K×d (caption k of image i is text_emb[i, k]). Queries are
-    scored in chunks so at most chunk × N scores exist at once.
-    """
-    n, k = text_emb.shape[:2]
-    if image_emb.shape[0] != n:
-        raise ValueError(f"{image_emb.shape[0]} images but captions for {n}")
-    t2i = np.empty((n, k), dtype=np.int64)
-    i2t = np.empty((n, k), dtype=np.int64)
-    for lang in range(k):
-        gallery_txt = text_emb[:, lang]
-        for start in range(0, n, chunk):
-            rows = np.arange(start, min(n, start + chunk))
-            t2i[rows, lang] = ranks_from_scores(gallery_txt[rows] @ image_emb.T, rows)
-            i2t[rows, lang] = ranks_from_scores(image_emb[rows] @ gallery_txt.T, rows)
-    return t2i, i2t
-
-
 # --- two-stage retrieval: ITC shortlist, ITM re-ranking ---------------------------------------
 
 def topk_candidates(scores: np.ndarray, k: int) -> np.ndarray:
@@ -204,7 +184,7 @@ def rank_with_owners(image_emb: np.ndarray, text_emb: np.ndarray, owner: np.ndar
 # length d is within (d+2)·2⁻²⁴·‖x‖‖y‖ of the exact one, so only candidates inside that band
 # around the true score are re-scored exactly. This matters: OpenBLAS gives different last bits
 # for the same row computed in chunks of 13, 64 or 2048 rows, and a dense float32 computation
-# (``rank_per_language``) can rank near-ties either way; here every shard layout and chunk size
+# (one score matrix per language) can rank near-ties either way; here every shard layout and chunk size
 # gives the same ranks, equal to the dense ones whenever the float32 scores are exact (test data).
 # Two-stage: the k best float32 ITC scores, ties at the k-th broken by lower gallery index (as
 # ``topk_candidates``); a correct item outside them keeps its ITC rank (at least k), one inside is

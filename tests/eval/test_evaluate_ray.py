@@ -39,7 +39,7 @@ def test_evaluate_itc_on_actors_writes_every_output(saved_model, tiny_data, tmp_
     from ccrk_ray.data.transforms import load_split_batch
     from ccrk_ray.eval.ranks import load_ranks
     from ccrk_ray.eval.report import build_report
-    from ccrk_ray.eval.retrieval import encode_split, rank_per_language
+    from ccrk_ray.eval.retrieval import encode_split, rank_sharded
     from ccrk_ray.evaluate import run_evaluate
     from ccrk_ray.model import CCRKModel
     from ccrk_ray.tokenizer import CaptionTokenizer
@@ -48,10 +48,10 @@ def test_evaluate_itc_on_actors_writes_every_output(saved_model, tiny_data, tmp_
     report = run_evaluate(str(saved_model), str(tiny_data["test"]), str(out), actors=2, k_test=5, itc_only=True,
                           tensorboard=str(tmp_path / "tb"), save_ranks=True, dataset_name="tiny")
     assert report["num_images"] == 40 and list(report["languages"]) == LANGS and report["k_test"] is None
-    # the same numbers as ranking the in-process embeddings densely
+    # the same numbers as ranking the in-process embeddings in one process (the same tie policy)
     batch = load_split_batch(str(tiny_data["test"]), LANGS, CaptionTokenizer(saved_model, 16), 32)
     feats = encode_split(CCRKModel.from_pretrained(saved_model), batch)
-    dense = build_report(*rank_per_language(feats["image_emb"], feats["text_emb"]), LANGS)
+    dense = build_report(*rank_sharded(feats["image_emb"], feats["text_emb"]), LANGS)
     assert report["languages"] == dense["languages"] and report["mrv"] == dense["mrv"]
     assert report["mrv"]["t2i"] > 0                               # an untrained model: languages disagree
     on_disk = json.loads((out / "report.json").read_text())

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ccrk_ray.eval.report import build_report, format_table
-from ccrk_ray.eval.retrieval import rank_per_language
+from ccrk_ray.eval.retrieval import rank_sharded
 
 
 def dense_ranks(img, txt):
@@ -23,7 +23,7 @@ def test_chunked_ranks_equal_dense_reference_with_ties():
     txt = rng.integers(-2, 3, size=(30, 3, 4)).astype(np.float32)
     ref = dense_ranks(img, txt)
     for chunk in (1, 7, 4096):
-        got = rank_per_language(img, txt, chunk=chunk)
+        got = rank_sharded(img, txt, chunk=chunk)
         np.testing.assert_array_equal(got[0], ref[0])
         np.testing.assert_array_equal(got[1], ref[1])
 
@@ -32,14 +32,14 @@ def test_perfect_and_inconsistent_models():
     n, k = 20, 3
     img = np.eye(n, dtype=np.float32)
     txt = np.repeat(img[:, None, :], k, axis=1)
-    t2i, i2t = rank_per_language(img, txt)
+    t2i, i2t = rank_sharded(img, txt)
     assert t2i.max() == 0 and i2t.max() == 0
     report = build_report(t2i, i2t, ["en", "de", "fr"])
     assert report["languages"]["de"]["t2i"]["R@1"] == 100.0
     assert report["mrv"] == {"t2i": 0.0, "i2t": 0.0}
     # language 'fr' points every caption at the next image: recall drops and ranks disagree
     txt[:, 2] = np.roll(img, 1, axis=0)
-    t2i, i2t = rank_per_language(img, txt)
+    t2i, i2t = rank_sharded(img, txt)
     report = build_report(t2i, i2t, ["en", "de", "fr"])
     assert report["languages"]["fr"]["t2i"]["R@1"] == 0.0
     assert report["languages"]["en"]["t2i"]["R@1"] == 100.0
