@@ -26,7 +26,7 @@ from tests.train import task_data
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = 128    # training images of the Multi30K stand-in
+TRAIN = 256    # training images of the Multi30K stand-in: epochs long enough to interrupt one
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, t
     err({"space": {"epochs": {"uniform": [1, 3]}}}, "integer values only")
     err({"space": {"temperature": {"uniform": [0.01, 0.9]}}}, r"temperature: value 0.9 is not valid: model.temperature")
     err({"space": {"batch_size": {"choice": [1, 8]}}}, r"batch_size: value 1 is not valid: train.batch_size must be")
-    err({"space": {"batch_size": {"choice": [8, 256]}}}, "128 rows: not one full global batch of 256")
+    err({"space": {"batch_size": {"choice": [8, 512]}}}, "256 rows: not one full global batch of 512")
     err({"space": {"lr_mult": {"choice": [1.0, 3.0]}}}, "lr_mult changes nothing")
     err({"objective": "mrv"}, "tune.objective must be one of r_mean, -mrv, r_mean-mrv")
     err({"objective": "-mrv", "spcae": {}}, r"tune: unknown key\(s\) spcae")
