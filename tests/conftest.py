@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ccrk_ray.languages import CCRK_LANGUAGES
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +57,6 @@ def rng():
     return np.random.default_rng(0)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's) on 127.0.0.1; yields (endpoint_url, bucket).
@@ -73,7 +66,7 @@ def s3_server():
     import boto3
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -3,7 +3,6 @@ equals the single-process loss, and each rank's local gradient is world_size x t
 (which DDP's gradient averaging turns into the exact global-batch gradient)."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 from ccrk_ray.distributed import gather_with_grad
 from ccrk_ray.losses import one_to_k_contrastive, one_to_k_contrastive_local
+from tests.ports import free_port
 
 N, K, D, WORLD = 6, 3, 8, 2
 
@@ -46,10 +46,7 @@ def worker(rank, port, out_dir):
 
 
 def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     img, txt = global_batch()
     img.requires_grad_()
