@@ -16,6 +16,9 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
+START_HELP = ("a saved model directory, a training checkpoint, or a model spec YAML (its model: section; "
+              "pre-trained encoders, CCRK's own layers fresh)")
+
 def _int_pair(text: str) -> tuple[int, int]:
     parts = text.split(",")
     try:
@@ -107,14 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--task", required=True, choices=TASKS)
     finetune.add_argument("--config", required=True, help="YAML overriding ccrk_ray/configs/tasks/TASK.yaml "
                                                           "(data URIs, output_dir, scaling, ...)")
-    finetune.add_argument("--checkpoint", required=True, help="a saved model directory or a training checkpoint")
+    finetune.add_argument("--checkpoint", required=True, help=START_HELP)
     finetune.add_argument("--resume", action="store_true")
     tune = sub.add_parser("tune", help="Ray Tune sweep of a task's fine-tuning hyperparameters (ASHA early stopping); "
                                        "results table, best config and best model")
     tune.add_argument("--task", required=True, choices=TASKS)
     tune.add_argument("--config", required=True, help="a `ccrk finetune` config with a `tune:` section (search "
                                                       "space, objective, ASHA)")
-    tune.add_argument("--checkpoint", required=True, help="a saved model directory or a training checkpoint")
+    tune.add_argument("--checkpoint", required=True, help=START_HELP)
     tune.add_argument("--num-samples", type=int, required=True, help="trials drawn from the search space")
     tune.add_argument("--max-concurrent", type=int, default=None,
                       help="trials at a time (default: as many as the cluster's CPUs/GPUs hold)")

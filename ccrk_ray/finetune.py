@@ -8,7 +8,8 @@ Your config has the same sections as ``ccrk pretrain``'s (``ccrk_ray.pretrain``)
 MSCOCO's ja/zh sets and WIT do). The run:
 
 1. starts from the model in CKPT (a saved model or a training checkpoint; its tokenizer and
-   preprocessing come with it), on ``task.train_languages``;
+   preprocessing come with it) or from the pre-trained encoders a model spec names
+   (``StartingPoint``), on ``task.train_languages``;
 2. trains ITC with positives by image id (every caption of the same image is a positive; MITM
    never draws one as a negative), plus ITM when the model has fusion layers;
 3. validates on ``data.val`` in ``task.val_languages`` after every epoch and keeps the model with
@@ -30,6 +31,7 @@ from typing import Any
 
 from ccrk_ray.config import ConfigError, check_range
 from ccrk_ray.languages import validate_languages
+from ccrk_ray.model.ccrk import ModelConfig
 from ccrk_ray.pretrain import CONFIG_DIR, PREPROCESS_FILE, PretrainConfig, read_yaml, run_training
 
 TASK_DIR = CONFIG_DIR / "tasks"
@@ -88,29 +90,111 @@ def model_directory(checkpoint: str | Path) -> Path:
     if (path / "model" / "config.json").is_file():
         path = path / "model"
     if not (path / "config.json").is_file():
-        raise ConfigError(f"--checkpoint {checkpoint} is not a saved CCRK model or training checkpoint")
+        raise ConfigError(f"--checkpoint {checkpoint} is not a saved CCRK model, a training checkpoint or a "
+                          "model spec file (YAML with a model: section)")
     return path
 
 
-def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> tuple[FinetuneConfig, Path]:
-    """The task's shipped defaults, then the checkpoint's preprocessing, then the user's file."""
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    """What fine-tuning starts from (``--checkpoint``).
+
+    - A saved CCRK model or training checkpoint (``model_dir``): every weight comes from it, with
+      its tokenizer and preprocessing.
+    - A model spec file (``spec``: a YAML file whose ``model:`` section is a ``ModelConfig``, as in
+      a ``ccrk pretrain`` config, e.g. that config itself): the encoders it names are loaded
+      pre-trained (timm ``vision_pretrained``/``vision_checkpoint``, an HF ``text_name_or_path``)
+      and CCRK's own layers (projections, fusion cross-attention, ITM/MLM heads, temperature) start
+      fresh, with ``model.lr_mult`` times the learning rate -- fine-tuning without CCRK
+      pre-training, the baseline that shows what pre-training buys. Its optional ``data:`` section
+      may give ``tokenizer``, ``image_size`` and ``max_length``; the tokenizer defaults to the text
+      encoder's own (``text_name_or_path``).
+    """
+    source: Path
+    model_dir: Path | None = None
+    spec: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, checkpoint: str | Path) -> "StartingPoint":
+        path = Path(checkpoint)
+        if path.is_file() and path.suffix in SPEC_SUFFIXES:
+            d = read_yaml(path)
+            if not isinstance(d.get("model"), dict):
+                raise ConfigError(f"--checkpoint {checkpoint}: a model spec file needs a model: mapping "
+                                  "(ModelConfig keys, as in a ccrk pretrain config)")
+            try:
+                ModelConfig.from_dict(d["model"])
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"--checkpoint {checkpoint}: model: {exc}") from None
+            return cls(path.resolve(), spec=d)
+        return cls(model_directory(path).resolve(), model_dir=model_directory(path).resolve())
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The model config: the saved model's, or the spec's."""
+        if self.model_dir is not None:
+            return json.loads((self.model_dir / "config.json").read_text())
+        return dict(self.spec["model"])
+
+    @property
+    def fresh_layers(self) -> bool:
+        """Whether some parameters start fresh beside pre-trained ones (``lr_mult`` then applies)."""
+        if self.model_dir is not None:
+            return False                 # every weight comes from the saved model
+        m = ModelConfig.from_dict(self.model)
+        return m.pretrained_vision or m.pretrained_text
+
+    def data_defaults(self) -> dict[str, Any]:
+        """Preprocessing (and tokenizer) that come with the starting point; the user's config wins."""
+        if self.model_dir is not None:
+            pre_path = self.model_dir / PREPROCESS_FILE
+            pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
+            return {**{k: pre[k] for k in ("image_size", "max_length") if k in pre}, "tokenizer": str(self.model_dir)}
+        data = self.spec.get("data") or {}
+        out = {k: data[k] for k in ("image_size", "max_length", "tokenizer") if data.get(k) is not None}
+        if "tokenizer" not in out and self.model.get("text_name_or_path"):
+            out["tokenizer"] = self.model["text_name_or_path"]
+        return out
+
+    def loop_extra(self) -> dict[str, Any]:
+        """What the training loop needs to start here: a saved model to load, or nothing (the loop
+        builds the model from ``config["model"]``, encoders pre-trained, as pre-training does)."""
+        return {"init_from": str(self.model_dir)} if self.model_dir is not None else {}
+
+    def describe(self) -> str:
+        return str(self.model_dir) if self.model_dir is not None else f"pre-trained encoders of {self.source}"
+
+
+def _text_positions(model: dict[str, Any]) -> int | None:
+    """Position embeddings of the text encoder, when known without a download."""
+    positions = (model.get("text_config") or {}).get("max_position_embeddings")
+    path = model.get("text_name_or_path")
+    if positions is None and path and (Path(path) / "config.json").is_file():
+        positions = json.loads((Path(path) / "config.json").read_text()).get("max_position_embeddings")
+    return positions
+
+
+def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> tuple[FinetuneConfig, StartingPoint]:
+    """What comes with the starting point (tokenizer, preprocessing), then the task's shipped
+    defaults (the paper's fine-tuning resolution), then the user's file."""
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}")
-    model_dir = model_directory(checkpoint)
-    merged = read_yaml(TASK_DIR / f"{task}.yaml")
-    pre_path = model_dir / PREPROCESS_FILE
-    if pre_path.is_file():
-        pre = json.loads(pre_path.read_text())
-        merged = deep_merge({"data": {k: pre[k] for k in ("image_size", "max_length") if k in pre}}, merged)
-    saved = json.loads((model_dir / "config.json").read_text())
+    start = StartingPoint.of(checkpoint)
+    saved = start.model
+    merged = deep_merge({"data": start.data_defaults()}, read_yaml(TASK_DIR / f"{task}.yaml"))
     if not saved.get("fusion_layers"):      # a dual encoder: the task's ITM/MLM weights do not apply to it
         merged.setdefault("objective", {}).update(itm_weight=0.0, mlm_weight=0.0)
     user = read_yaml(config_path)
     if user.get("task", {}).get("name", task) != task:
         raise ConfigError(f"{config_path}: task.name {user['task']['name']!r} does not match --task {task}")
     merged = deep_merge(merged, user)
-    merged.setdefault("data", {}).setdefault("tokenizer", str(model_dir))
-    # the model is the checkpoint's; the config may only change training-time settings of it
+    if not merged.get("data", {}).get("tokenizer"):
+        raise ConfigError(f"{config_path}: data.tokenizer is required: the model spec {start.source} names no "
+                          "text encoder to take it from")
+    # the model is the starting point's; the config may only change training-time settings of it
     overrides = merged.get("model", {})
     allowed = {"lr_mult", "temperature"}
     if set(overrides) - allowed:
@@ -120,9 +204,12 @@ def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> t
         from ccrk_ray.losses import TEMPERATURE_MAX, TEMPERATURE_MIN
 
         check_range("model.temperature", overrides["temperature"], TEMPERATURE_MIN, TEMPERATURE_MAX)
-    # model.temperature is where the ITC temperature starts; null (the default): the checkpoint's learned one
-    merged["model"] = {**saved, "temperature": None, **overrides}
-    positions = (saved.get("text_config") or {}).get("max_position_embeddings")
+    if start.model_dir is not None:
+        # model.temperature is where the ITC temperature starts; null (the default): the checkpoint's learned one
+        merged["model"] = {**saved, "temperature": None, **overrides}
+    else:
+        merged["model"] = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
+    positions = _text_positions(saved)
     max_length = merged.get("data", {}).get("max_length")
     if positions and max_length and max_length > positions - 2:
         raise ConfigError(f"data.max_length {max_length} exceeds what the checkpoint's text encoder takes "
@@ -132,7 +219,7 @@ def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> t
         objective.setdefault("itm_weight", 0.0)
         objective.setdefault("mlm_weight", 0.0)
         merged.setdefault("task", {})["k_test"] = None
-    return FinetuneConfig.from_dict(merged, where=str(config_path)), model_dir
+    return FinetuneConfig.from_dict(merged, where=str(config_path)), start
 
 
 def evaluate_tests(cfg: PretrainConfig, model_dir: Path, languages, k_test: int | None, dataset: str = "test",
@@ -161,7 +248,7 @@ def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, res
     from ccrk_ray.train.state import read_best
 
     t0 = time.perf_counter()
-    cfg, model_dir = load_config(task, config_path, checkpoint)
+    cfg, start = load_config(task, config_path, checkpoint)
     out = prepare_run(cfg, resume)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length)
@@ -171,10 +258,10 @@ def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, res
     started = init_ray(num_cpus=int(cfg.scaling.workers[1] * (cfg.scaling.cpus_per_worker + cfg.data.cpus_per_actor)) + 2)
     log = lambda m: _log(m, t0)   # noqa: E731
     try:
-        log(f"fine-tuning {model_dir} on task {task} (train {', '.join(cfg.task.train_languages)}; "
+        log(f"fine-tuning {start.describe()} on task {task} (train {', '.join(cfg.task.train_languages)}; "
             f"test {', '.join(cfg.task.test_languages)})")
         metrics = run_training(cfg, tokenizer, caption_tokenizer, log=log, resume=resume,
-                               extra={"init_from": str(model_dir.resolve()), "best_dir": best_dir,
+                               extra={**start.loop_extra(), "best_dir": best_dir,
                                       "val": {"uri": cfg.data.val, "languages": list(cfg.task.val_languages)}
                                       if cfg.data.val else None})
         best = read_best(best_dir)

@@ -26,11 +26,13 @@ starts, instead of the checkpoint's learned one) and ``lr_mult``. Distributions
 ``[low, high, q]``, ``randint`` ``[low, high)`` (high excluded, as in Ray Tune), ``choice [...]``
 and ``grid [...]`` (every value, for each of the N samples). Without ``space`` the default
 (``default_space``) searches lr (x1/3..x3 of the config's), temperature, batch size (the config's
-and half of it), warm-up and weight decay, with the config's epochs. An unknown name, an unknown
-or malformed distribution, a value the config would reject (every bound and choice is checked) or
-a space that varies nothing is a ConfigError before any trial starts. ``lr_mult`` multiplies the
-LR of parameters the model initialised fresh; a saved CCRK model has none, so varying it is an
-error rather than a silent no-op.
+and half of it), warm-up and weight decay, with the config's epochs, plus ``lr_mult`` (1, 2 or 5)
+when the start has fresh layers. An unknown name, an unknown or malformed distribution, a value
+the config would reject (every bound and choice is checked) or a space that varies nothing is a
+ConfigError before any trial starts. ``lr_mult`` multiplies the LR of parameters that start fresh:
+with ``--checkpoint MODEL_SPEC.yaml`` (``ccrk_ray.finetune.StartingPoint``: pre-trained timm/HF
+encoders, CCRK's projections, cross-attention and heads new) those layers; a saved CCRK model has
+none, so varying it there is an error rather than a silent no-op.
 
 Each trial is a ``ccrk finetune`` run (its own config under ``output_dir/trials/<trial>/config.yaml``;
 a Ray Train ``TorchTrainer`` fitted inside a Tune function trial) that reports one Tune result per
@@ -210,10 +212,12 @@ def parse_space(space: dict[str, Any]) -> dict[str, Dist]:
     return out
 
 
-def default_space(cfg) -> dict[str, Dist]:
-    """The space searched when the config's ``tune:`` has no ``space``: around the config's values."""
+def default_space(cfg, fresh_layers: bool = False) -> dict[str, Dist]:
+    """The space searched when the config's ``tune:`` has no ``space``: around the config's values
+    (and ``lr_mult`` when the starting point has fresh layers)."""
     lr, bs = cfg.train.lr, cfg.train.batch_size
-    return {
+    extra = {"lr_mult": Dist("choice", (1.0, 2.0, 5.0))} if fresh_layers else {}
+    return extra | {
         "lr": Dist("loguniform", (lr / 3, lr * 3)),
         "temperature": Dist("loguniform", (0.035, 0.14)),
         "batch_size": Dist("choice", tuple(sorted({max(2, bs // 2), bs}))),
@@ -443,14 +447,6 @@ def _load_finetune(task: str, d: dict[str, Any], checkpoint: str):
         return load_config(task, _write_yaml(Path(tmp) / "config.yaml", d), checkpoint)
 
 
-def _lr_mult_applies(model_dir: Path) -> bool:
-    """Whether the checkpoint's model has freshly initialised parameters (which ``lr_mult`` scales):
-    ``CCRKModel.new_parameter_names`` is empty unless an encoder was loaded pre-trained."""
-    c = json.loads((model_dir / "config.json").read_text())
-    return bool(c.get("vision_pretrained") or c.get("vision_checkpoint")
-                or (c.get("text_name_or_path") and c.get("text_pretrained", True)))
-
-
 def trial_resources(cfg) -> tuple[float, int]:
     """(CPUs, GPUs) one trial holds at most: its process, its Train workers and their data actors."""
     hi = cfg.scaling.workers[1]
@@ -468,39 +464,39 @@ def default_concurrency(cluster: dict[str, float], cpus: float, gpus: int, trial
 def prepare_sweep(task: str, config_path: str | Path, checkpoint: str | Path, num_samples: int) -> tuple[dict[str, Any], Any]:
     """Everything checked before Ray starts: (the sweep's settings, the base FinetuneConfig)."""
     from ccrk_ray.data.pipeline import check_dataset
-    from ccrk_ray.finetune import model_directory
+    from ccrk_ray.finetune import StartingPoint
     from ccrk_ray.pretrain import read_yaml
 
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
     user = read_yaml(config_path)
     settings = TuneSection.from_dict(user.pop("tune", None))
-    model_dir = model_directory(checkpoint).resolve()
+    start = StartingPoint.of(checkpoint)
     base = _absolute_paths(user)
-    cfg, _ = _load_finetune(task, base, str(model_dir))
+    cfg, _ = _load_finetune(task, base, str(start.source))
     if not cfg.data.val:
         raise ConfigError("data.val is required: trials are compared (and stopped early) on validation metrics "
                           "after every epoch")
     if settings.objective != "r_mean" and len(cfg.task.val_languages) < 2:
         raise ConfigError(f"tune.objective {settings.objective} needs MRV on validation: set task.val_languages to "
                           f"two or more languages (got {', '.join(cfg.task.val_languages)})")
-    space = default_space(cfg) if settings.space is None else parse_space(settings.space)
-    if "lr_mult" in space and len({repr(v) for v in space["lr_mult"].corners()}) > 1 and not _lr_mult_applies(model_dir):
-        raise ConfigError("tune.space.lr_mult: the checkpoint's model has no freshly initialised parameters "
-                          "(every weight comes from the checkpoint), so lr_mult changes nothing; fix it or leave "
-                          "it out")
+    space = default_space(cfg, start.fresh_layers) if settings.space is None else parse_space(settings.space)
+    if "lr_mult" in space and len({repr(v) for v in space["lr_mult"].corners()}) > 1 and not start.fresh_layers:
+        raise ConfigError("tune.space.lr_mult: the starting point has no freshly initialised parameters (every "
+                          "weight comes from the checkpoint), so lr_mult changes nothing; fix it, leave it out, or "
+                          "start from pre-trained encoders (--checkpoint MODEL_SPEC.yaml)")
     workers_max = cfg.scaling.workers[1]
     for name, dist in space.items():      # every bound and choice must make a valid config
         for value in dist.corners():
             try:
-                _load_finetune(task, _deep(base, overrides({name: value}, workers_max)), str(model_dir))
+                _load_finetune(task, _deep(base, overrides({name: value}, workers_max)), str(start.source))
             except (ConfigError, TypeError, ValueError) as exc:
                 raise ConfigError(f"tune.space.{name}: value {value!r} is not valid: {exc}") from None
     check = check_dataset(cfg.data.train, cfg.data.languages, cfg.data.endpoint_url)
     largest = max(space["batch_size"].corners()) * workers_max if "batch_size" in space else cfg.train.global_batch_size
     if check.rows < largest:
         raise ConfigError(f"data.train has {check.rows} rows: not one full global batch of {largest} images")
-    sweep = {"task": task, "checkpoint": str(model_dir), "output_dir": str(Path(cfg.output_dir).resolve()),
+    sweep = {"task": task, "checkpoint": str(start.source), "output_dir": str(Path(cfg.output_dir).resolve()),
              "storage_path": cfg.storage_path, "name": settings.name, "base": base,
              "space": {k: d.to_yaml() for k, d in space.items()}, "tune": asdict(settings) | {"space": None},
              "workers_max": workers_max, "epochs": cfg.train.epochs, "num_samples": num_samples}
@@ -533,7 +529,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     d = trial_config(sweep, params, trial_id)
     out = Path(d["output_dir"])
     path = _write_yaml(out / "config.yaml", d, f"# ccrk tune trial {trial_id}: {json.dumps(params)}\n")
-    cfg, model_dir = load_config(sweep["task"], path, sweep["checkpoint"])
+    cfg, start = load_config(sweep["task"], path, sweep["checkpoint"])
     best_dir = f"{cfg.run_storage.rstrip('/')}/{cfg.name}/best"
     last = _read_json(f"{best_dir}/{LAST_FILE}")
     finished = last is not None and (int(last["epoch"]) >= cfg.train.epochs or bool(
@@ -553,7 +549,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
         print(f"[trial {trial_id} {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     run_training(cfg, tokenizer, caption_tokenizer, log=log, resume=run_exists(cfg.run_storage, cfg.name),
-                 extra={"init_from": str(model_dir.resolve()),
+                 extra={**start.loop_extra(),
                         "val": {"uri": cfg.data.val, "languages": list(cfg.task.val_languages)}},
                  callbacks=[SweepReportCallback(settings["objective"], settings["mrv_weight"], best_dir),
                             TrialPlacementGroups(str(out / PG_FILE))])

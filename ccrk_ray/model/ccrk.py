@@ -49,6 +49,17 @@ class ModelConfig:
     temperature: float = TEMPERATURE_INIT
     lr_mult: float = 2.0                # LR multiplier of newly initialised parameters
 
+    def __post_init__(self):
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        # None only in a fine-tuning config: the loaded model keeps its learned temperature
+        if self.temperature is not None and not TEMPERATURE_MIN <= self.temperature <= TEMPERATURE_MAX:
+            raise ValueError(f"temperature must be in [{TEMPERATURE_MIN}, {TEMPERATURE_MAX}], got {self.temperature}")
+        if not self.lr_mult > 0:
+            raise ValueError(f"lr_mult must be > 0, got {self.lr_mult}")
+        if self.fusion_layers < 0:
+            raise ValueError(f"fusion_layers must be >= 0, got {self.fusion_layers}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -59,6 +70,14 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def pretrained_vision(self) -> bool:
+        return self.vision_pretrained or bool(self.vision_checkpoint)
+
+    @property
+    def pretrained_text(self) -> bool:
+        return bool(self.text_name_or_path) and self.text_pretrained
 
 
 def _token_layout(features: torch.Tensor, width: int, output_fmt: str | None) -> torch.Tensor:
@@ -75,13 +94,8 @@ def _token_layout(features: torch.Tensor, width: int, output_fmt: str | None) ->
 class CCRKModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.embed_dim < 1:
-            raise ValueError(f"embed_dim must be >= 1, got {config.embed_dim}")
-        if not TEMPERATURE_MIN <= config.temperature <= TEMPERATURE_MAX:
-            raise ValueError(f"temperature must be in [{TEMPERATURE_MIN}, {TEMPERATURE_MAX}], "
-                             f"got {config.temperature}")
-        if config.lr_mult <= 0:
-            raise ValueError(f"lr_mult must be > 0, got {config.lr_mult}")
+        if config.temperature is None:
+            raise ValueError("temperature must be set to build a model (null only in a fine-tuning config)")
         self.config = config
         self.vision = build_vision_encoder(config.vision_name, pretrained=config.vision_pretrained,
                                            checkpoint_path=config.vision_checkpoint, **config.vision_kwargs)
@@ -198,9 +212,7 @@ class CCRKModel(nn.Module):
     def new_parameter_names(self) -> set[str]:
         """Parameters initialised fresh while others come from pre-trained weights (these get
         ``lr_mult``). Empty when nothing is pre-trained: then there is nothing to favour."""
-        cfg = self.config
-        vision_pre = cfg.vision_pretrained or bool(cfg.vision_checkpoint)
-        text_pre = bool(cfg.text_name_or_path) and cfg.text_pretrained
+        vision_pre, text_pre = self.config.pretrained_vision, self.config.pretrained_text
         if not (vision_pre or text_pre):
             return set()
         new = set()

@@ -34,6 +34,34 @@ def save_tiny_model(out: Path, tokenizer_dir, fusion_layers: int = 0, max_length
     return out
 
 
+def save_encoders(out: Path, tokenizer_dir, max_length: int = 24) -> Path:
+    """Stand-ins for pre-trained encoders as users have them on disk -- a timm vision model's weights
+    (safetensors) and an HF text model directory with its tokenizer (what ``xlm-roberta-large``
+    downloads to) -- and a model spec file naming them (``--checkpoint`` for fine-tuning without
+    CCRK pre-training). Returns the spec's path."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModel
+
+    from ccrk_ray.model.encoders import build_vision_encoder
+    from ccrk_ray.tokenizer import CaptionTokenizer
+    from tests.conftest import tiny_text_config
+
+    tok = CaptionTokenizer(tokenizer_dir, max_length)
+    torch.manual_seed(3)
+    cfg = dict(tiny_text_config(tok.vocab_size, max_length), num_hidden_layers=2)
+    AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(out / "text")
+    tok.save_pretrained(out / "text")
+    save_file(build_vision_encoder("resnet10t").state_dict(), str(out / "vision.safetensors"))
+    spec = {"model": {"vision_name": "resnet10t", "vision_checkpoint": str(out / "vision.safetensors"),
+                      "text_name_or_path": str(out / "text"), "text_layers": 1, "fusion_layers": 1,
+                      "embed_dim": 16},
+            "data": {"max_length": max_length}}
+    (out / "encoders.yaml").write_text(yaml.safe_dump(spec))
+    return out / "encoders.yaml"
+
+
 def scenes(root: Path, name: str, n: int, seed: int) -> list[dict]:
     """n synthetic rows (image bytes + a caption per language), images also saved as files."""
     generate_split(root / "parquet" / name, name, n, seed=seed, image_size=32)

@@ -27,6 +27,12 @@ def base_model(tiny_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def encoders(tiny_data, tmp_path_factory):
+    """A model spec naming pre-trained encoders on disk (fine-tuning without CCRK pre-training)."""
+    return task_data.save_encoders(tmp_path_factory.mktemp("encoders"), tiny_data["tokenizer"])
+
+
+@pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks")
     return root, {"train": task_data.scenes(root, "train", 48, 11), "val": task_data.scenes(root, "val", 16, 12),
@@ -73,6 +79,56 @@ def test_multi30k_train_english_test_four_languages(ray_local, base_model, rows,
     assert main(["finetune", "--task", "multi30k", "--config", str(cfg), "--checkpoint", str(base_model)]) == 0
     report = check_report(tmp_path / "out", {"test": ["en", "de", "fr", "cs"]}, 4)
     assert report["task"]["train_languages"] == ["en"] and report["train"]["step"] == 2 * 48 // 8
+
+
+def test_multi30k_from_pretrained_encoders_fresh_layers_get_lr_mult(ray_local, encoders, rows, tmp_path):
+    """``--checkpoint MODEL_SPEC.yaml``: the encoders load pre-trained, CCRK's own layers start fresh
+    with lr_mult x the learning rate, and the result is an ordinary self-contained saved model."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from ccrk_ray.model import ModelConfig
+
+    root, r = rows
+    (root / "enc").mkdir()
+    (root / "enc" / "images").symlink_to(root / "images")
+    data = task_data.multi30k(root / "enc", {"train": r["train"], "val": r["val"], "test_2016_flickr": r["test"]})
+    cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
+                                                   "test": str(data["test_2016_flickr"]), "image_size": 32},
+                      task={"k_test": 4}, epochs=1)
+    d = yaml.safe_load(cfg.read_text())
+    d["model"] = {"lr_mult": 3.0}
+    cfg.write_text(yaml.safe_dump(d))
+    loaded, start = load_config("multi30k", cfg, encoders)
+    text_dir = encoders.parent / "text"
+    assert start.fresh_layers and start.loop_extra() == {} and start.model_dir is None
+    assert loaded.data.tokenizer == str(text_dir) and loaded.data.max_length == 24 and loaded.data.image_size == 32
+    # what each training worker builds from the config: pre-trained encoders, fresh layers at 3 x lr
+    torch.manual_seed(0)
+    model = CCRKModel(ModelConfig.from_dict(loaded.model))
+    text_src = AutoModel.from_pretrained(text_dir)
+    torch.testing.assert_close(model.text.embeddings.word_embeddings.weight, text_src.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(model.vision.state_dict()["conv1.0.weight"],
+                               load_file(str(encoders.parent / "vision.safetensors"))["conv1.0.weight"])
+    lr = loaded.train.lr
+    by_name = {id(p): g["lr"] for g in model.param_groups(lr, 0.01) for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_name[id(named["text.embeddings.word_embeddings.weight"])] == pytest.approx(lr)
+    assert by_name[id(named["vision.conv1.0.weight"])] == pytest.approx(lr)
+    assert by_name[id(named["fusion.0.self_attn.in_proj_weight"])] == pytest.approx(lr)    # from text layer 2
+    for fresh in ("vision_proj.weight", "text_proj.weight", "fusion.0.cross_attn.in_proj_weight",
+                  "itm_head.net.0.weight", "temp"):
+        assert by_name[id(named[fresh])] == pytest.approx(3 * lr), fresh
+
+    assert main(["finetune", "--task", "multi30k", "--config", str(cfg), "--checkpoint", str(encoders)]) == 0
+    report = check_report(tmp_path / "out", {"test": ["en", "de", "fr", "cs"]}, 4)
+    assert report["train"]["step"] == 48 // 8
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert saved["text_name_or_path"] is None and saved["vision_checkpoint"] is None    # self-contained
+    # it fine-tunes further like any saved model: nothing fresh left, lr_mult has nothing to act on
+    _, again = load_config("multi30k", cfg, tmp_path / "out" / "model")
+    assert not again.fresh_layers and again.loop_extra()["init_from"] == str((tmp_path / "out" / "model").resolve())
 
 
 def test_mscoco_several_captions_per_image_and_test_sets_per_language(ray_local, base_model, rows, tmp_path):
@@ -127,6 +183,17 @@ def test_bad_finetune_configs_are_clear_errors(base_model, tmp_path):
         load_config("multi30k", cfg, base_model)
     with pytest.raises(ConfigError, match="is not a saved CCRK model"):
         load_config("multi30k", cfg, tmp_path)
+    cfg = user_config(tmp_path, tmp_path / "o", {"train": "x"})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"data": {"tokenizer": "t"}}))
+    with pytest.raises(ConfigError, match="a model spec file needs a model: mapping"):
+        load_config("multi30k", cfg, spec)
+    spec.write_text(yaml.safe_dump({"model": {"vision": "resnet10t"}}))
+    with pytest.raises(ConfigError, match=r"spec.yaml: model: unknown model config key\(s\): vision"):
+        load_config("multi30k", cfg, spec)
+    spec.write_text(yaml.safe_dump({"model": {"vision_name": "resnet10t", "text_config": {"model_type": "bert"}}}))
+    with pytest.raises(ConfigError, match="data.tokenizer is required: the model spec"):
+        load_config("multi30k", cfg, spec)
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump({"output_dir": "o", "data": {"train": "x"}, "model": {"fusion_layers": 3}}))
     with pytest.raises(ConfigError, match="only lr_mult, temperature can be set when fine-tuning"):

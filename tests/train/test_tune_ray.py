@@ -263,7 +263,8 @@ def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, t
     err({"space": {"temperature": {"uniform": [0.01, 0.9]}}}, r"temperature: value 0.9 is not valid: model.temperature")
     err({"space": {"batch_size": {"choice": [1, 8]}}}, r"batch_size: value 1 is not valid: train.batch_size must be")
     err({"space": {"batch_size": {"choice": [8, 512]}}}, "256 rows: not one full global batch of 512")
-    err({"space": {"lr_mult": {"choice": [1.0, 3.0]}}}, "lr_mult changes nothing")
+    err({"space": {"lr_mult": {"choice": [1.0, 3.0]}}}, "lr_mult changes nothing; fix it, leave it out, or start "
+        r"from pre-trained encoders \(--checkpoint MODEL_SPEC.yaml\)")
     err({"objective": "mrv"}, "tune.objective must be one of r_mean, -mrv, r_mean-mrv")
     err({"objective": "-mrv", "spcae": {}}, r"tune: unknown key\(s\) spcae")
     cfg = sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, {"objective": "-mrv"})
@@ -282,3 +283,27 @@ def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, t
     assert space["lr"].kind == "loguniform" and space["lr"].args == pytest.approx((1e-3 / 3, 3e-3))
     assert space["batch_size"].args == (4, 8) and space["epochs"].args == (2,)
     assert set(space) == {"lr", "temperature", "batch_size", "epochs", "warmup", "weight_decay"}
+
+
+def test_lr_mult_is_searched_when_the_start_has_fresh_layers(tiny_data, data, tmp_path):
+    """From pre-trained encoders (a model spec), CCRK's own layers start fresh: lr_mult is in the
+    default space and a space varying it is accepted; each trial's config carries its value."""
+    from ccrk_ray.finetune import StartingPoint
+    from ccrk_ray.tune import parse_dist, prepare_sweep, trial_config
+
+    spec = task_data.save_encoders(tmp_path / "enc", tiny_data["tokenizer"])
+    assert StartingPoint.of(spec).fresh_layers
+    sweep, _ = prepare_sweep("multi30k", sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, {}), spec, 4)
+    assert parse_dist("lr_mult", sweep["space"]["lr_mult"]).args == (1.0, 2.0, 5.0)
+    assert sweep["checkpoint"] == str(spec.resolve())
+    cfg = sweep_config(tmp_path / "c.yaml", tmp_path / "o", data,
+                       {"space": {"lr_mult": {"choice": [1.0, 4.0]}, "lr": {"loguniform": [1e-4, 1e-3]}}})
+    sweep, _ = prepare_sweep("multi30k", cfg, spec, 2)
+    d = trial_config(sweep, {"lr_mult": 4.0, "lr": 2e-4}, "t0")
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(d))
+    trial_cfg, start = load_config("multi30k", tmp_path / "t.yaml", spec)
+    assert trial_cfg.model["lr_mult"] == 4.0 and trial_cfg.train.lr == pytest.approx(2e-4) and start.loop_extra() == {}
+    # a value the model rejects is refused before any trial, as for every hyperparameter
+    bad = sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, {"space": {"lr_mult": {"choice": [0.0, 2.0]}}})
+    with pytest.raises(ConfigError, match="tune.space.lr_mult: value 0.0 is not valid"):
+        prepare_sweep("multi30k", bad, spec, 2)
