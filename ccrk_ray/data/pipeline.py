@@ -191,7 +191,7 @@ class StreamTransform(CountingTransform):
     encoded images go from parquet straight to pixels, never through the object store. The last
     ``OPEN_FILES`` files stay open (footer parsed once; on S3 no HEAD and footer GET per segment)."""
 
-    OPEN_FILES = 8
+    OPEN_FILES = 64
 
     def __init__(self, *, uri: str, endpoint_url: str | None, files: Sequence[str], seed: int,
                  run: str | None = None, **transform_kwargs):
