@@ -111,7 +111,7 @@ class StartingPoint:
       fresh, with ``model.lr_mult`` times the learning rate -- fine-tuning without CCRK
       pre-training, the baseline that shows what pre-training buys. Its optional ``data:`` section
       may give ``tokenizer``, ``image_size`` and ``max_length``; the tokenizer defaults to the text
-      encoder's own (``text_name_or_path``).
+      encoder's own (``text_name_or_path``). Local paths in it may be relative to the spec file.
     """
     source: Path
     model_dir: Path | None = None
@@ -129,8 +129,15 @@ class StartingPoint:
                 ModelConfig.from_dict(d["model"])
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"--checkpoint {checkpoint}: model: {exc}") from None
+            # local files named relative to the spec are found from any worker's directory
+            here = path.resolve().parent
+            for section, key in (("model", "vision_checkpoint"), ("model", "text_name_or_path"), ("data", "tokenizer")):
+                value = (d.get(section) or {}).get(key)
+                if isinstance(value, str) and not Path(value).is_absolute() and (here / value).exists():
+                    d[section][key] = str(here / value)
             return cls(path.resolve(), spec=d)
-        return cls(model_directory(path).resolve(), model_dir=model_directory(path).resolve())
+        model_dir = model_directory(path).resolve()
+        return cls(model_dir, model_dir=model_dir)
 
     @property
     def model(self) -> dict[str, Any]:

@@ -54,9 +54,8 @@ def save_encoders(out: Path, tokenizer_dir, max_length: int = 24) -> Path:
     AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(out / "text")
     tok.save_pretrained(out / "text")
     save_file(build_vision_encoder("resnet10t").state_dict(), str(out / "vision.safetensors"))
-    spec = {"model": {"vision_name": "resnet10t", "vision_checkpoint": str(out / "vision.safetensors"),
-                      "text_name_or_path": str(out / "text"), "text_layers": 1, "fusion_layers": 1,
-                      "embed_dim": 16},
+    spec = {"model": {"vision_name": "resnet10t", "vision_checkpoint": "vision.safetensors",   # relative to the spec
+                      "text_name_or_path": "text", "text_layers": 1, "fusion_layers": 1, "embed_dim": 16},
             "data": {"max_length": max_length}}
     (out / "encoders.yaml").write_text(yaml.safe_dump(spec))
     return out / "encoders.yaml"

@@ -104,6 +104,9 @@ def test_multi30k_from_pretrained_encoders_fresh_layers_get_lr_mult(ray_local, e
     text_dir = encoders.parent / "text"
     assert start.fresh_layers and start.loop_extra() == {} and start.model_dir is None
     assert loaded.data.tokenizer == str(text_dir) and loaded.data.max_length == 24 and loaded.data.image_size == 32
+    # the spec names its files relative to itself; workers get absolute paths
+    assert loaded.model["text_name_or_path"] == str(text_dir)
+    assert loaded.model["vision_checkpoint"] == str(encoders.parent / "vision.safetensors")
     # what each training worker builds from the config: pre-trained encoders, fresh layers at 3 x lr
     torch.manual_seed(0)
     model = CCRKModel(ModelConfig.from_dict(loaded.model))
