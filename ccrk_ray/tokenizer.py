@@ -107,7 +107,10 @@ class CaptionTokenizer:
             enc = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
                           return_tensors="np")
             return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        encodings = self.backend.encode_batch(list(texts))
+        # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which nothing here uses:
+        # the same ids and masks in ~2/3 of the time
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        encodings = encode(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), self.max_length)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(ids.shape)
         return ids, mask
