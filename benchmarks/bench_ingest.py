@@ -1,6 +1,6 @@
 """Ingest throughput: the Ray Data pipeline vs a plain torch DataLoader doing the same
 decode / random-resized-crop / K-caption tokenisation on the same parquet, on the same CPU cores,
-from local disk and from a local S3 server (moto, 127.0.0.1).
+from local disk and from a local S3 server (moto in its own process, 127.0.0.1).
 
     .venv/bin/python benchmarks/bench_ingest.py [--images 4000] [--cores 2] [--epochs 4] [--no-s3]
 
@@ -15,7 +15,10 @@ whole parquet files (file-sharded), as a hand-written loader would.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,6 +121,7 @@ def main():
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--s3-port", type=int, default=5599, help="port of the local S3 server (moto, own process)")
     p.add_argument("--map-batch", type=int, default=BATCH, help="rows per Ray Data transform call")
     p.add_argument("--extra-cpus", type=int, default=1, help="logical CPUs for Ray beyond the transform actors")
     a = p.parse_args()
@@ -137,14 +141,25 @@ def main():
     server = None
     if not a.no_s3:
         import boto3
-        from moto.server import ThreadedMotoServer
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0 or 5599, verbose=False)
-        server.start()
+        # its own process, as a real object store is: moto's threads inside this process would
+        # compete for the GIL with whichever pipeline runs here
+        port = a.s3_port
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(server.terminate)          # whatever fails below
+        endpoint = f"http://127.0.0.1:{port}"
         os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
-                          AWS_ENDPOINT_URL="http://127.0.0.1:5599")
-        s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:5599")
-        s3.create_bucket(Bucket="bench")
+                          AWS_ENDPOINT_URL=endpoint)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        for _ in range(100):
+            try:
+                s3.create_bucket(Bucket="bench")
+                break
+            except Exception:
+                if server.poll() is not None:
+                    raise RuntimeError(f"moto server exited ({server.returncode}); is port {port} taken?")
+                time.sleep(0.2)
         for f in sorted((tmp / "train").glob("*.parquet")):
             s3.upload_file(str(f), "bench", f"train/{f.name}")
         sources["local S3 server"] = "s3://bench/train"
@@ -168,7 +183,8 @@ def main():
     finally:
         ray.shutdown()
         if server is not None:
-            server.stop()
+            server.terminate()
+            server.wait()
 
 
 if __name__ == "__main__":
