@@ -23,7 +23,6 @@ def blocks_of(epoch_rows, cuts):
        cuts=st.lists(st.integers(0, 160), max_size=12), batch=st.integers(1, 9))
 def test_every_full_batch_of_each_epoch_in_order_and_nothing_crosses_epochs(epoch_rows, cuts, batch):
     batcher = EpochBatcher(blocks_of(epoch_rows, cuts), batch)
-    start = 0
     for e, n in enumerate(epoch_rows):
         got = []
         while (b := batcher.next(e)) is not None:
@@ -31,7 +30,6 @@ def test_every_full_batch_of_each_epoch_in_order_and_nothing_crosses_epochs(epoc
             assert torch.equal(b["x"][:, 0], b["x"][:, 2])          # rows stay whole
             got += b[POS_COLUMN].tolist()
         assert got == list(range(n // batch * batch))                # every full batch, in order
-        start += n
     assert batcher.next(len(epoch_rows)) is None
     assert batcher.dropped == sum(n % batch for n in epoch_rows)     # only the short tails
 
