@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -160,6 +160,29 @@ def stream_items(streams: Sequence[tuple[int, Sequence[Segment]]]) -> list[dict[
             items.append({"segment": seg.to_list(), "epoch": int(epoch), "base": base})
             base += seg.rows
     return items
+
+
+CALL_FIELDS = 7       # a call's segments, flattened: Segment.to_list() + [base] each
+
+
+def plan_calls(items: Sequence[Mapping[str, Any]], rows_per_call: int, single: int = 0) -> list[dict[str, Any]]:
+    """Plan items (``stream_items``, in stream order) grouped into data-actor
+    calls: consecutive segments of one epoch, adding segments while the call has fewer than
+    ``rows_per_call`` rows. The first ``single`` calls hold one segment each, so the first batch
+    waits for one segment's work, not a whole call's. Each call is ``{"epoch": e, "segments":
+    [file, group, group_start, start, stop, skip, base] * n}`` (flat ints: one Arrow list column)."""
+    calls: list[dict[str, Any]] = []
+    rows = 0
+    for item in items:
+        seg = Segment.from_list(item["segment"])
+        last = calls[-1] if calls else None
+        if last is None or last["epoch"] != int(item["epoch"]) or len(calls) <= single or rows >= rows_per_call:
+            last = {"epoch": int(item["epoch"]), "segments": []}
+            calls.append(last)
+            rows = 0
+        last["segments"] += seg.to_list() + [int(item["base"])]
+        rows += seg.rows
+    return calls
 
 
 def read_segment(parquet_file, segment: Segment, seed: int, epoch: int, base: int,

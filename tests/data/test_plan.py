@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccrk_ray.data.plan import (EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, Segment, assign, epoch_segments, file_segments,
-                                read_segment, remaining)
+from ccrk_ray.data.plan import (CALL_FIELDS, EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, Segment, assign,
+                                epoch_segments, file_segments, plan_calls, read_segment, remaining, stream_items)
 
 GROUPS = [[256, 256, 100], [37], [256, 5]]   # rows per row group, per file
 TOTAL = sum(map(sum, GROUPS))
@@ -75,6 +75,27 @@ def test_restarts_and_resizes_train_every_row_exactly_once(worlds, data):
             trained += stream_keys(stream, 3, 0)[:n]
             pos.consumed[r] = n
     assert len(trained) == TOTAL and len(set(trained)) == TOTAL
+
+
+@settings(max_examples=60, deadline=None)
+@given(epochs=st.integers(1, 3), chunk=st.integers(20, 300), rows_per_call=st.integers(1, 900), single=st.integers(0, 4))
+def test_plan_calls_keep_stream_order_and_never_mix_epochs(epochs, chunk, rows_per_call, single):
+    """Data-actor calls: the items' segments, in order, each with its base; one epoch per call;
+    the first ``single`` calls one segment each; a call stops growing once it has its rows."""
+    streams = [(e, assign(epoch_segments(GROUPS, e, seed=1, chunk_rows=chunk), 2)[1]) for e in range(epochs)]
+    items = stream_items(streams)
+    calls = plan_calls(items, rows_per_call, single)
+    flat = [(c["epoch"], list(map(int, v))) for c in calls
+            for v in np.asarray(c["segments"]).reshape(-1, CALL_FIELDS)]
+    assert flat == [(it["epoch"], it["segment"] + [it["base"]]) for it in items]
+    for i, c in enumerate(calls):
+        segs = [Segment.from_list(v[:-1]) for v in np.asarray(c["segments"]).reshape(-1, CALL_FIELDS)]
+        if i < single:
+            assert len(segs) == 1
+        assert sum(s.rows for s in segs[:-1]) < rows_per_call       # the last segment filled it
+        nxt = calls[i + 1] if i + 1 < len(calls) else None
+        if nxt is not None and nxt["epoch"] == c["epoch"] and i >= single:
+            assert sum(s.rows for s in segs) >= rows_per_call      # closed only when full
 
 
 def test_read_segment_returns_rows_in_plan_order(tmp_path):
