@@ -6,8 +6,8 @@ from local disk and from a local S3 server (moto in its own process, 127.0.0.1).
 
 Prints samples/s of each and the ratio Ray Data / DataLoader, for the generic pipeline
 (``one_to_k_dataset``: Ray's parquet reader, then transform actors) and for the training path
-(``stream_blocks``: the seeded epoch plans, each actor reading and transforming whole segments, one
-stream for all epochs, cut into batches by ``EpochBatcher``). Both use one transform
+(``stream_blocks``: the seeded epoch plans, each actor call reading and transforming ~1024 rows of
+them, one stream for all epochs, cut into batches by ``EpochBatcher``). Both use one transform
 implementation (ccrk_ray.data.transforms.OneToKBatchTransform); the DataLoader workers each read
 whole parquet files (file-sharded), as a hand-written loader would.
 """
@@ -96,8 +96,9 @@ def run_ray(uri, tokenizer, cores, epochs, map_batch=BATCH):
 
 def run_stream(uri, tokenizer, cores, epochs):
     """The training path: one worker's stream of the seeded epoch plans, all epochs in one data
-    stream (``stream_blocks``: each actor reads and transforms whole segments, the actors live
-    across epochs), cut into per-epoch batches by ``EpochBatcher`` as the training loop does."""
+    stream (``stream_blocks``: each actor call reads and transforms ~1024 rows of plan segments,
+    the actors live across epochs), cut into per-epoch batches by ``EpochBatcher`` as the training
+    loop does."""
     from ccrk_ray.data.batching import EpochBatcher
     from ccrk_ray.data.pipeline import check_dataset, stream_blocks
     from ccrk_ray.data.plan import epoch_segments
@@ -113,6 +114,15 @@ def run_stream(uri, tokenizer, cores, epochs):
         while (b := batcher.next(epoch)) is not None:
             m.add(b["pixel_values"].shape[0])
     return m.result()
+
+
+def parity_samples(ray_run, dl_run) -> float | None:
+    """Run length (samples) beyond which the Ray run's whole-run rate passes the DataLoader's:
+    each run modelled as its start-up (time to the first batch) plus samples at its steady rate."""
+    (_, first_r, steady_r), (_, first_d, steady_d) = ray_run, dl_run
+    if steady_r <= steady_d:
+        return None
+    return max(0.0, (first_r - first_d) / (1 / steady_d - 1 / steady_r))
 
 
 def main():
@@ -180,6 +190,10 @@ def main():
                 ratio = "" if pipeline == "DataLoader" else f"{whole / dl[0]:.2f}x | {steady / dl[2]:.2f}x"
                 print(f"{name:16}{pipeline:28}{whole:8.0f} /s{first:11.1f} s{steady:7.0f} /s  {ratio:>12}",
                       flush=True)
+            parity = parity_samples(runs["Ray Data, training path"], dl)
+            print(f"{'':16}training path: whole-run rate passes the DataLoader's beyond "
+                  + (f"~{parity:,.0f} samples" if parity is not None else "no run length (steady rate not above)"),
+                  flush=True)
     finally:
         ray.shutdown()
         if server is not None:

@@ -9,7 +9,8 @@ so a rank may leave rows behind) are passed over. Pure torch, no Ray.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping
+import threading
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -90,3 +91,40 @@ class EpochBatcher:
     def _drop_parts(self) -> None:
         self.dropped += self._rows
         self._parts, self._rows, self._epoch = [], 0, None
+
+
+class Started(Iterator):
+    """``items`` with its first item requested now, in a background thread, so that whatever the
+    caller does next (building the model, loading a checkpoint) overlaps the stream's start-up (a
+    Ray Data stream starts its data actors, seconds of imports, on the first request).
+
+    The first ``next`` waits for that item (or re-raises what fetching it raised); later ones read
+    ``items`` directly, in the caller's thread."""
+
+    def __init__(self, items: Iterable[Any]):
+        self._items = iter(items)
+        self._first: tuple = ()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(target=self._fetch, name="data-start",
+                                                                 daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = (next(self._items),)
+        except StopIteration:
+            pass
+        except BaseException as exc:  # re-raised in the caller's thread
+            self._error = exc
+
+    def __next__(self) -> Any:
+        if self._thread is None:
+            return next(self._items)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        if not self._first:
+            raise StopIteration
+        first, self._first = self._first[0], ()
+        return first

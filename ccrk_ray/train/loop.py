@@ -40,13 +40,13 @@ from typing import Any
 
 import torch
 
-from ccrk_ray.data.batching import EpochBatcher
+from ccrk_ray.data.batching import EpochBatcher, Started
 from ccrk_ray.data.pipeline import stats_actor, stream_blocks
 from ccrk_ray.data.plan import EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, epoch_segments
 from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.model import CCRKModel, ModelConfig
 from ccrk_ray.objectives import ObjectiveModule, build_objective
-from ccrk_ray.train.state import load_model, load_training_state, save_checkpoint, save_best
+from ccrk_ray.train.state import PROGRESS_FILE, load_model, load_training_state, save_checkpoint, save_best
 
 
 def lr_factor(warmup_steps: int, total_steps: int, schedule: str = "cosine"):
@@ -136,6 +136,13 @@ def _validate(model: CCRKModel, batch, languages) -> dict[str, float]:
     return out
 
 
+def read_progress(checkpoint) -> dict[str, Any]:
+    """The progress (step, epoch, data position) of a ``ray.train.Checkpoint``, read where it is
+    stored: the weights are not fetched for it."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{PROGRESS_FILE}") as f:
+        return json.loads(f.read())
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
@@ -152,6 +159,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     warmup = float(config.get("warmup", 0))
     warmup_steps = min(int(warmup * steps_total) if warmup < 1 else int(warmup), steps_total // 2)
 
+    step, position, best = 0, None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        progress = read_progress(checkpoint)
+        step, best = progress["step"], progress.get("best")
+        position = Position.from_dict(progress["position"]).resume(world) if progress.get("position") else None
+        start_epoch = position.epoch if position else progress["epoch"]
+        if rank == 0:
+            print(f"[train] resumed at step {step}, epoch {start_epoch + 1}"
+                  + (f", {sum(s.rows for s in position.segments)} rows left in it" if position else ""), flush=True)
+    else:
+        start_epoch = 0
+
+    # Every epoch's plan is known now (it depends on seed, epoch and world size only; a resumed
+    # epoch continues its checkpointed position): one data stream for the whole run, so the data
+    # actors start once, not once per epoch. It starts now (``Started``): the actors' start-up
+    # (seconds of imports, the tokenizer) overlaps building the model and loading the checkpoint.
+    stats = stats_actor() if rank == 0 else None
+    run_id = data.get("run_id")     # this run's rows only (a sweep's trials share the job's stats actor)
+    # what earlier attempts of this run counted, taken before this attempt's stream reads a row
+    seen = ray.get(stats.epochs.remote(run_id)) if stats is not None else None
+    phases = [position if position is not None and position.epoch == epoch else Position(
+        epoch, epoch_segments(data["row_groups"], epoch, seed, int(data.get("chunk_rows", 256))), world)
+        for epoch in range(start_epoch, epochs)]
+    image_transform = ImageTransform(int(data["image_size"]), train=True)
+    batcher = EpochBatcher(Started(stream_blocks(
+        [(p.epoch, p.streams()[rank]) for p in phases], uri=data["uri"], files=data["files"], seed=seed,
+        languages=data["languages"], k=int(data["k"]), tokenizer=data["tokenizer"], image_transform=image_transform,
+        num_actors=int(data.get("data_actors", 1)), cpus_per_actor=float(data.get("cpus_per_actor", 0.8)),
+        on_bad_row=data.get("on_bad_row", "skip"), endpoint_url=data.get("endpoint_url"),
+        image_keys=bool(data.get("image_keys")), run=run_id)) if phases else (), batch_size)
+
     # fine-tuning starts from a saved model (a directory every worker can read); pre-training from scratch
     model = load_model(config["init_from"]) if config.get("init_from") else CCRKModel(ModelConfig.from_dict(config["model"]))
     if config.get("init_from") and config["model"].get("temperature") is not None:
@@ -163,20 +202,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.param_groups(config["lr"], config["weight_decay"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(warmup_steps, steps_total, config.get("schedule", "cosine")))
-
-    step, position, best = 0, None, None
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            progress = load_training_state(d, model, optimizer, scheduler)
-        step, best = progress["step"], progress.get("best")
-        position = Position.from_dict(progress["position"]).resume(world) if progress.get("position") else None
-        start_epoch = position.epoch if position else progress["epoch"]
-        if rank == 0:
-            print(f"[train] resumed at step {step}, epoch {start_epoch + 1}"
-                  + (f", {sum(s.rows for s in position.segments)} rows left in it" if position else ""), flush=True)
-    else:
-        start_epoch = 0
+            load_training_state(d, model, optimizer, scheduler)
 
     module = ray.train.torch.prepare_model(
         ObjectiveModule(model, build_objective(config.get("objective", "one_to_k"), **config.get("objective_args", {}))))
@@ -198,9 +226,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         Path(config["trace_dir"]).mkdir(parents=True, exist_ok=True)
         trace = open(Path(config["trace_dir"]) / f"rank{rank}-pid{os.getpid()}.jsonl", "a")
 
-    stats = stats_actor() if rank == 0 else None
-    run_id = data.get("run_id")     # this run's rows only (a sweep's trials share the job's stats actor)
-    seen = ray.get(stats.epochs.remote(run_id)) if stats is not None else None
     log_every, ckpt_every = int(config.get("log_every", 10)), int(config.get("checkpoint_every", 0))
     device = ray.train.torch.get_device()
     precision = config.get("precision", "fp32")
@@ -208,7 +233,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     grad_clip = float(config.get("grad_clip", 0.0))
-    image_transform = ImageTransform(int(data["image_size"]), train=True)
 
     def save(phase: Position | None, epoch_done: int, metrics: dict[str, Any]) -> None:
         """Every rank calls it (report is a barrier); rank 0 writes the checkpoint."""
@@ -225,18 +249,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         else:
             ray.train.report(metrics)
 
-    # Every epoch's plan is known now (it depends on seed, epoch and world size only; a resumed
-    # epoch continues its checkpointed position): one data stream for the whole run, so the data
-    # actors start once, not once per epoch.
-    phases = [position if position is not None and position.epoch == epoch else Position(
-        epoch, epoch_segments(data["row_groups"], epoch, seed, int(data.get("chunk_rows", 256))), world)
-        for epoch in range(start_epoch, epochs)]
-    batcher = EpochBatcher(stream_blocks(
-        [(p.epoch, p.streams()[rank]) for p in phases], uri=data["uri"], files=data["files"], seed=seed,
-        languages=data["languages"], k=int(data["k"]), tokenizer=data["tokenizer"], image_transform=image_transform,
-        num_actors=int(data.get("data_actors", 1)), cpus_per_actor=float(data.get("cpus_per_actor", 0.8)),
-        on_bad_row=data.get("on_bad_row", "skip"), endpoint_url=data.get("endpoint_url"),
-        image_keys=bool(data.get("image_keys")), run=run_id) if phases else (), batch_size)
     metrics: dict[str, Any] = {}
     for phase in phases:
         epoch = phase.epoch

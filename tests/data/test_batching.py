@@ -1,10 +1,13 @@
 """EpochBatcher: one worker's multi-epoch row stream back into per-epoch batches."""
 
+import threading
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccrk_ray.data.batching import EpochBatcher
+from ccrk_ray.data.batching import EpochBatcher, Started
 from ccrk_ray.data.plan import EPOCH_COLUMN, POS_COLUMN
 
 
@@ -49,3 +52,28 @@ def test_a_batch_inside_one_block_is_a_view_not_a_copy():
     batcher = EpochBatcher(blocks, 4)
     b = batcher.next(0)
     assert b["x"].data_ptr() == blocks[0]["x"].data_ptr()
+
+
+def test_started_requests_the_first_item_at_once_and_yields_everything_in_order():
+    asked, release = threading.Event(), threading.Event()
+
+    def stream():
+        asked.set()                       # the first item was requested
+        release.wait(10)
+        yield from range(5)
+
+    items = Started(stream())
+    assert asked.wait(10)                 # before anyone called next()
+    release.set()
+    assert list(items) == [0, 1, 2, 3, 4]
+    assert list(Started(iter(()))) == []
+
+
+def test_started_raises_the_first_fetch_error_in_the_caller():
+    def broken():
+        raise OSError("s3://bucket/a.parquet: access denied")
+        yield
+
+    items = Started(broken())
+    with pytest.raises(OSError, match="access denied"):
+        next(items)
