@@ -22,8 +22,8 @@
   optimiser step, for tests and audits).
 
 Data: each worker reads its own streams of the epoch plans (``ccrk_ray.data.plan``) as one Ray
-Data stream for the whole run (``stream_blocks``: data actors start once), cut into per-epoch
-batches by ``EpochBatcher``. Checkpoints carry the plan position, so a restarted or resized worker group continues the
+Data stream for the whole run (``stream_blocks``: data actors start once, before the model is
+built, so their start-up overlaps it), cut into per-epoch batches by ``EpochBatcher``. Checkpoints carry the plan position, so a restarted or resized worker group continues the
 epoch where the last checkpoint left it: rows trained before it are not trained again.
 """
 
