@@ -46,7 +46,7 @@ from ccrk_ray.data.plan import EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, e
 from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.model import CCRKModel, ModelConfig
 from ccrk_ray.objectives import ObjectiveModule, build_objective
-from ccrk_ray.train.state import PROGRESS_FILE, load_model, load_training_state, save_checkpoint, save_best
+from ccrk_ray.train.state import load_model, load_training_state, read_progress, save_best, save_checkpoint
 
 
 def lr_factor(warmup_steps: int, total_steps: int, schedule: str = "cosine"):
@@ -136,13 +136,6 @@ def _validate(model: CCRKModel, batch, languages) -> dict[str, float]:
     return out
 
 
-def read_progress(checkpoint) -> dict[str, Any]:
-    """The progress (step, epoch, data position) of a ``ray.train.Checkpoint``, read where it is
-    stored: the weights are not fetched for it."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{PROGRESS_FILE}") as f:
-        return json.loads(f.read())
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
@@ -162,7 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     step, position, best = 0, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        progress = read_progress(checkpoint)
+        progress = read_progress(checkpoint.filesystem, checkpoint.path)
         step, best = progress["step"], progress.get("best")
         position = Position.from_dict(progress["position"]).resume(world) if progress.get("position") else None
         start_epoch = position.epoch if position else progress["epoch"]

@@ -32,8 +32,15 @@ def save_checkpoint(directory: str | Path, model: CCRKModel, optimizer, schedule
     return d
 
 
-def load_training_state(directory: str | Path, model: CCRKModel, optimizer, scheduler) -> dict[str, Any]:
-    """Load weights into ``model`` and states into optimiser/scheduler; return the progress dict."""
+def read_progress(fs, directory: str) -> dict[str, Any]:
+    """The progress dict (step, epoch, data position) of the checkpoint at ``directory`` of the
+    pyarrow filesystem ``fs``, read where it is stored: the weights are not fetched for it."""
+    with fs.open_input_stream(f"{directory}/{PROGRESS_FILE}") as f:
+        return json.loads(f.read())
+
+
+def load_training_state(directory: str | Path, model: CCRKModel, optimizer, scheduler) -> None:
+    """Load weights into ``model`` and states into optimiser/scheduler (progress: ``read_progress``)."""
     from safetensors.torch import load_model
 
     d = Path(directory)
@@ -43,7 +50,6 @@ def load_training_state(directory: str | Path, model: CCRKModel, optimizer, sche
     scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         torch.set_rng_state(state["rng"])
-    return json.loads((d / PROGRESS_FILE).read_text())
 
 
 def load_model(checkpoint_dir: str | Path) -> CCRKModel:
