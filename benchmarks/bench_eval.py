@@ -142,7 +142,7 @@ def run_one(g: int, actors: int, k: int, d: int, compare: bool) -> dict:
 
     from ccrk_ray.eval.actors import rank_on_actors
     from ccrk_ray.eval.retrieval import rank_sharded
-    from ccrk_ray.languages import CCRK_LANGUAGES
+    from ccrk_ray.core.languages import CCRK_LANGUAGES
 
     langs = list(CCRK_LANGUAGES[:k]) if k <= len(CCRK_LANGUAGES) else [f"l{j}" for j in range(k)]
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False,

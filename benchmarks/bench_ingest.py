@@ -29,10 +29,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pyarrow.parquet as pq
 import torch
 
-from ccrk_ray.data import schema, storage
+from ccrk_ray.core import storage
+from ccrk_ray.data import schema
 from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
-from ccrk_ray.languages import CCRK_LANGUAGES
-from ccrk_ray.tokenizer import CaptionTokenizer
+from ccrk_ray.core.languages import CCRK_LANGUAGES
+from ccrk_ray.data.tokenizer import CaptionTokenizer
 
 BATCH = 64
 
@@ -82,7 +83,7 @@ def run_dataloader(uri, transform, cores, epochs):
 
 
 def run_ray(uri, tokenizer, cores, epochs, map_batch=BATCH):
-    from ccrk_ray.data.pipeline import one_to_k_dataset
+    from ccrk_ray.data.ingest import one_to_k_dataset
 
     ds = one_to_k_dataset(uri, languages=CCRK_LANGUAGES, k=len(CCRK_LANGUAGES), tokenizer=tokenizer,
                           image_transform=ImageTransform(64, train=True), batch_size=map_batch, num_actors=cores,
@@ -100,7 +101,7 @@ def run_stream(uri, tokenizer, cores, epochs):
     the actors live across epochs), cut into per-epoch batches by ``EpochBatcher`` as the training
     loop does."""
     from ccrk_ray.data.batching import EpochBatcher
-    from ccrk_ray.data.pipeline import check_dataset, stream_blocks
+    from ccrk_ray.data.ingest import check_dataset, stream_blocks
     from ccrk_ray.data.plan import epoch_segments
 
     m = Meter()
@@ -156,8 +157,8 @@ def main():
     import ray
 
     from ccrk_ray.data.synthetic import generate_split
-    from ccrk_ray.demo import iter_captions
-    from ccrk_ray.tokenizer import train_tokenizer
+    from ccrk_ray.data.tokenizer import iter_captions
+    from ccrk_ray.data.tokenizer import train_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="ccrk-bench-"))
     generate_split(tmp / "train", "train", a.images, rows_per_shard=500)

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ccrk_ray.losses import one_to_k_contrastive, sample_mitm
+from ccrk_ray.objectives.losses import one_to_k_contrastive, sample_mitm
 
 
 def loop_itc(img, txt, temp):

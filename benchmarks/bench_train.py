@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def setup(cfg: dict):
     from ccrk_ray.model import CCRKModel, ModelConfig
-    from ccrk_ray.objectives import ObjectiveModule, build_objective
+    from ccrk_ray.objectives.styles import ObjectiveModule, build_objective
 
     torch.manual_seed(0)
     text = dict(model_type="xlm-roberta", vocab_size=2000, hidden_size=128, num_hidden_layers=3,

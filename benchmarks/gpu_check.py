@@ -17,7 +17,7 @@ import torch
 from ccrk_ray.eval.report import build_report
 from ccrk_ray.eval.retrieval import evaluate_in_process
 from ccrk_ray.model import CCRKModel, ModelConfig
-from ccrk_ray.objectives import ObjectiveModule, build_objective
+from ccrk_ray.objectives.styles import ObjectiveModule, build_objective
 
 LANGS = ["zh", "en", "de", "fr", "ja", "cs", "id", "es", "ru", "tr"]
 

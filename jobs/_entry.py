@@ -32,9 +32,9 @@ if sys.path[:1] != [str(REPO)]:         # the shipped code first, ahead of an in
 
 
 def expand(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> list[str]:
-    """``argv`` with every ``${NAME}`` replaced by ``environ[NAME]`` (``ccrk_ray.config.expand_vars``);
+    """``argv`` with every ``${NAME}`` replaced by ``environ[NAME]`` (``ccrk_ray.core.config.expand_vars``);
     a ConfigError names the unset (or empty) ones."""
-    from ccrk_ray.config import expand_vars
+    from ccrk_ray.core.config import expand_vars
 
     return expand_vars(list(argv), environ, where="arguments")
 
@@ -42,7 +42,7 @@ def expand(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> lis
 def run(command: str, argv: Sequence[str] | None = None) -> int:
     """``ccrk <command> <argv>`` (default argv: this process's arguments); returns its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    from ccrk_ray.config import ConfigError
+    from ccrk_ray.core.config import ConfigError
 
     try:
         args = expand(argv)

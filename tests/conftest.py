@@ -13,7 +13,7 @@ for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_
 import numpy as np
 import pytest
 
-from ccrk_ray.languages import CCRK_LANGUAGES
+from ccrk_ray.core.languages import CCRK_LANGUAGES
 from tests.ports import free_port
 
 
@@ -36,8 +36,8 @@ def ray_local():
 def tiny_data(tmp_path_factory):
     """A small synthetic data set (train 96 / test 40 images, 10 languages) and a tokenizer."""
     from ccrk_ray.data.synthetic import generate_split
-    from ccrk_ray.demo import iter_captions
-    from ccrk_ray.tokenizer import train_tokenizer
+    from ccrk_ray.data.tokenizer import iter_captions
+    from ccrk_ray.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_data")
     generate_split(root / "train", "train", 96, seed=1, rows_per_shard=48)

@@ -62,7 +62,7 @@ def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
     res = ccrk("evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"))
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"ccrk: error: --checkpoint {tmp_path} is not a saved CCRK model "
-                                               "or checkpoint"]
+                                               "or a training checkpoint (no config.json)"]
 
 
 def test_evaluate_bad_actor_count_is_one_line(tmp_path):
@@ -78,7 +78,7 @@ def test_mrv_over_rank_files_of_two_runs(tmp_path):
     import numpy as np
 
     from ccrk_ray.eval.ranks import save_ranks
-    from ccrk_ray.metrics import mean_rank_variance
+    from ccrk_ray.eval.metrics import mean_rank_variance
 
     rng = np.random.default_rng(0)
     ids = [f"i{n}" for n in range(12)]

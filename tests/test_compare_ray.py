@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from ccrk_ray.compare import STYLES, CompareConfig, run_compare
+from ccrk_ray.experiments.compare import STYLES, CompareConfig, run_compare
 from ccrk_ray.data.transforms import load_split_batch
-from ccrk_ray.config import ConfigError
-from ccrk_ray.languages import CCRK_LANGUAGES
+from ccrk_ray.core.config import ConfigError
+from ccrk_ray.core.languages import CCRK_LANGUAGES
 
 pytestmark = pytest.mark.ray
 
@@ -46,7 +46,7 @@ def test_two_stage_report_is_reproducible_from_the_saved_model(compare_run):
     from ccrk_ray.eval.report import build_report
     from ccrk_ray.eval.retrieval import evaluate_in_process
     from ccrk_ray.model import CCRKModel
-    from ccrk_ray.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
 
     model = CCRKModel.from_pretrained(out / "runs" / "one_to_k" / "model")
     assert len(model.fusion) == 1 and model.has_fusion

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ccrk_ray.demo import MARKER, DemoConfig, prepare_out_dir, run_demo
-from ccrk_ray.languages import CCRK_LANGUAGES
+from ccrk_ray.experiments.demo import MARKER, DemoConfig, prepare_out_dir, run_demo
+from ccrk_ray.core.languages import CCRK_LANGUAGES
 
 pytestmark = pytest.mark.ray
 
@@ -67,7 +67,7 @@ def test_report_equals_single_process_evaluation_of_the_saved_model(demo_run):
     from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
     from ccrk_ray.eval.report import build_report
     from ccrk_ray.eval.retrieval import Embedder, rank_sharded
-    from ccrk_ray.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
 
     table = pq.read_table(out / "data" / "test").sort_by("image_id")
     batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
@@ -107,7 +107,7 @@ def test_rerun_clears_only_its_own_outputs(demo_run, tmp_path):
 
 def test_ccrk_evaluate_reproduces_the_demo_report(demo_run, tmp_path):
     out, cfg, report = demo_run
-    from ccrk_ray.evaluate import run_evaluate
+    from ccrk_ray.eval.evaluate import run_evaluate
 
     assert (out / "model" / "preprocess.json").is_file() and (out / "model" / "tokenizer.json").is_file()
     again = run_evaluate(str(out / "model"), str(out / "data" / "test"), str(tmp_path / "eval"))

@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ccrk_ray.distributed import gather_with_grad
-from ccrk_ray.losses import one_to_k_contrastive, one_to_k_contrastive_local
+from ccrk_ray.objectives.collectives import gather_with_grad
+from ccrk_ray.objectives.losses import one_to_k_contrastive, one_to_k_contrastive_local
 from tests.ports import free_port
 
 N, K, D, WORLD = 6, 3, 8, 2

@@ -61,7 +61,7 @@ def test_expand_reads_only_braced_variables_and_refuses_unset_ones():
     env = {"CCRK_DATA_URI": "s3://b/data", "EMPTY": ""}
     assert entry.expand(["--data", "${CCRK_DATA_URI}/test", "$CCRK_DATA_URI", "a$b", "${CCRK_DATA_URI}${CCRK_DATA_URI}"],
                         env) == ["--data", "s3://b/data/test", "$CCRK_DATA_URI", "a$b", "s3://b/datas3://b/data"]
-    from ccrk_ray.config import ConfigError
+    from ccrk_ray.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="environment variable.s. not set: EMPTY, NOPE$"):
         entry.expand(["${NOPE}/x", "${EMPTY}", "${CCRK_DATA_URI}"], env)
@@ -248,7 +248,7 @@ def tiny_model(model_dir: Path, captions) -> None:
     import torch
 
     from ccrk_ray.model import CCRKModel, ModelConfig
-    from ccrk_ray.tokenizer import load_tokenizer, train_tokenizer
+    from ccrk_ray.data.tokenizer import load_tokenizer, train_tokenizer
     from tests.conftest import tiny_text_config
 
     train_tokenizer(captions, model_dir, vocab_size=400)
@@ -319,7 +319,7 @@ def test_convert_and_evaluate_jobs(head, xflickrco, tmp_path):
     from ccrk_ray.eval.report import build_report
     from ccrk_ray.eval.retrieval import evaluate_in_process
     from ccrk_ray.model import CCRKModel
-    from ccrk_ray.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
 
     table = pq.read_table(out).sort_by("image_id")
     columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
@@ -344,7 +344,7 @@ def test_pretrain_job_reads_its_locations_from_the_cluster(head, tiny_data, tmp_
     """The demo-sized pretrain job through `ray job submit`: its output location comes from the
     cluster's environment (``${CCRK_STORAGE_PATH}`` in the config file); the model it writes loads.
     (Resume is tested in tests/train/test_pretrain_ray.py; the evaluate job above.)"""
-    from ccrk_ray.train.state import load_model
+    from ccrk_ray.model.saved import load_model
     from tests.train.test_pretrain_ray import write_config
 
     config = write_config(tmp_path / "pretrain.yaml", tiny_data, Path("${CCRK_STORAGE_PATH}/pretrain"),

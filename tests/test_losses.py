@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccrk_ray.losses import one_to_k_contrastive
+from ccrk_ray.objectives.losses import one_to_k_contrastive
 
 
 def naive_one_to_k(img, txt, temperature):
@@ -91,7 +91,7 @@ def test_rejects_text_rows_not_multiple_of_images():
 
 
 def test_contrastive_with_ids_is_clip_for_unique_pairs_and_shares_positives():
-    from ccrk_ray.losses import contrastive_with_ids
+    from ccrk_ray.objectives.losses import contrastive_with_ids
 
     g = torch.Generator().manual_seed(11)
     img = F.normalize(torch.randn(4, 6, generator=g), dim=-1)
@@ -116,7 +116,7 @@ def test_contrastive_with_ids_is_clip_for_unique_pairs_and_shares_positives():
 
 @pytest.mark.parametrize("world,n,k", [(1, 4, 3), (2, 3, 2), (4, 2, 5)])
 def test_local_loss_mean_over_ranks_equals_global_loss_and_gradients(world, n, k):
-    from ccrk_ray.losses import one_to_k_contrastive_local
+    from ccrk_ray.objectives.losses import one_to_k_contrastive_local
 
     g = torch.Generator().manual_seed(world * 10 + n)
     img = F.normalize(torch.randn(world * n, 8, generator=g), dim=-1).requires_grad_()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccrk_ray.losses import (
+from ccrk_ray.objectives.losses import (
     MitmSample,
     mask_tokens,
     matching_loss,

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from ccrk_ray.metrics import (chance_recall_at_k, mean_rank, mean_rank_variance, median_rank,
+from ccrk_ray.eval.metrics import (chance_recall_at_k, mean_rank, mean_rank_variance, median_rank,
                               ranks_from_scores, recall_at_k)
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccrk_ray.losses import mask_tokens, one_to_k_contrastive, sample_mitm
+from ccrk_ray.objectives.losses import mask_tokens, one_to_k_contrastive, sample_mitm
 from ccrk_ray.model import CCRKModel, ModelConfig
-from ccrk_ray.objectives import ObjectiveModule, build_objective
+from ccrk_ray.objectives.styles import ObjectiveModule, build_objective
 from tests.conftest import tiny_text_config
 
 LANGS = ["zh", "en", "de"]

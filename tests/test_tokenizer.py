@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
+from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
 
 CAPTIONS = ["There is a small red circle on the left on a white background.",
             "Ein kleiner roter Kreis links auf weißem Hintergrund.",

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from ccrk_ray.data.schema import IMAGE, IMAGE_ID, ROW_GROUP_ROWS, SOURCE, SPLIT, arrow_schema, caption_column
-from ccrk_ray.languages import CCRK_LANGUAGES, validate_languages
+from ccrk_ray.core.languages import CCRK_LANGUAGES, validate_languages
 
 __all__ = [
     "ATTRIBUTES",

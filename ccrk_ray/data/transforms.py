@@ -1,10 +1,11 @@
 """Per-row work on image–caption rows as plain functions (no Ray): decode, augment, normalise,
-choose the K languages of a row, tokenise. ``data/pipeline.py`` wires these into Ray Data; any
+choose the K languages of a row, tokenise. ``ccrk_ray.data.ingest`` wires these into Ray Data; any
 other driver (a DataLoader, the evaluator) calls the same functions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -13,9 +14,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+import pyarrow.parquet as pq
+
+from ccrk_ray.core import storage
 from ccrk_ray.data import schema
 from ccrk_ray.data.rows import SUPPORTED_FORMATS, SkipCounter, captions_problem
-from ccrk_ray.tokenizer import CaptionTokenizer
+from ccrk_ray.data.tokenizer import CaptionTokenizer
 
 class BadRowError(ValueError):
     """A row that cannot be used, with the row's id and the field at fault in the message, and the
@@ -94,8 +98,6 @@ class ImageTransform:
 
 def image_key(image_id) -> int:
     """A stable signed 64-bit key of an image id (tensors cannot carry strings)."""
-    import hashlib
-
     return int.from_bytes(hashlib.blake2b(str(image_id).encode(), digest_size=8).digest(), "little", signed=True)
 
 
@@ -199,10 +201,6 @@ def load_split_batch(uri: str, languages: Sequence[str], tokenizer: CaptionToken
                      endpoint_url: str | None = None) -> dict[str, np.ndarray]:
     """A whole (small) split — local or ``s3://`` — as one eval-mode 1-to-K batch in image_id order
     (validation during training, two-stage evaluation). Bad rows raise, naming the row."""
-    import pyarrow.parquet as pq
-
-    from ccrk_ray.data import storage
-
     fs, files = storage.list_parquet(uri, endpoint_url)
     columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in languages]
     table = pq.read_table(files, filesystem=fs, columns=columns).sort_by(schema.IMAGE_ID)

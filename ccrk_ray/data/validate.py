@@ -2,7 +2,7 @@
 
 Schema problems name the file and column; row problems name the file, the row number in that
 file, the image id and the field. Reads in record batches (constant memory) from any URI
-``ccrk_ray.data.storage`` resolves.
+``ccrk_ray.core.storage`` resolves.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Sequence
 
 import pyarrow.parquet as pq
 
-from ccrk_ray.data import schema, storage
+from ccrk_ray.core import storage
+from ccrk_ray.data import schema
 from ccrk_ray.data.rows import SkipCounter, captions_problem, image_problem
 
 

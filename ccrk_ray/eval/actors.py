@@ -10,18 +10,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import ray
+import ray.data
 
-from ccrk_ray.eval.retrieval import (ShardRanks, check_inputs, default_chunk, merge_shards, rank_shard,
+from ccrk_ray.eval.retrieval import (Embedder, ShardRanks, check_inputs, default_chunk, merge_shards, rank_shard,
                                      shard_bounds, true_scores)
 
 
 def embed_dataset(ds: "ray.data.Dataset", model_dir: str, *, num_actors: int = 1, batch_size: int = 128,
                   cpus_per_actor: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image_ids, image_emb N×d, text_emb N×K×d) for a dataset of 1-to-K batches, in id order."""
-    import ray.data
-
-    from ccrk_ray.eval.retrieval import Embedder
-
     out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(model_dir=str(model_dir), threads=int(cpus_per_actor) or 1),
                          batch_size=batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),

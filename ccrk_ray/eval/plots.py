@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
 
 from ccrk_ray.eval.report import DIRECTIONS, KS, language_rank_correlation, rank_spread
 
@@ -18,8 +21,6 @@ TITLES = {"t2i": "text → image", "i2t": "image → text"}
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
@@ -84,8 +85,6 @@ def make_figures(report: dict[str, Any], t2i: np.ndarray, i2t: np.ndarray) -> di
 
 def figure_rgb(fig) -> np.ndarray:
     """H×W×3 uint8 pixels of a figure."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
@@ -105,8 +104,6 @@ def log_tensorboard(log_dir: str | Path, report: dict[str, Any], t2i: np.ndarray
                     figs: dict[str, Any], step: int = 0) -> None:
     """Scalars ``eval/<lang>/<dir>_R@k``, ``eval/mean/...``, ``eval/mrv_<dir>``; histograms of the
     per-instance rank spread; the plots as images ``eval/<plot name>``."""
-    from torch.utils.tensorboard import SummaryWriter
-
     with SummaryWriter(str(log_dir)) as writer:
         for lang, m in report["languages"].items():
             for d in DIRECTIONS:

@@ -12,17 +12,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ccrk_ray.metrics import mean_rank_variance
+from ccrk_ray.eval.metrics import mean_rank_variance
 
 DIRECTIONS = ("t2i", "i2t")
 
 
 def save_ranks(path: str | Path, image_ids: Sequence, languages: Sequence[str], t2i: np.ndarray, i2t: np.ndarray,
                meta: dict[str, Any] | None = None) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     n, k = np.shape(t2i)
     if np.shape(i2t) != (n, k) or len(image_ids) != n or len(languages) != k:
         raise ValueError(f"ranks {np.shape(t2i)}/{np.shape(i2t)} do not match {len(image_ids)} images × "
@@ -41,8 +40,6 @@ def save_ranks(path: str | Path, image_ids: Sequence, languages: Sequence[str], 
 def load_ranks(path: str | Path, languages: Sequence[str] | None = None
                ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     """(image_ids sorted, languages, t2i N×K, i2t N×K) of a rank file, optionally only ``languages``."""
-    import pyarrow.parquet as pq
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rank file {path} does not exist")

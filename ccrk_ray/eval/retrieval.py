@@ -3,7 +3,7 @@
 Per-language protocol: for language l, the gallery of a text→image query is the N test images and
 the gallery of an image→text query is the N captions in language l, so chance Recall@k is k/N in
 both directions. Ranks are 0-based with ties counted against the query (see
-``ccrk_ray.metrics.ranks_from_scores``).
+``ccrk_ray.eval.metrics.ranks_from_scores``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-from ccrk_ray.metrics import ranks_from_scores
+from ccrk_ray.eval.metrics import ranks_from_scores
 
 
 def _no_grad(fn):
-    """``torch.no_grad()`` as a decorator that imports torch only when called: eval actors that
-    only rank (numpy) start without loading torch."""
+    """``torch.no_grad()`` as a decorator that imports torch only when called. torch and the model
+    are imported inside the functions that need them, on purpose: the eval actors import this
+    module to rank (numpy only) and start seconds faster without them."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import torch
@@ -39,7 +40,7 @@ class Embedder:
     def __init__(self, model_dir: str | Path, threads: int | None = None, device: str | None = None):
         import torch
 
-        from ccrk_ray.train.state import load_model
+        from ccrk_ray.model.saved import load_model
 
         if threads:
             torch.set_num_threads(threads)

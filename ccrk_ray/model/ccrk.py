@@ -23,11 +23,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ccrk_ray.losses import TEMPERATURE_INIT, TEMPERATURE_MAX, TEMPERATURE_MIN
 from ccrk_ray.model.encoders import build_text_encoder, build_vision_encoder, vision_mean_std
 from ccrk_ray.model.fusion import FRESH_PREFIXES, FusionLayer, ITMHead, MLMHead
+
+# The learned ITC temperature starts at TEMPERATURE_INIT and is clamped to [MIN, MAX] when used.
+TEMPERATURE_MIN = 0.001
+TEMPERATURE_MAX = 0.5
+TEMPERATURE_INIT = 0.07
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -46,7 +51,7 @@ class ModelConfig:
     fusion_layers: int = 0              # cross-attention layers taken from the layers above
     cross_proj: bool = True             # project vision tokens to the text width for fusion
     embed_dim: int = 256
-    temperature: float = TEMPERATURE_INIT
+    temperature: float | None = TEMPERATURE_INIT
     lr_mult: float = 2.0                # LR multiplier of newly initialised parameters
 
     def __post_init__(self):
@@ -268,8 +273,6 @@ class CCRKModel(nn.Module):
         return d
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_model
-
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_NAME).write_text(json.dumps(self.frozen_config(), indent=2, sort_keys=True))
@@ -278,8 +281,6 @@ class CCRKModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "CCRKModel":
-        from safetensors.torch import load_model
-
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{d} is not a saved CCRK model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")

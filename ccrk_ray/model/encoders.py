@@ -12,14 +12,25 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import timm
+import timm.data
 from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from ccrk_ray.core.config import ConfigError
+
+HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+
+
+def check_vision_model(name: str, flag: str = "model.vision_name") -> None:
+    """Fail before Ray starts on a vision model name timm does not know (hub names pass)."""
+    if not name.startswith(HUB_PREFIXES) and not timm.is_model(name):
+        raise ConfigError(f"{flag} {name!r} is not a timm model (see timm.list_models())")
 
 
 def build_vision_encoder(name: str, pretrained: bool = False, checkpoint_path: str | None = None,
                          **kwargs: Any) -> nn.Module:
     """A timm model that returns pooled features (``num_classes=0``); ``.num_features`` is its width."""
-    import timm
-
     kwargs = dict(kwargs)
     kwargs.setdefault("num_classes", 0)
     if checkpoint_path:
@@ -35,8 +46,6 @@ def build_vision_encoder(name: str, pretrained: bool = False, checkpoint_path: s
 
 def vision_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input mean/std the timm model was (pre)trained with (ImageNet's when unknown)."""
-    import timm.data
-
     cfg = timm.data.resolve_model_data_config(model)
     return tuple(cfg["mean"]), tuple(cfg["std"])
 
@@ -44,8 +53,6 @@ def vision_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, .
 def build_text_encoder(name_or_path: str | None = None, pretrained: bool = True,
                        config: Mapping[str, Any] | None = None) -> nn.Module:
     """A transformers encoder without its pooler; ``.config.hidden_size`` is its width."""
-    from transformers import AutoConfig, AutoModel
-
     overrides = dict(config or {})
     if name_or_path and pretrained:
         model = AutoModel.from_pretrained(name_or_path, **overrides)

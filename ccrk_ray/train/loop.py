@@ -1,349 +1,365 @@
-"""The per-worker training function run by Ray Train's TorchTrainer.
+"""The per-worker training function run by Ray Train's TorchTrainer: orchestration of named steps.
 
-``config`` keys (``ccrk_ray.pretrain.loop_config`` builds them from a YAML config):
+``train_loop_per_worker({"loop": LoopConfig})`` (``ccrk_ray.train.config.LoopConfig``):
 
-- ``model`` (ModelConfig dict), ``objective`` (name), ``objective_args`` (ObjectiveConfig fields);
-- ``data``: ``uri``, ``endpoint_url``, ``files`` and ``row_groups`` (from ``check_dataset``),
-  ``languages``, ``k``, ``tokenizer`` (CaptionTokenizer), ``image_size``, ``chunk_rows``,
-  ``data_actors``, ``cpus_per_actor``, ``on_bad_row``, ``run_id`` (the key of this run's rows in the
-  data stats actor);
-- ``batch_size`` (images per worker per forward pass), ``global_batch_size`` (images per optimiser
-  step over all workers: gradient accumulation = global / (batch × workers), recomputed whenever
-  the worker count changes, so the LR schedule — in optimiser steps — stays the same), ``epochs``,
-  ``max_steps`` (optional), ``lr``, ``weight_decay``, ``warmup`` (optimiser steps, or a fraction of
-  them when < 1), ``schedule`` (cosine | linear), ``grad_clip`` (0 = off), ``precision`` (fp32 |
-  bf16 autocast), ``grad_checkpointing``, ``compile``, ``seed``;
-- ``checkpoint_every`` (optimiser steps; also at every epoch end), ``log_every``,
-  ``tensorboard_dir``, ``val`` (optional: ``uri`` and ``languages`` of a small split evaluated on
-  rank 0 after each epoch, ITC ranking), ``best_dir`` (optional: where the model with the best
-  validation ``r_mean`` so far is saved, local or ``s3://``), ``init_from`` (optional: a saved model
-  directory to start from, for fine-tuning; ``model.temperature``, when not null, resets its ITC
-  temperature), ``trace_dir`` (optional: each worker appends the row keys of every
-  optimiser step, for tests and audits).
-
-Data: each worker reads its own streams of the epoch plans (``ccrk_ray.data.plan``) as one Ray
-Data stream for the whole run (``stream_blocks``: data actors start once, before the model is
-built, so their start-up overlaps it), cut into per-epoch batches by ``EpochBatcher``. Checkpoints carry the plan position, so a restarted or resized worker group continues the
-epoch where the last checkpoint left it: rows trained before it are not trained again.
+1. ``resume_point``: step, best and data position of the latest committed checkpoint, read
+   without fetching its weights;
+2. ``open_stream``: every epoch's plan is known from (seed, epoch, world size), so one Ray Data
+   stream serves the whole run, started now so that the data actors' start-up overlaps step 3;
+3. ``build``: model (fresh, or ``init_from`` a saved model), optimiser, schedule, and the
+   checkpoint's states;
+4. per epoch, ``run_epoch`` → ``step`` per optimiser step (gradient accumulation =
+   global batch / (batch × workers), recomputed whenever the worker count changes, so the LR
+   schedule in optimiser steps stays the same), ``checkpoint`` every ``checkpoint_every`` steps;
+5. ``finish_epoch``: data counts, ``validate`` and the best-model store on rank 0, and a
+   checkpoint carrying the plan position, so a restarted or resized worker group continues the
+   epoch where it left off: rows trained before it are not trained again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
+from ccrk_ray.core.log import get_logger, progress, setup_logging
 from ccrk_ray.data.batching import EpochBatcher, Started
-from ccrk_ray.data.pipeline import stats_actor, stream_blocks
+from ccrk_ray.data.ingest import stats_actor, stream_blocks
 from ccrk_ray.data.plan import EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, epoch_segments
-from ccrk_ray.data.transforms import ImageTransform
+from ccrk_ray.data.transforms import ImageTransform, load_split_batch
+from ccrk_ray.eval.report import build_report
+from ccrk_ray.eval.retrieval import evaluate_in_process
 from ccrk_ray.model import CCRKModel, ModelConfig
-from ccrk_ray.objectives import ObjectiveModule, build_objective
-from ccrk_ray.train.state import load_model, load_training_state, read_progress, save_best, save_checkpoint
+from ccrk_ray.model.saved import load_model
+from ccrk_ray.objectives.collectives import all_gather_int, all_min, broadcast_int
+from ccrk_ray.objectives.styles import ObjectiveModule, build_objective
+from ccrk_ray.train.best import BestStore
+from ccrk_ray.train.config import LoopConfig
+from ccrk_ray.train.schedule import accumulation, lr_factor, total_steps, warmup_steps
+from ccrk_ray.train.state import load_training_state, read_progress, save_checkpoint
+
+log = get_logger(__name__)
 
 
-def lr_factor(warmup_steps: int, total_steps: int, schedule: str = "cosine"):
-    """LR multiplier per optimiser step: linear warm-up, then cosine or linear decay to 0."""
-    if schedule not in ("cosine", "linear"):
-        raise ValueError(f"schedule must be 'cosine' or 'linear', got {schedule!r}")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return factor
+@dataclass
+class Resume:
+    """Where a (re)started worker group begins."""
+    step: int = 0
+    epoch: int = 0
+    position: Position | None = None
+    best: dict[str, Any] | None = None
 
 
-def accumulation(global_batch: int, batch: int, world: int) -> int:
-    """Micro-batches per optimiser step so that ``batch`` × ``world`` × it = ``global_batch``."""
-    if global_batch % (batch * world):
-        raise ValueError(f"global_batch_size {global_batch} is not a multiple of batch_size {batch} x "
-                         f"{world} workers")
-    return global_batch // (batch * world)
-
-
-def total_steps(config: dict[str, Any]) -> int:
-    per_epoch = sum(map(sum, config["data"]["row_groups"])) // int(config["global_batch_size"])
-    if per_epoch < 1:
-        raise ValueError(f"the training data makes no full global batch of {config['global_batch_size']}")
-    steps = per_epoch * int(config["epochs"])
-    return min(steps, int(config["max_steps"])) if config.get("max_steps") else steps
-
-
-def _int_tensor(value: int) -> torch.Tensor | None:
-    """``value`` as a 1-element tensor on the device the process group communicates on (NCCL
-    needs CUDA tensors), or None when there is no group of more than one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    return torch.tensor([value], dtype=torch.int64, device=device)
-
-
-def _all_min(value: int) -> int:
-    import torch.distributed as dist
-
-    t = _int_tensor(value)
-    if t is None:
-        return value
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t)
-
-
-def _broadcast_int(value: int) -> int:
-    """Rank 0's ``value`` on every rank."""
-    import torch.distributed as dist
-
-    t = _int_tensor(value)
-    if t is None:
-        return value
-    dist.broadcast(t, src=0)
-    return int(t)
-
-
-def _all_gather_int(value: int) -> list[int]:
-    import torch.distributed as dist
-
-    t = _int_tensor(value)
-    if t is None:
-        return [value]
-    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [int(x) for x in out]
-
-
-def _validate(model: CCRKModel, batch, languages) -> dict[str, float]:
-    from ccrk_ray.eval.report import build_report
-    from ccrk_ray.eval.retrieval import evaluate_in_process
-
-    model.eval()
-    report = build_report(*evaluate_in_process(model, batch), languages)
-    model.train()
-    out = {"val/r_mean": report["mean"]["r_mean"], "val/mrv_t2i": report["mrv"]["t2i"],
-           "val/mrv_i2t": report["mrv"]["i2t"]}
-    for lang in languages:
-        for d in ("t2i", "i2t"):
-            out[f"val/{lang}/{d}_R@1"] = report["languages"][lang][d]["R@1"]
-    return out
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(int(config.get("threads_per_worker", 1)))
-    seed = int(config.get("seed", 0))
-    torch.manual_seed(seed)
-    data = config["data"]
-    batch_size, epochs = int(config["batch_size"]), int(config["epochs"])
-    accum = accumulation(int(config["global_batch_size"]), batch_size, world)
-    steps_total = total_steps(config)
-    warmup = float(config.get("warmup", 0))
-    warmup_steps = min(int(warmup * steps_total) if warmup < 1 else int(warmup), steps_total // 2)
-
-    step, position, best = 0, None, None
+def resume_point(world: int) -> Resume:
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        progress = read_progress(checkpoint.filesystem, checkpoint.path)
-        step, best = progress["step"], progress.get("best")
-        position = Position.from_dict(progress["position"]).resume(world) if progress.get("position") else None
-        start_epoch = position.epoch if position else progress["epoch"]
-        if rank == 0:
-            print(f"[train] resumed at step {step}, epoch {start_epoch + 1}"
-                  + (f", {sum(s.rows for s in position.segments)} rows left in it" if position else ""), flush=True)
-    else:
-        start_epoch = 0
+    if checkpoint is None:
+        return Resume()
+    progress_ = read_progress(checkpoint.filesystem, checkpoint.path)
+    position = Position.from_dict(progress_["position"]).resume(world) if progress_.get("position") else None
+    return Resume(step=progress_["step"], epoch=position.epoch if position else progress_["epoch"],
+                  position=position, best=progress_.get("best"))
 
-    # Every epoch's plan is known now (it depends on seed, epoch and world size only; a resumed
-    # epoch continues its checkpointed position): one data stream for the whole run, so the data
-    # actors start once, not once per epoch. It starts now (``Started``): the actors' start-up
-    # (seconds of imports, the tokenizer) overlaps building the model and loading the checkpoint.
-    stats = stats_actor() if rank == 0 else None
-    run_id = data.get("run_id")     # this run's rows only (a sweep's trials share the job's stats actor)
-    # what earlier attempts of this run counted, taken before this attempt's stream reads a row
-    seen = ray.get(stats.epochs.remote(run_id)) if stats is not None else None
-    phases = [position if position is not None and position.epoch == epoch else Position(
-        epoch, epoch_segments(data["row_groups"], epoch, seed, int(data.get("chunk_rows", 256))), world)
-        for epoch in range(start_epoch, epochs)]
-    image_transform = ImageTransform(int(data["image_size"]), train=True)
-    batcher = EpochBatcher(Started(stream_blocks(
-        [(p.epoch, p.streams()[rank]) for p in phases], uri=data["uri"], files=data["files"], seed=seed,
-        languages=data["languages"], k=int(data["k"]), tokenizer=data["tokenizer"], image_transform=image_transform,
-        num_actors=int(data.get("data_actors", 1)), cpus_per_actor=float(data.get("cpus_per_actor", 0.8)),
-        on_bad_row=data.get("on_bad_row", "skip"), endpoint_url=data.get("endpoint_url"),
-        image_keys=bool(data.get("image_keys")), run=run_id)) if phases else (), batch_size)
 
-    # fine-tuning starts from a saved model (a directory every worker can read); pre-training from scratch
-    model = load_model(config["init_from"]) if config.get("init_from") else CCRKModel(ModelConfig.from_dict(config["model"]))
-    if config.get("init_from") and config["model"].get("temperature") is not None:
-        with torch.no_grad():       # fine-tuning may restart the learned temperature (a resume loads its own)
-            model.temp.fill_(float(config["model"]["temperature"]))
-        model.config.temperature = float(config["model"]["temperature"])
-    if config.get("grad_checkpointing"):
-        model.set_grad_checkpointing(True)
-    optimizer = torch.optim.AdamW(model.param_groups(config["lr"], config["weight_decay"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(warmup_steps, steps_total, config.get("schedule", "cosine")))
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            load_training_state(d, model, optimizer, scheduler)
+def epoch_phases(cfg: LoopConfig, start: Resume, world: int) -> list[Position]:
+    """The plan of every epoch left: a resumed epoch continues its checkpointed position."""
+    d, seed = cfg.data, cfg.train.seed
+    return [start.position if start.position is not None and start.position.epoch == epoch else Position(
+        epoch, epoch_segments(d.row_groups, epoch, seed, d.chunk_rows), world)
+        for epoch in range(start.epoch, cfg.train.epochs)]
 
-    module = ray.train.torch.prepare_model(
-        ObjectiveModule(model, build_objective(config.get("objective", "one_to_k"), **config.get("objective_args", {}))))
-    forward = torch.compile(module) if config.get("compile") else module
-    writer = None
-    if rank == 0 and config.get("tensorboard_dir"):
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(config["tensorboard_dir"], purge_step=step or None)
-    val_batch = None
-    if rank == 0 and config.get("val"):
-        from ccrk_ray.data.transforms import load_split_batch
 
-        val_langs = config["val"].get("languages") or data["languages"]
-        val_batch = load_split_batch(config["val"]["uri"], val_langs, data["tokenizer"], data["image_size"],
-                                     endpoint_url=data.get("endpoint_url"))
-    trace, attempt = None, 0
-    if config.get("trace_dir"):
-        attempt = _broadcast_int(int.from_bytes(os.urandom(6), "little"))   # one id per worker-group start
-        Path(config["trace_dir"]).mkdir(parents=True, exist_ok=True)
-        trace = open(Path(config["trace_dir"]) / f"rank{rank}-pid{os.getpid()}.jsonl", "a")
+def open_stream(cfg: LoopConfig, phases: list[Position], rank: int) -> EpochBatcher:
+    d = cfg.data
+    if not phases:
+        return EpochBatcher((), cfg.train.batch_size)
+    return EpochBatcher(Started(stream_blocks(
+        [(p.epoch, p.streams()[rank]) for p in phases], uri=d.uri, files=d.files, seed=cfg.train.seed,
+        languages=d.languages, k=d.k, tokenizer=d.tokenizer, image_transform=ImageTransform(d.image_size, train=True),
+        num_actors=d.data_actors, cpus_per_actor=d.cpus_per_actor, on_bad_row=d.on_bad_row,
+        endpoint_url=d.endpoint_url, image_keys=d.image_keys, run=d.run_id)), cfg.train.batch_size)
 
-    log_every, ckpt_every = int(config.get("log_every", 10)), int(config.get("checkpoint_every", 0))
-    device = ray.train.torch.get_device()
-    precision = config.get("precision", "fp32")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    grad_clip = float(config.get("grad_clip", 0.0))
 
-    def save(phase: Position | None, epoch_done: int, metrics: dict[str, Any]) -> None:
-        """Every rank calls it (report is a barrier); rank 0 writes the checkpoint."""
-        consumed = _all_gather_int(phase_consumed) if phase is not None else None
-        if rank == 0:
-            pos = None
-            if phase is not None:
-                pos = Position(phase.epoch, phase.segments, phase.world, consumed).to_dict()
-            progress = {"epoch": epoch_done, "step": step, "position": pos, "best": best}
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, model, optimizer, scheduler, progress)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{step:08d}_{'e' if pos is None else 'm'}")
-        else:
-            ray.train.report(metrics)
+def build_model(cfg: LoopConfig) -> CCRKModel:
+    """Fine-tuning starts from a saved model (a directory every worker reads); pre-training fresh."""
+    if not cfg.init_from:
+        return CCRKModel(ModelConfig.from_dict(cfg.model))
+    model = load_model(cfg.init_from)
+    temperature = cfg.model.get("temperature")
+    if temperature is not None:      # fine-tuning may restart the learned temperature (a resume loads its own)
+        with torch.no_grad():
+            model.temp.fill_(float(temperature))
+        model.config.temperature = float(temperature)
+    return model
 
-    metrics: dict[str, Any] = {}
-    for phase in phases:
+
+class WorkerLoop:
+    """One worker's run: the state the named steps share."""
+
+    def __init__(self, cfg: LoopConfig):
+        ctx = ray.train.get_context()
+        self.cfg, self.t = cfg, cfg.train
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(cfg.threads_per_worker)
+        torch.manual_seed(self.t.seed)
+        self.accum = accumulation(int(self.t.global_batch_size), self.t.batch_size, self.world)
+        self.steps_total = total_steps(cfg.data.row_groups, int(self.t.global_batch_size), self.t.epochs,
+                                       self.t.max_steps)
+        start = resume_point(self.world)
+        self.step, self.best = start.step, start.best
+        if self.rank == 0 and ray.train.get_checkpoint() is not None:
+            rows_left = f", {sum(s.rows for s in start.position.segments)} rows left in it" if start.position else ""
+            log.info("resumed at step %d, epoch %d%s", self.step, start.epoch + 1, rows_left)
+        # The data stream first: its actors start while the model is built.
+        self.stats = stats_actor() if self.rank == 0 else None
+        # what earlier attempts of this run counted, taken before this attempt's stream reads a row
+        self.seen = ray.get(self.stats.epochs.remote(cfg.data.run_id)) if self.stats is not None else None
+        self.phases = epoch_phases(cfg, start, self.world)
+        self.batcher = open_stream(cfg, self.phases, self.rank)
+        self.build()
+        self.writer = SummaryWriter(cfg.tensorboard_dir, purge_step=self.step or None) \
+            if self.rank == 0 and cfg.tensorboard_dir else None
+        self.val_batch = None
+        if self.rank == 0 and cfg.val_uri:
+            self.val_batch = load_split_batch(cfg.val_uri, cfg.val_languages, cfg.data.tokenizer, cfg.data.image_size,
+                                              endpoint_url=cfg.data.endpoint_url)
+        self.open_trace()
+
+    def build(self) -> None:
+        """Model, optimiser and schedule, with the checkpoint's states when resuming."""
+        self.model = build_model(self.cfg)
+        if self.t.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(self.t.lr, self.t.weight_decay))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(
+            warmup_steps(self.t.warmup, self.steps_total), self.steps_total, self.t.schedule))
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                load_training_state(d, self.model, self.optimizer, self.scheduler)
+        self.module = ray.train.torch.prepare_model(
+            ObjectiveModule(self.model, build_objective(self.cfg.objective, **self.cfg.objective_args)))
+        self.forward = torch.compile(self.module) if self.t.compile else self.module
+        self.device = ray.train.torch.get_device()
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.precision == "bf16")
+
+    def open_trace(self) -> None:
+        """With ``trace_dir``, each worker appends the row keys of every optimiser step (audits, tests)."""
+        self.trace, self.attempt = None, 0
+        if self.t.trace_dir:
+            self.attempt = broadcast_int(int.from_bytes(os.urandom(6), "little"))   # one id per worker-group start
+            Path(self.t.trace_dir).mkdir(parents=True, exist_ok=True)
+            self.trace = open(Path(self.t.trace_dir) / f"rank{self.rank}-pid{os.getpid()}.jsonl", "a")
+
+    def run(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        for phase in self.phases:
+            if self.step >= self.steps_total:
+                break
+            metrics = self.run_epoch(phase)
+        if self.writer is not None:
+            self.writer.close()
+        if self.trace is not None:
+            self.trace.close()
+        return metrics
+
+    def next_micro_batches(self, epoch: int) -> list[dict[str, torch.Tensor]] | None:
+        """``accum`` batches, or None once any rank's epoch is over (all ranks stop together)."""
+        micro = []
+        for _ in range(self.accum):
+            b = self.batcher.next(epoch)
+            if not all_min(b is not None):
+                return None
+            micro.append(b)
+        return micro
+
+    def train_step(self, micro: list[dict[str, torch.Tensor]], tally: "EpochTally") -> int:
+        """One optimiser step over the micro-batches; returns the rows consumed in the epoch so far."""
+        self.optimizer.zero_grad(set_to_none=True)
+        keys: list[int] = []
+        for i, b in enumerate(micro):
+            pos, key = b.pop(POS_COLUMN), b.pop(KEY_COLUMN)
+            b.pop(EPOCH_COLUMN)
+            if self.trace is not None:         # row keys leave the device only when auditing
+                keys += key.tolist()
+            last = i == self.accum - 1 or not hasattr(self.module, "no_sync")
+            with contextlib.nullcontext() if last else self.module.no_sync():
+                with self.autocast:
+                    out = self.forward(b)
+                (out["loss"] / self.accum).backward()
+            tally.add(out)
+        if self.t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        tally.samples += self.t.batch_size * self.accum * self.world
+        if self.trace is not None:
+            self.trace.write(json.dumps({"step": self.step, "epoch": tally.epoch, "attempt": self.attempt,
+                                         "time": time.time(), "keys": keys}) + "\n")
+            self.trace.flush()
+        return int(pos[-1]) + 1
+
+    def run_epoch(self, phase: Position) -> dict[str, Any]:
         epoch = phase.epoch
-        if step >= steps_total:
-            break
-        stream = phase.streams()[rank]
-        module.train()
-        phase_consumed, exhausted = 0, False
-        t_epoch, wait, samples, losses, terms = time.perf_counter(), 0.0, 0, [], {}
-        t_log, samples_log = time.perf_counter(), 0
-        while step < steps_total:
-            micro, keys = [], []
+        self.module.train()
+        tally, consumed, exhausted = EpochTally(epoch), 0, False
+        bar = progress(total=self.steps_for(phase), desc=f"epoch {epoch + 1}/{self.t.epochs}", unit="step",
+                       disable=None if self.rank == 0 else True)
+        while self.step < self.steps_total:
             t_wait = time.perf_counter()
-            for _ in range(accum):
-                b = batcher.next(epoch)
-                if not _all_min(b is not None):     # every rank stops together: no half-gathered step
-                    micro = None
-                    break
-                micro.append(b)
-            wait += time.perf_counter() - t_wait
+            micro = self.next_micro_batches(epoch)
+            tally.wait += time.perf_counter() - t_wait
             if micro is None:
                 exhausted = True
                 break
-            optimizer.zero_grad(set_to_none=True)
-            for i, b in enumerate(micro):
-                pos = b.pop(POS_COLUMN)
-                key = b.pop(KEY_COLUMN)
-                b.pop(EPOCH_COLUMN)
-                if trace is not None:         # row keys leave the device only when auditing
-                    keys += key.tolist()
-                sync = contextlib.nullcontext() if i == accum - 1 or not hasattr(module, "no_sync") else module.no_sync()
-                with sync:
-                    with autocast:
-                        out = forward(b)
-                    (out["loss"] / accum).backward()
-                for name, value in out.items():
-                    terms.setdefault(name, []).append(value.detach().float())
-                losses.append(out["loss"].detach().float())
-            phase_consumed = int(pos[-1]) + 1
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            samples += batch_size * accum * world
-            samples_log += batch_size * accum * world
-            if trace is not None:
-                trace.write(json.dumps({"step": step, "epoch": epoch, "attempt": attempt, "time": time.time(),
-                                        "keys": keys}) + "\n")
-                trace.flush()
-            if step % log_every == 0 and rank == 0:
-                rate = samples_log / (time.perf_counter() - t_log)
-                t_log, samples_log = time.perf_counter(), 0
-                if writer is not None:
-                    for name, values in terms.items():
-                        writer.add_scalar(f"train/{name}", float(torch.stack(values[-accum:]).mean()), step)
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                    writer.add_scalar("train/temperature", float(model.temp.detach()), step)
-                    writer.add_scalar("train/samples_per_s", rate, step)
-                print(f"[train] step {step}/{steps_total} epoch {epoch + 1} loss {float(losses[-1]):.4f} "
-                      f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} samples/s", flush=True)
-            if ckpt_every and step % ckpt_every == 0 and step < steps_total:
-                save(phase, epoch, {"epoch": epoch, "step": step, "loss": float(losses[-1]), "world_size": world})
+            consumed = self.train_step(micro, tally)
+            bar.update(1)
+            if self.step % self.t.log_every == 0 and self.rank == 0:
+                self.log_step(tally, bar)
+            if self.t.checkpoint_every and self.step % self.t.checkpoint_every == 0 and self.step < self.steps_total:
+                self.checkpoint(phase, consumed, epoch, {"epoch": epoch, "step": self.step,
+                                                         "loss": tally.last_loss(), "world_size": self.world})
+        bar.close()
         if not exhausted:   # stopped by max_steps: the epoch is over anyway when no full step is left
-            left = sum(s.rows for s in stream) - phase_consumed
-            exhausted = _all_min(int(left >= batch_size * accum)) == 0
-        elapsed = time.perf_counter() - t_epoch
-        metrics = {"epoch": epoch + 1, "step": step,
-                   "loss": float(torch.stack(losses).mean()) if losses else float("nan"),
-                   "samples_per_s": samples / elapsed, "data_wait_fraction": wait / elapsed, "world_size": world,
-                   "grad_accumulation": accum}
-        for name, values in terms.items():
-            if name != "loss":
-                metrics[f"loss/{name}"] = float(torch.stack(values).mean())
-        if stats is not None:   # rows read / skipped by reason for this epoch in this run, over every data actor
-            now, before = ray.get(stats.snapshot.remote(epoch, run_id)), seen.get(epoch, {})
+            left = sum(s.rows for s in phase.streams()[self.rank]) - consumed
+            exhausted = all_min(int(left >= self.t.batch_size * self.accum)) == 0
+        metrics = self.finish_epoch(epoch, tally)
+        # An epoch cut short by max_steps keeps its position; a finished one starts the next afresh.
+        self.checkpoint(None if exhausted else phase, consumed, epoch + 1 if exhausted else epoch, metrics)
+        return metrics
+
+    def steps_for(self, phase: Position) -> int:
+        rows = sum(s.rows for s in phase.streams()[self.rank])
+        return max(0, min(rows // (self.t.batch_size * self.accum), self.steps_total - self.step))
+
+    def log_step(self, tally: "EpochTally", bar) -> None:
+        rate = tally.rate()
+        lr = self.scheduler.get_last_lr()[0]
+        bar.set_postfix(loss=f"{tally.last_loss():.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
+        if self.writer is not None:
+            for name, values in tally.terms.items():
+                self.writer.add_scalar(f"train/{name}", float(torch.stack(values[-self.accum:]).mean()), self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+            self.writer.add_scalar("train/temperature", float(self.model.temp.detach()), self.step)
+            self.writer.add_scalar("train/samples_per_s", rate, self.step)
+        log.debug("step %d/%d loss %.4f lr %.2e %.0f samples/s", self.step, self.steps_total, tally.last_loss(), lr, rate)
+
+    def finish_epoch(self, epoch: int, tally: "EpochTally") -> dict[str, Any]:
+        metrics = {"epoch": epoch + 1, "step": self.step, **tally.summary(), "world_size": self.world,
+                   "grad_accumulation": self.accum}
+        if self.stats is not None:   # rows read / skipped by reason for this epoch in this run, over every data actor
+            now, before = ray.get(self.stats.snapshot.remote(epoch, self.cfg.data.run_id)), self.seen.get(epoch, {})
             metrics["rows_read"] = now["rows_read"] - before.get("rows_read", 0)
             for reason, n in now["skipped"].items():
                 metrics[f"skipped/{reason}"] = n - before.get("skipped", {}).get(reason, 0)
-        if val_batch is not None:
-            metrics.update(_validate(model, val_batch, val_langs))
-            if config.get("best_dir") and (best is None or metrics["val/r_mean"] > best["r_mean"]):
-                best = {"r_mean": metrics["val/r_mean"], "step": step,
-                        "dir": save_best(model, config["best_dir"], step, metrics["val/r_mean"])}
-        if rank == 0 and best is not None:
-            metrics["best/r_mean"], metrics["best/step"] = best["r_mean"], best["step"]
-        if writer is not None:
+        if self.val_batch is not None:
+            metrics.update(self.validate())
+            self.keep_best(metrics, epoch)
+        if self.rank == 0 and self.best is not None:
+            metrics["best/r_mean"], metrics["best/step"] = self.best["score"], self.best["step"]
+        if self.writer is not None:
             for name, value in metrics.items():
                 if name not in ("epoch", "step", "world_size") and isinstance(value, (int, float)):
-                    writer.add_scalar(f"epoch/{name}" if "/" not in name else name, value, step)
-            writer.flush()
-        if rank == 0:
-            skipped = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("skipped/") and v}
-            val = (f", val r_mean {metrics['val/r_mean']:.1f} MRV t2i {metrics['val/mrv_t2i']}"
-                   if val_batch is not None else "")
-            print(f"[train] epoch {epoch + 1}/{epochs} step {step} loss {metrics['loss']:.4f} "
-                  f"{metrics['samples_per_s']:.0f} samples/s, data wait {100 * metrics['data_wait_fraction']:.0f}%, "
-                  f"rows read {metrics.get('rows_read', '?')}, skipped {skipped or 0}{val}", flush=True)
-        # An epoch cut short by max_steps keeps its position; a finished one starts the next afresh.
-        save(None if exhausted else phase, epoch + 1 if exhausted else epoch, metrics)
-    if writer is not None:
-        writer.close()
-    if trace is not None:
-        trace.close()
-    return metrics
+                    self.writer.add_scalar(f"epoch/{name}" if "/" not in name else name, value, self.step)
+            self.writer.flush()
+        if self.rank == 0:
+            log_epoch(metrics, self.t.epochs)
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        """ITC ranking of the validation split by rank 0's model (``evaluate_in_process``)."""
+        langs = list(self.cfg.val_languages)
+        self.model.eval()
+        report = build_report(*evaluate_in_process(self.model, self.val_batch), langs)
+        self.model.train()
+        out = {"val/r_mean": report["mean"]["r_mean"], "val/mrv_t2i": report["mrv"]["t2i"],
+               "val/mrv_i2t": report["mrv"]["i2t"]}
+        for lang in langs:
+            for d in ("t2i", "i2t"):
+                out[f"val/{lang}/{d}_R@1"] = report["languages"][lang][d]["R@1"]
+        return out
+
+    def keep_best(self, metrics: dict[str, Any], epoch: int) -> None:
+        if self.cfg.best_dir and (self.best is None or metrics["val/r_mean"] > self.best["score"]):
+            mrv = [metrics[k] for k in ("val/mrv_t2i", "val/mrv_i2t") if metrics.get(k) is not None]
+            self.best = BestStore(self.cfg.best_dir).save_model(
+                self.model, metric="val/r_mean", score=metrics["val/r_mean"], step=self.step, epoch=epoch + 1,
+                r_mean=metrics["val/r_mean"], mrv=sum(mrv) / len(mrv) if len(mrv) == 2 else None)
+
+    def checkpoint(self, phase: Position | None, consumed: int, epoch_done: int, metrics: dict[str, Any]) -> None:
+        """Every rank calls it (``ray.train.report`` is a barrier); rank 0 writes the checkpoint."""
+        gathered = all_gather_int(consumed) if phase is not None else None
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        pos = Position(phase.epoch, phase.segments, phase.world, gathered).to_dict() if phase is not None else None
+        state = {"epoch": epoch_done, "step": self.step, "position": pos, "best": self.best}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, self.model, self.optimizer, self.scheduler, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{self.step:08d}_{'e' if pos is None else 'm'}")
+
+
+@dataclass
+class EpochTally:
+    """Losses, samples and data wait of one epoch on one worker."""
+    epoch: int
+    samples: int = 0
+    wait: float = 0.0
+    losses: list[torch.Tensor] = field(default_factory=list)
+    terms: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+    _mark: tuple[float, int] = field(default=(0.0, 0))
+
+    def __post_init__(self):
+        self._mark = (self.start, 0)
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        for name, value in out.items():
+            self.terms.setdefault(name, []).append(value.detach().float())
+        self.losses.append(out["loss"].detach().float())
+
+    def last_loss(self) -> float:
+        return float(self.losses[-1]) if self.losses else float("nan")
+
+    def rate(self) -> float:
+        """Samples/s since the previous call."""
+        now, (then, samples) = time.perf_counter(), self._mark
+        self._mark = (now, self.samples)
+        return (self.samples - samples) / max(now - then, 1e-9)
+
+    def summary(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        out = {"loss": float(torch.stack(self.losses).mean()) if self.losses else float("nan"),
+               "samples_per_s": self.samples / elapsed, "data_wait_fraction": self.wait / elapsed}
+        for name, values in self.terms.items():
+            if name != "loss":
+                out[f"loss/{name}"] = float(torch.stack(values).mean())
+        return out
+
+
+def log_epoch(metrics: dict[str, Any], epochs: int) -> None:
+    skipped = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("skipped/") and v}
+    val = (f", val r_mean {metrics['val/r_mean']:.1f} MRV t2i {metrics['val/mrv_t2i']}"
+           if "val/r_mean" in metrics else "")
+    log.info("epoch %d/%d step %d loss %.4f %.0f samples/s, data wait %.0f%%, rows read %s, skipped %s%s",
+             metrics["epoch"], epochs, metrics["step"], metrics["loss"], metrics["samples_per_s"],
+             100 * metrics["data_wait_fraction"], metrics.get("rows_read", "?"), skipped or 0, val)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's entry point: ``config["loop"]`` is the run's ``LoopConfig``."""
+    cfg: LoopConfig = config["loop"]
+    setup_logging(cfg.verbosity)
+    return WorkerLoop(cfg).run()

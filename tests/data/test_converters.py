@@ -14,6 +14,7 @@ import fnmatch
 import gzip
 import io
 import json
+import logging
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -29,22 +30,21 @@ if not DATA.is_dir():
     pytest.skip(f"real data kit {DATA} not found (it sits next to the repository in CI; see "
                 "shared/data/README.md)", allow_module_level=True)
 
-from ccrk_ray.config import ConfigError  # noqa: E402
+from ccrk_ray.core.config import ConfigError  # noqa: E402
+from ccrk_ray.commands import convert as convert_command  # noqa: E402
 from ccrk_ray.data import converters as conv  # noqa: E402
 from ccrk_ray.data.converters import (  # noqa: E402
     SUCCESS_FILE,
     ShardWriter,
-    add_convert_parser,
     convert_ccrk,
     convert_coco,
     convert_iglue,
     convert_multi30k,
     convert_wit,
     multi30k_files,
-    run_convert,
 )
 from ccrk_ray.data.schema import arrow_schema  # noqa: E402
-from ccrk_ray.languages import CCRK_LANGUAGES  # noqa: E402
+from ccrk_ray.core.languages import CCRK_LANGUAGES  # noqa: E402
 
 XFLICKRCO = DATA / "iglue" / "datasets" / "xFlickrCO" / "annotations"
 XFLICKRCO_LANGS = ("de", "en", "es", "id", "ja", "ru", "tr", "zh")
@@ -160,7 +160,7 @@ def read_out(out_dir: Path, languages) -> list[dict]:
 
 def run_parser(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ccrk")
-    add_convert_parser(parser.add_subparsers(dest="command", required=True))
+    convert_command.add_arguments(parser.add_subparsers(dest="command", required=True).add_parser("convert"))
     return parser.parse_args(argv)
 
 
@@ -534,20 +534,22 @@ def _state(out: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(out.iterdir())}
 
 
-def test_second_run_does_nothing_and_other_arguments_reconvert(kit, tmp_path, capsys):
+def test_second_run_does_nothing_and_other_arguments_reconvert(kit, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ccrk")
     captions, image_list = _val_inputs()
     out = tmp_path / "out"
     first = convert_multi30k(captions, image_list, kit.flickr, out, rows_per_shard=400)
     assert first.rows_written == 1014 and [p.name for p in first.shards] == [
         "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     before = _state(out)
-    capsys.readouterr()
+    caplog.clear()
     again = convert_multi30k(captions, image_list, kit.flickr, out, rows_per_shard=400)
-    assert "nothing to do" in capsys.readouterr().out
+    assert "nothing to do" in caplog.text
+    caplog.clear()
     assert again.already_done and again.rows_written == 1014 and again.shards == first.shards
     assert _state(out) == before                             # not one file touched
     other = convert_multi30k(captions, image_list, kit.flickr, out, rows_per_shard=600)
-    assert not other.already_done and "removing 4 file(s)" in capsys.readouterr().out
+    assert not other.already_done and "removing 4 file(s)" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == [SUCCESS_FILE, "part-00000.parquet", "part-00001.parquet"]
     assert len(read_out(out, ["en", "de"])) == 1014
     # a shard deleted behind the writer's back: the same arguments convert again
@@ -659,10 +661,10 @@ def test_cli_each_format(kit, tmp_path):
     args = run_parser(["convert", "iglue", "--out", str(tmp_path / "ig"), "--ann", f"en={small / 'en.jsonl'}",
                        "--ann", f"de={small / 'de.jsonl'}", "--images", str(kit.flickr),
                        "--rows-per-shard", "10", "--split", "test"])
-    assert run_convert(args) == 0
+    assert convert_command.main(args) == 0
     rows = read_out(tmp_path / "ig", ["en", "de"])
     assert len(rows) == 30 - 1 and {r["split"] for r in rows} == {"test"}      # 1 of the 30 left out
-    assert run_convert(args) == 0                                                # already done
+    assert convert_command.main(args) == 0                                                # already done
 
     (tmp_path / "m30k_in").mkdir()
     _small_multi30k(tmp_path / "m30k_in")
@@ -671,7 +673,7 @@ def test_cli_each_format(kit, tmp_path):
     args = run_parser(["convert", "multi30k", "--out", str(tmp_path / "m"), "--task1", str(tmp_path / "m30k_in"),
                        "--name", "val", "--languages", "en,de", "--captions", f"pt={pt}",
                        "--images", str(kit.flickr), "--shard-mb", "0.0001", "--require-languages", "en,pt"])
-    assert run_convert(args) == 0
+    assert convert_command.main(args) == 0
     rows = read_out(tmp_path / "m", ["en", "de", "pt"])
     assert len(rows) == 40 and len(list((tmp_path / "m").glob("*.parquet"))) == 40   # ~100-byte target: one row a shard
     assert [r["captions_pt"] for r in rows] == [[x] for x in text_lines(pt)]
@@ -681,16 +683,16 @@ def test_cli_each_format(kit, tmp_path):
     (tmp_path / "coco.json").write_text(json.dumps(entries), encoding="utf-8")
     args = run_parser(["convert", "coco", "--out", str(tmp_path / "c"), "--json", str(tmp_path / "coco.json"),
                        "--lang", "en", "--images", str(kit.coco)])
-    assert run_convert(args) == 0 and len(read_out(tmp_path / "c", ["en"])) == 10
+    assert convert_command.main(args) == 0 and len(read_out(tmp_path / "c", ["en"])) == 10
 
     args = run_parser(["convert", "wit", "--out", str(tmp_path / "w"), "--ann", f"tr={WIT / 'test_tr.jsonl'}"])
-    assert run_convert(args) == 1                                                # URLs only: no rows
+    assert convert_command.main(args) == 1                                                # URLs only: no rows
 
     line = {"id": "x1", "img": base64.b64encode(standin_jpeg("x1")).decode(), "caption": {"en": "A.", "pt": "Um."}}
     (tmp_path / "p.jsonl").write_text(json.dumps(line) + "\n", encoding="utf-8")
     args = run_parser(["convert", "ccrk", "--out", str(tmp_path / "p"), "--input", str(tmp_path / "p.jsonl"),
                        "--languages", "en,pt", "--source", "mine"])
-    assert run_convert(args) == 0
+    assert convert_command.main(args) == 0
     (row,) = read_out(tmp_path / "p", ["en", "pt"])
     assert (row["captions_en"], row["captions_pt"], row["source"]) == (["A."], ["Um."], "mine")
 
@@ -698,14 +700,14 @@ def test_cli_each_format(kit, tmp_path):
 def test_cli_bad_input_is_a_one_line_config_error(kit, tmp_path):
     missing = tmp_path / "nope" / "en.jsonl"
     with pytest.raises(ConfigError, match=str(missing)) as err:
-        run_convert(run_parser(["convert", "iglue", "--out", str(tmp_path / "o"), "--ann", f"en={missing}",
+        convert_command.main(run_parser(["convert", "iglue", "--out", str(tmp_path / "o"), "--ann", f"en={missing}",
                                 "--images", str(kit.flickr)]))
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="does not exist"):
-        run_convert(run_parser(["convert", "coco", "--out", str(tmp_path / "o"), "--json", str(COCO_CN),
+        convert_command.main(run_parser(["convert", "coco", "--out", str(tmp_path / "o"), "--json", str(COCO_CN),
                                 "--lang", "zh", "--images", str(tmp_path / "no-images")]))
     with pytest.raises(ConfigError, match="multi30k caption file .*val.xx.gz"):
-        run_convert(run_parser(["convert", "multi30k", "--out", str(tmp_path / "o"), "--task1", str(TASK1),
+        convert_command.main(run_parser(["convert", "multi30k", "--out", str(tmp_path / "o"), "--task1", str(TASK1),
                                 "--name", "val", "--languages", "en,xx", "--images", str(kit.flickr)]))
     with pytest.raises(SystemExit):                          # argparse: --rows-per-shard xor --shard-mb
         run_parser(["convert", "wit", "--out", "o", "--ann", "en=x", "--rows-per-shard", "5", "--shard-mb", "1"])

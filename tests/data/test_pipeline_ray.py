@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from ccrk_ray.data import schema
-from ccrk_ray.data.pipeline import check_dataset, one_to_k_dataset, stats_actor
-from ccrk_ray.data.storage import count_rows
+from ccrk_ray.data.ingest import check_dataset, one_to_k_dataset, stats_actor
+from ccrk_ray.core.storage import count_rows
 from ccrk_ray.data.transforms import ImageTransform
-from ccrk_ray.languages import CCRK_LANGUAGES
-from ccrk_ray.tokenizer import CaptionTokenizer
+from ccrk_ray.core.languages import CCRK_LANGUAGES
+from ccrk_ray.data.tokenizer import CaptionTokenizer
 from tests.conftest import upload_dir
 
 pytestmark = pytest.mark.ray
@@ -136,7 +136,8 @@ def test_a_training_run_reads_and_checkpoints_on_s3_and_resumes(ray_local, s3_se
     which the CPU supports too): stop after 2 steps, resume from the checkpoint in the bucket."""
     import boto3
 
-    from ccrk_ray.pretrain import PretrainConfig, run_pretrain
+    from ccrk_ray.tasks.pretrain import run_pretrain
+    from ccrk_ray.train.config import PretrainConfig
     from tests.conftest import tiny_text_config
 
     endpoint, bucket = s3_server

@@ -25,7 +25,7 @@ from ccrk_ray.data.synthetic import (
     sample_captions,
     sample_scene,
 )
-from ccrk_ray.languages import CCRK_LANGUAGES, UnknownLanguageError
+from ccrk_ray.core.languages import CCRK_LANGUAGES, UnknownLanguageError
 
 ALL = frozenset(OPTIONAL_ATTRIBUTES)
 NONE = frozenset()

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from ccrk_ray.data.transforms import BadRowError, ImageTransform, OneToKBatchTransform, choose_captions, decode_image
-from ccrk_ray.languages import CCRK_LANGUAGES
-from ccrk_ray.tokenizer import CaptionTokenizer
+from ccrk_ray.core.languages import CCRK_LANGUAGES
+from ccrk_ray.data.tokenizer import CaptionTokenizer
 
 
 def jpeg(w=40, h=30, colour=(200, 10, 10)) -> bytes:

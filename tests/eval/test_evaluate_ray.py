@@ -18,7 +18,7 @@ def saved_model(tiny_data, tmp_path_factory):
     import torch
 
     from ccrk_ray.model import CCRKModel, ModelConfig
-    from ccrk_ray.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
 
     tok = CaptionTokenizer(tiny_data["tokenizer"], 16)
     text = dict(tiny_text_config(tok.vocab_size, max_length=16), num_hidden_layers=2)
@@ -40,9 +40,9 @@ def test_evaluate_itc_on_actors_writes_every_output(saved_model, tiny_data, tmp_
     from ccrk_ray.eval.ranks import load_ranks
     from ccrk_ray.eval.report import build_report
     from ccrk_ray.eval.retrieval import encode_split, rank_sharded
-    from ccrk_ray.evaluate import run_evaluate
+    from ccrk_ray.eval.evaluate import run_evaluate
     from ccrk_ray.model import CCRKModel
-    from ccrk_ray.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
 
     out = tmp_path / "eval"
     report = run_evaluate(str(saved_model), str(tiny_data["test"]), str(out), actors=2, k_test=5, itc_only=True,
@@ -80,9 +80,9 @@ def test_evaluate_two_stage_on_actors_equals_in_process(saved_model, tiny_data, 
     from ccrk_ray.data.transforms import load_split_batch
     from ccrk_ray.eval.report import build_report
     from ccrk_ray.eval.retrieval import evaluate_in_process
-    from ccrk_ray.evaluate import run_evaluate
+    from ccrk_ray.eval.evaluate import run_evaluate
     from ccrk_ray.model import CCRKModel
-    from ccrk_ray.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
 
     report = run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "two"), actors=2, k_test=8)
     batch = load_split_batch(str(tiny_data["test"]), LANGS, CaptionTokenizer(saved_model, 16), 32)

@@ -116,7 +116,7 @@ def test_two_stage_equals_itc_when_itm_agrees_and_fixes_a_bad_shortlist_order():
 def test_several_captions_per_image_best_rank_and_chance():
     from ccrk_ray.eval.report import build_report_multi
     from ccrk_ray.eval.retrieval import rank_with_owners
-    from ccrk_ray.metrics import chance_recall_at_k
+    from ccrk_ray.eval.metrics import chance_recall_at_k
 
     # 3 images on axes; language A: image 0 has captions [good, bad], image 1 one good, image 2 none
     img = np.eye(3, dtype=np.float32)

@@ -20,7 +20,7 @@ def save_tiny_model(out: Path, tokenizer_dir, fusion_layers: int = 0, max_length
     import torch
 
     from ccrk_ray.model import CCRKModel, ModelConfig
-    from ccrk_ray.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
     from tests.conftest import tiny_text_config
 
     tok = CaptionTokenizer(tokenizer_dir, max_length)
@@ -45,7 +45,7 @@ def save_encoders(out: Path, tokenizer_dir, max_length: int = 24) -> Path:
     from transformers import AutoConfig, AutoModel
 
     from ccrk_ray.model.encoders import build_vision_encoder
-    from ccrk_ray.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
     from tests.conftest import tiny_text_config
 
     tok = CaptionTokenizer(tokenizer_dir, max_length)

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from ccrk_ray.cli import main
-from ccrk_ray.config import ConfigError
-from ccrk_ray.finetune import load_config, run_finetune
+from ccrk_ray.core.config import ConfigError
+from ccrk_ray.tasks.finetune import load_config, run_finetune
 from ccrk_ray.model import CCRKModel
 from tests.train import task_data
 
@@ -192,7 +192,7 @@ def test_bad_finetune_configs_are_clear_errors(base_model, tmp_path):
     with pytest.raises(ConfigError, match="a model spec file needs a model: mapping"):
         load_config("multi30k", cfg, spec)
     spec.write_text(yaml.safe_dump({"model": {"vision": "resnet10t"}}))
-    with pytest.raises(ConfigError, match=r"spec.yaml: model: unknown model config key\(s\): vision"):
+    with pytest.raises(ConfigError, match=r"spec.yaml: model: unknown key\(s\) vision"):
         load_config("multi30k", cfg, spec)
     spec.write_text(yaml.safe_dump({"model": {"vision_name": "resnet10t", "text_config": {"model_type": "bert"}}}))
     with pytest.raises(ConfigError, match="data.tokenizer is required: the model spec"):

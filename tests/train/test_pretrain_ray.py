@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ccrk_ray.config import ConfigError
-from ccrk_ray.pretrain import PretrainConfig, run_pretrain
-from ccrk_ray.train.state import load_model
+from ccrk_ray.core.config import ConfigError
+from ccrk_ray.tasks.pretrain import run_pretrain
+from ccrk_ray.train.config import PretrainConfig
+from ccrk_ray.model.saved import load_model
 from ccrk_ray.train.trainer import clean_orphan_checkpoints
 from tests.conftest import tiny_text_config
 
@@ -82,7 +83,7 @@ def test_config_errors_name_the_key(tmp_path, tiny_data):
         PretrainConfig.from_dict(cfg)
     cfg = yaml.safe_load(path.read_text())
     cfg["model"]["fusion"] = 2
-    with pytest.raises(ConfigError, match="model: unknown model config key.*fusion"):
+    with pytest.raises(ConfigError, match="model: unknown key.s. fusion"):
         PretrainConfig.from_dict(cfg)
     with pytest.raises(ConfigError, match="no such file"):
         PretrainConfig.from_yaml(tmp_path / "missing.yaml")

@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 
-from ccrk_ray.config import ConfigError, expand_vars
-from ccrk_ray.train.loop import accumulation, lr_factor
-from ccrk_ray.train.state import read_best
+from ccrk_ray.core.config import ConfigError, expand_vars
+from ccrk_ray.model import CCRKModel, ModelConfig
+from ccrk_ray.objectives.styles import build_objective
+from ccrk_ray.train.best import BEST_FILE, BestStore
+from ccrk_ray.train.schedule import accumulation, lr_factor
 from ccrk_ray.train.trainer import clean_orphan_checkpoints, run_exists
 from tests.conftest import tiny_text_config
 
@@ -56,23 +58,59 @@ def test_config_variables_expand_or_name_what_is_missing():
 
 
 def test_best_model_pointer_replaces_the_previous_best(tmp_path):
-    from ccrk_ray.model import CCRKModel, ModelConfig
-    from ccrk_ray.train.state import save_best
-
     model = CCRKModel(ModelConfig(text_config=tiny_text_config(100), text_pretrained=False, embed_dim=8))
-    best = str(tmp_path / "best")
-    assert read_best(best) is None
-    save_best(model, best, 10, 40.0)
-    save_best(model, best, 20, 55.5)
-    assert read_best(best) == {"step": 20, "r_mean": 55.5, "dir": "step_00000020"}
+    store = BestStore(str(tmp_path / "best"))
+    assert store.read() is None
+    store.save_model(model, metric="val/r_mean", score=40.0, step=10, epoch=1)
+    store.save_model(model, metric="val/r_mean", score=55.5, step=20, epoch=2, r_mean=55.5)
+    assert store.read() == {"dir": "step_00000020", "metric": "val/r_mean", "score": 55.5, "step": 20, "epoch": 2,
+                            "r_mean": 55.5, "mrv": None}
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", "step_00000020"]
     CCRKModel.from_pretrained(tmp_path / "best" / "step_00000020")
+    # a resumed run reaching step 20 again: the directory the pointer names is never overwritten
+    store.save_model(model, metric="val/r_mean", score=60.0, step=20, epoch=2)
+    assert store.read()["dir"] == "step_00000020.2"
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", "step_00000020.2"]
+
+
+def test_best_pointer_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    """A write that dies half-way (here: the disk fills after a few bytes) leaves the previous
+    pointer whole, and the model it names; the next save works."""
+    import os
+
+    model = CCRKModel(ModelConfig(text_config=tiny_text_config(100), text_pretrained=False, embed_dim=8))
+    store = BestStore(str(tmp_path / "best"))
+    first = store.save_model(model, metric="val/r_mean", score=40.0, step=10, epoch=1)
+    real_fdopen = os.fdopen
+
+    class FillsUp:
+        """A file that takes 7 bytes, then the disk is full."""
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:7])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left"):
+        store.save_model(model, metric="val/r_mean", score=50.0, step=20, epoch=2)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert store.read() == first                                       # whole, and still the first
+    assert json.loads((tmp_path / "best" / BEST_FILE).read_text()) == first
+    assert not [p for p in (tmp_path / "best").iterdir() if p.name.endswith(".tmp")]
+    CCRKModel.from_pretrained(tmp_path / "best" / first["dir"])
+    assert store.save_model(model, metric="val/r_mean", score=50.0, step=20, epoch=2)["score"] == 50.0
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    from ccrk_ray.model import CCRKModel, ModelConfig
-    from ccrk_ray.objectives import build_objective
-
     torch.manual_seed(0)
     cfg = ModelConfig(text_config=dict(tiny_text_config(100), num_hidden_layers=2), text_pretrained=False,
                       embed_dim=8, fusion_layers=1)

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from ccrk_ray.cli import main
-from ccrk_ray.config import ConfigError
-from ccrk_ray.finetune import load_config
+from ccrk_ray.core.config import ConfigError
+from ccrk_ray.tasks.finetune import load_config
 from tests.train import task_data
 
 pytestmark = pytest.mark.ray
@@ -124,7 +124,7 @@ def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(
                                                                                 tmp_path):
     """3 trials, 2 at a time, ASHA on r_mean - 0.5 mrv; the sweep's driver is killed once a trial
     has finished and another is halfway, then ``--resume`` finishes it."""
-    from ccrk_ray.evaluate import run_evaluate
+    from ccrk_ray.eval.evaluate import run_evaluate
 
     out = tmp_path / "sweep"
     space = {"lr": {"loguniform": [3e-4, 3e-3]}, "temperature": {"uniform": [0.03, 0.12]},
@@ -243,7 +243,7 @@ def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(
 
 
 def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, tmp_path):
-    from ccrk_ray.tune import prepare_sweep
+    from ccrk_ray.tune.sweep import prepare_sweep
 
     def err(tune: dict, match: str, **kw):
         cfg = sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, tune, **kw)
@@ -276,7 +276,7 @@ def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, t
     assert main(["tune", "--task", "multi30k", "--config", str(cfg), "--checkpoint", str(base_model),
                  "--num-samples", "0"]) == 2
     # the default space: around the config's values, epochs fixed
-    from ccrk_ray.tune import parse_dist
+    from ccrk_ray.tune.sweep import parse_dist
 
     sweep, _ = prepare_sweep("multi30k", sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, {}), base_model, 4)
     space = {k: parse_dist(k, v) for k, v in sweep["space"].items()}
@@ -288,8 +288,8 @@ def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, t
 def test_lr_mult_is_searched_when_the_start_has_fresh_layers(tiny_data, data, tmp_path):
     """From pre-trained encoders (a model spec), CCRK's own layers start fresh: lr_mult is in the
     default space and a space varying it is accepted; each trial's config carries its value."""
-    from ccrk_ray.finetune import StartingPoint
-    from ccrk_ray.tune import parse_dist, prepare_sweep, trial_config
+    from ccrk_ray.tasks.finetune import StartingPoint
+    from ccrk_ray.tune.sweep import parse_dist, prepare_sweep, trial_config
 
     spec = task_data.save_encoders(tmp_path / "enc", tiny_data["tokenizer"])
     assert StartingPoint.of(spec).fresh_layers

@@ -19,13 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccrk_ray.config import ConfigError, check_range
-from ccrk_ray.demo import (DemoConfig, _log, demo_cpus, demo_model_config, generate_data, init_ray, objective_args_for,
-                           prepare_out_dir, prepare_tokenizer, pretrain)
+import torch
 
+from ccrk_ray.core.config import ConfigError, check_range
+from ccrk_ray.core.files import prepare_out_dir
+from ccrk_ray.core.log import get_logger
+from ccrk_ray.core.runtime import ray_session
+from ccrk_ray.data.transforms import load_split_batch
+from ccrk_ray.eval.report import build_report
+from ccrk_ray.eval.retrieval import evaluate_in_process
+from ccrk_ray.experiments.demo import DemoConfig, demo_cpus, demo_model_config, generate_data, prepare_tokenizer, pretrain
+from ccrk_ray.model import CCRKModel
+from ccrk_ray.objectives.styles import STYLES as STYLE_CLASSES
+from ccrk_ray.train.config import objective_args
+
+log = get_logger(__name__)
 MARKER = "ccrk-compare.json"
 OUTPUTS = ("data", "tokenizer", "runs", "compare.json", "compare.md", MARKER)
-STYLES = ("one_to_k", "one_to_one", "cross_lingual")
+STYLES = tuple(STYLE_CLASSES)
 
 
 @dataclass
@@ -76,30 +87,20 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     cfg.validate()
     t0 = time.perf_counter()
     out = Path(cfg.out).resolve()
-    prepare_out_dir(out, MARKER, OUTPUTS)
+    prepare_out_dir(out, MARKER, OUTPUTS, "compare")
     (out / MARKER).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
-    generate_data(cfg, out, t0)
-    tokenizer, caption_tokenizer = prepare_tokenizer(cfg, out, t0)
-
-    import ray
-    import torch
-
-    from ccrk_ray.data.transforms import load_split_batch
-    from ccrk_ray.eval.report import build_report
-    from ccrk_ray.eval.retrieval import evaluate_in_process
-    from ccrk_ray.model import CCRKModel
-
+    generate_data(cfg, out)
+    tokenizer, caption_tokenizer = prepare_tokenizer(cfg, out)
     test_batch = load_split_batch(str(out / "data" / "test"), cfg.languages, caption_tokenizer, cfg.image_size)
     model_cfg = demo_model_config(cfg, tokenizer, fusion_layers=cfg.fusion_layers)
-    args = objective_args_for(tokenizer, cfg.languages, cfg.itm_weight, cfg.mlm_weight)
+    _, args = objective_args({"itm_weight": cfg.itm_weight, "mlm_weight": cfg.mlm_weight}, tokenizer, cfg.languages)
     reports: dict[str, dict[str, Any]] = {}
     two_stage_reports: dict[str, dict[str, Any]] = {}
-    started = init_ray(num_cpus=demo_cpus(cfg))
-    try:
+    with ray_session(demo_cpus(cfg)):
         for objective in cfg.objectives:
             run_dir = out / "runs" / objective
             torch.manual_seed(cfg.seed)
-            metrics = pretrain(cfg, out, run_dir, tokenizer, caption_tokenizer, model_cfg, objective, args, t0)
+            metrics = pretrain(cfg, out, run_dir, tokenizer, caption_tokenizer, model_cfg, {"name": objective, **args})
             model = CCRKModel.from_pretrained(run_dir / "model")
             report = build_report(*evaluate_in_process(model, test_batch, k_test=None), cfg.languages)
             report.update(train=metrics, objective=objective, k_test=None)
@@ -112,11 +113,8 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
             (run_dir / "report.json").write_text(json.dumps(report, indent=2))
             for label, rep in (("ITC", report), (f"ITC+ITM@{cfg.k_test}", report.get("two_stage"))):
                 if rep:
-                    _log(f"{objective} [{label}]: mean t2i R@10 {rep['mean']['t2i']['R@10']:.1f}, "
-                         f"MRV t2i {rep['mrv']['t2i']:.2f} / i2t {rep['mrv']['i2t']:.2f}", t0)
-    finally:
-        if started:
-            ray.shutdown()
+                    log.info(f"{objective} [{label}]: mean t2i R@10 {rep['mean']['t2i']['R@10']:.1f}, "
+                             f"MRV t2i {rep['mrv']['t2i']:.2f} / i2t {rep['mrv']['i2t']:.2f}")
     table = "## Ranking by ITC similarity\n\n" + comparison_table(reports, cfg.languages)
     if two_stage_reports:
         table += (f"\n\n## Two-stage: ITC top-{cfg.k_test} re-ranked by ITM\n\n"
@@ -131,6 +129,6 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
                "results_two_stage": {name: brief(r) for name, r in two_stage_reports.items()}}
     (out / "compare.json").write_text(json.dumps(summary, indent=2, default=list))
     (out / "compare.md").write_text(table + "\n")
-    print(table, flush=True)
-    _log(f"comparison written to {out / 'compare.md'}", t0)
+    summary["table"] = table
+    log.info("comparison written to %s", out / "compare.md")
     return summary

@@ -12,11 +12,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-TEMPERATURE_MIN = 0.001
-TEMPERATURE_MAX = 0.5
-TEMPERATURE_INIT = 0.07
-
-
 def captions_per_image(num_images: int, num_texts: int) -> int:
     """K = text rows / image rows, with an error when it is not a whole positive number."""
     if num_images <= 0:

@@ -11,9 +11,14 @@ does, so that pieces never straddle Chinese/Japanese words) with XLM-R's special
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from ccrk_ray.data.schema import caption_column
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
@@ -24,9 +29,6 @@ CJK_OR_PUNCT = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uf
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 4000) -> Path:
     """Train a Unigram tokenizer on ``texts`` and save it HF-style under ``out_dir``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     if vocab_size < 100:
         raise ValueError(f"vocab_size must be >= 100, got {vocab_size}")
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -53,8 +55,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
 def load_tokenizer(name_or_path: str | Path):
     """Load a tokenizer by HF name (e.g. ``xlm-roberta-large``) or local path."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(name_or_path))
 
 
@@ -80,8 +80,6 @@ class CaptionTokenizer:
         if backend is None:
             self.hf = hf
         else:
-            from tokenizers import Tokenizer
-
             self.backend = Tokenizer.from_str(backend.to_str())
             self.backend.enable_truncation(max_length)
             self.backend.enable_padding(length=max_length, pad_id=hf.pad_token_id, pad_token=hf.pad_token)
@@ -92,9 +90,6 @@ class CaptionTokenizer:
         if self.backend is None:
             self.hf.save_pretrained(str(directory))
             return Path(directory)
-        from tokenizers import Tokenizer
-        from transformers import PreTrainedTokenizerFast
-
         plain = Tokenizer.from_str(self.backend.to_str())
         plain.no_padding()
         plain.no_truncation()
@@ -114,3 +109,12 @@ class CaptionTokenizer:
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), self.max_length)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(ids.shape)
         return ids, mask
+
+
+def iter_captions(path: str | Path, languages: Sequence[str]) -> Iterator[str]:
+    """Every caption in ``languages`` of a local parquet directory (a tokenizer training corpus)."""
+    for f in sorted(Path(path).glob("*.parquet")):
+        table = pq.read_table(f, columns=[caption_column(lang) for lang in languages])
+        for col in table.columns:
+            for caps in col.to_pylist():
+                yield from caps or ()

@@ -21,8 +21,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ccrk_ray.distributed import gather_with_grad, rank, world_size
-from ccrk_ray.losses import (contrastive_with_ids, mask_tokens, matching_loss, mlm_loss, one_to_k_contrastive,
+from ccrk_ray.objectives.collectives import gather_with_grad, rank, world_size
+from ccrk_ray.objectives.losses import (contrastive_with_ids, mask_tokens, matching_loss, mlm_loss, one_to_k_contrastive,
                              one_to_k_contrastive_local, sample_mitm, vicreg_terms)
 
 
@@ -202,13 +202,14 @@ class CrossLingual(Objective):
         return self.total(terms, image_feat, text_feat)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (OneToK, OneToOne, CrossLingual)}
+# The training styles by name: CCRK's 1-to-K and the two baselines it is compared with.
+STYLES: dict[str, type[Objective]] = {cls.name: cls for cls in (OneToK, OneToOne, CrossLingual)}
 
 
 def build_objective(name: str, **kwargs) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](**kwargs)
+    if name not in STYLES:
+        raise ValueError(f"unknown objective {name!r}; known: {', '.join(STYLES)}")
+    return STYLES[name](**kwargs)
 
 
 class ObjectiveModule(nn.Module):

@@ -14,16 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccrk_ray.config import ConfigError, check_range
-from ccrk_ray.languages import CCRK_LANGUAGES, validate_languages
+from ccrk_ray.core.config import ConfigError, check_range
+from ccrk_ray.core.files import prepare_out_dir
+from ccrk_ray.core.languages import CCRK_LANGUAGES, validate_languages
+from ccrk_ray.core.log import get_logger
+from ccrk_ray.core.runtime import local_cpus, ray_session
+from ccrk_ray.data.synthetic import generate_split
+from ccrk_ray.data.tokenizer import CaptionTokenizer, iter_captions, load_tokenizer, train_tokenizer
+from ccrk_ray.eval.evaluate import rank_split_itc
+from ccrk_ray.eval.report import build_report
+from ccrk_ray.model import ModelConfig
+from ccrk_ray.model.encoders import check_vision_model
+from ccrk_ray.train.config import DataSection, PretrainConfig, ScalingSection, TrainSection, objective_args
+from ccrk_ray.train.trainer import run_training
 
+log = get_logger(__name__)
 MARKER = "ccrk-demo.json"
 OUTPUTS = ("data", "tokenizer", "ray_results", "tensorboard", "model", "report.json", "train_result.json", MARKER)
 
@@ -85,38 +95,8 @@ class DemoConfig:
         if self.train_images < self.batch_size * hi:
             raise ConfigError(f"--train-images {self.train_images} is less than one batch per worker "
                               f"({self.batch_size} x {hi} workers)")
-        check_vision_model(self.vision_model)  # last: it imports timm
+        check_vision_model(self.vision_model, flag="--vision-model")
         return self
-
-
-def check_vision_model(name: str) -> None:
-    """Fail before Ray starts on a vision model name timm does not know (hub names pass)."""
-    import timm
-
-    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
-        raise ConfigError(f"--vision-model {name!r} is not a timm model (see timm.list_models())")
-
-
-def prepare_out_dir(out: Path, marker: str = MARKER, outputs: tuple[str, ...] = OUTPUTS) -> None:
-    """Refuse a directory holding unrelated files; clear our own outputs of an earlier run."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a directory")
-    if out.is_dir():
-        entries = sorted(p.name for p in out.iterdir())
-        if entries and marker not in entries:
-            raise ConfigError(f"output directory {out} is not empty and not a ccrk {marker.split('-')[1].split('.')[0]} output "
-                              f"(holds {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
-        foreign = [e for e in entries if e not in outputs]
-        if foreign:
-            raise ConfigError(f"output directory {out} holds files the demo did not write: {', '.join(foreign[:3])}")
-        for name in entries:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _log(msg: str, t0: float) -> None:
-    print(f"[ccrk {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
 
 def text_model_config(cfg: DemoConfig, tokenizer) -> dict[str, Any]:
@@ -131,40 +111,22 @@ def text_model_config(cfg: DemoConfig, tokenizer) -> dict[str, Any]:
 
 
 def demo_cpus(cfg: DemoConfig) -> int:
-    """Logical CPUs of the local cluster: each worker, its data actor and read tasks, plus slack."""
-    return cfg.workers[1] * (cfg.cpus_per_worker + 1) + 1
+    """Logical CPUs of the local cluster: each worker and its data actor, plus the read tasks."""
+    return local_cpus(cfg.workers[1] * (cfg.cpus_per_worker + 1))
 
 
-def init_ray(num_cpus: int) -> bool:
-    """Join the cluster in RAY_ADDRESS, or start a local one; True when we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return True
-    ray.init(num_cpus=num_cpus, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
-    return True
-
-
-def generate_data(cfg: DemoConfig, out: Path, t0: float) -> None:
-    from ccrk_ray.data.synthetic import generate_split
-
+def generate_data(cfg: DemoConfig, out: Path) -> None:
     splits = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
     for i, (split, n) in enumerate(splits.items()):
         if n:
             generate_split(out / "data" / split, split, n, languages=cfg.languages, seed=cfg.seed * 10 + i,
                            omit_prob=cfg.omit_prob, image_size=cfg.image_size)
-    _log(f"generated {cfg.train_images}/{cfg.val_images}/{cfg.test_images} train/val/test images with captions "
-         f"in {len(cfg.languages)} languages under {out / 'data'}", t0)
+    log.info("generated %d/%d/%d train/val/test images with captions in %d languages under %s",
+             cfg.train_images, cfg.val_images, cfg.test_images, len(cfg.languages), out / "data")
 
 
-def prepare_tokenizer(cfg: DemoConfig, out: Path, t0: float):
+def prepare_tokenizer(cfg: DemoConfig, out: Path):
     """(HF tokenizer, CaptionTokenizer): --tokenizer, else --text-model's, else trained on the captions."""
-    from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
-
     if cfg.tokenizer or cfg.text_model:
         # A pretrained text encoder comes with its own vocabulary: use its tokenizer by default.
         tokenizer_path = cfg.tokenizer or cfg.text_model
@@ -172,39 +134,29 @@ def prepare_tokenizer(cfg: DemoConfig, out: Path, t0: float):
         tokenizer_path = str(train_tokenizer(iter_captions(out / "data" / "train", cfg.languages),
                                              out / "tokenizer", vocab_size=cfg.vocab_size))
     tokenizer = load_tokenizer(tokenizer_path)
-    _log(f"tokenizer {tokenizer_path}: {len(tokenizer)} tokens", t0)
+    log.info("tokenizer %s: %d tokens", tokenizer_path, len(tokenizer))
     return tokenizer, CaptionTokenizer(tokenizer, cfg.max_length)
 
 
-def objective_args_for(tokenizer, languages, itm_weight: float, mlm_weight: float) -> dict[str, Any]:
-    return dict(itm_weight=itm_weight, mlm_weight=mlm_weight, languages=list(languages),
-                mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                special_ids=sorted(set(tokenizer.all_special_ids)))
-
-
-def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, tokenizer, caption_tokenizer, model_cfg, objective: str,
-             objective_args: dict[str, Any], t0: float, train_uri: str | None = None) -> dict[str, Any]:
-    """One Ray Train run (``ccrk_ray.pretrain.run_training``) on ``train_uri`` (default
-    ``out/data/train``; ``s3://…`` works the same); the final model is saved to ``run_dir/model``."""
-    from ccrk_ray.pretrain import DataSection, PretrainConfig, ScalingSection, TrainSection, run_training
-
+def pretrain(cfg: DemoConfig, out: Path, run_dir: Path, tokenizer, caption_tokenizer, model_cfg: ModelConfig,
+             objective: dict[str, Any], train_uri: str | None = None) -> dict[str, Any]:
+    """One Ray Train run (``run_training``) on ``train_uri`` (default ``out/data/train``; ``s3://…``
+    works the same); the final model is saved to ``run_dir/model``. Ray must be running."""
     pc = PretrainConfig(
         output_dir=str(run_dir),
         data=DataSection(train=train_uri or str(out / "data" / "train"), languages=cfg.languages,
                          captions_per_image=cfg.captions_per_image, image_size=cfg.image_size,
                          max_length=cfg.max_length, chunk_rows=cfg.chunk_rows),
-        model=model_cfg.to_dict(), objective={"name": objective, **objective_args},
+        model=model_cfg.to_dict(), objective=objective,
         train=TrainSection(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            warmup=cfg.warmup_steps, precision=cfg.precision, seed=cfg.seed, log_every=20),
         scaling=ScalingSection(workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker, gpu=cfg.gpu,
                                max_failures=0),
     ).validate()
-    return run_training(pc, tokenizer, caption_tokenizer, log=lambda m: _log(m, t0))
+    return run_training(pc, tokenizer, caption_tokenizer)
 
 
-def demo_model_config(cfg: DemoConfig, tokenizer, fusion_layers: int = 0):
-    from ccrk_ray.model import ModelConfig
-
+def demo_model_config(cfg: DemoConfig, tokenizer, fusion_layers: int = 0) -> ModelConfig:
     text_config = text_model_config(cfg, tokenizer)
     if text_config and fusion_layers:
         text_config["num_hidden_layers"] = cfg.text_layers + fusion_layers
@@ -214,55 +166,32 @@ def demo_model_config(cfg: DemoConfig, tokenizer, fusion_layers: int = 0):
                        text_layers=cfg.text_layers if fusion_layers and not cfg.text_model else None)
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    cfg.validate()
-    t0 = time.perf_counter()
-    out = Path(cfg.out).resolve()
-    prepare_out_dir(out)
-    (out / MARKER).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
-    generate_data(cfg, out, t0)
-    tokenizer, caption_tokenizer = prepare_tokenizer(cfg, out, t0)
-    import ray
-
-    started = init_ray(num_cpus=demo_cpus(cfg))
-    try:
-        # Issue 2's demo trains 1-to-K ITC alone on a dual encoder: ITM and MLM weights are 0.
-        train_metrics = pretrain(cfg, out, out, tokenizer, caption_tokenizer, demo_model_config(cfg, tokenizer), "one_to_k",
-                                 dict(itm_weight=0.0, mlm_weight=0.0, languages=list(cfg.languages)), t0)
-        report = evaluate_split(str(out / "data" / "test"), str(out / "model"), cfg.languages, caption_tokenizer,
-                                cfg.image_size)
-    finally:
-        if started:
-            ray.shutdown()
-    report["train"] = train_metrics
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    from ccrk_ray.eval.report import format_table
-
-    print(format_table(report), flush=True)
-    _log(f"report written to {out / 'report.json'}", t0)
-    return report
-
-
 def evaluate_split(uri: str, model_dir: str, languages, tokenizer, image_size: int,
                    num_actors: int = 1) -> dict[str, Any]:
     """Per-language retrieval report of a saved model on a parquet split (ITC, the same ranking
     as ``ccrk evaluate --itc-only``). Ray must be running."""
-    from ccrk_ray.eval.report import build_report
-    from ccrk_ray.evaluate import rank_split_itc
-
     _, t2i, i2t = rank_split_itc(uri, model_dir, languages, tokenizer, image_size, actors=num_actors)
     return build_report(t2i, i2t, languages)
 
 
-def iter_captions(path: Path, languages):
-    """Every caption of a local parquet directory (tokenizer training corpus)."""
-    import pyarrow.parquet as pq
-
-    from ccrk_ray.data.schema import caption_column
-
-    for f in sorted(Path(path).glob("*.parquet")):
-        table = pq.read_table(f, columns=[caption_column(lang) for lang in languages])
-        for col in table.columns:
-            for caps in col.to_pylist():
-                yield from caps or ()
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    cfg.validate()
+    t0 = time.perf_counter()
+    out = Path(cfg.out).resolve()
+    prepare_out_dir(out, MARKER, OUTPUTS, "demo")
+    (out / MARKER).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
+    generate_data(cfg, out)
+    tokenizer, caption_tokenizer = prepare_tokenizer(cfg, out)
+    with ray_session(demo_cpus(cfg)):
+        # The demo trains 1-to-K ITC alone on a dual encoder: ITM and MLM weights are 0.
+        _, args = objective_args({"itm_weight": 0.0, "mlm_weight": 0.0}, tokenizer, cfg.languages)
+        train_metrics = pretrain(cfg, out, out, tokenizer, caption_tokenizer, demo_model_config(cfg, tokenizer),
+                                 {"name": "one_to_k", **args})
+        log.info("ranking the %d test images in %d languages", cfg.test_images, len(cfg.languages))
+        report = evaluate_split(str(out / "data" / "test"), str(out / "model"), cfg.languages, caption_tokenizer,
+                                cfg.image_size)
+    report["train"] = train_metrics
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    log.info("report written to %s", out / "report.json")
+    return report

@@ -23,19 +23,36 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from ccrk_ray.config import ConfigError
+from ccrk_ray.core import storage
+from ccrk_ray.core.config import ConfigError
+from ccrk_ray.core.languages import validate_languages
+from ccrk_ray.core.log import get_logger
+from ccrk_ray.core.runtime import local_cpus, ray_session
+from ccrk_ray.data import schema
+from ccrk_ray.data.ingest import one_to_k_dataset
+from ccrk_ray.data.tokenizer import CaptionTokenizer
+from ccrk_ray.data.transforms import ImageTransform, load_split_batch
+from ccrk_ray.eval.actors import embed_dataset, rank_on_actors
+from ccrk_ray.eval.plots import log_tensorboard, make_figures, write_plots
+from ccrk_ray.eval.ranks import save_ranks as write_ranks
+from ccrk_ray.eval.report import (DIRECTIONS, build_report, clip_benchmark_results, format_table,
+                                  language_rank_correlation)
+from ccrk_ray.eval.retrieval import ItmRescorer, encode_split
+from ccrk_ray.model import CCRKModel
+from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
 
+log = get_logger(__name__)
 DEFAULT_K_TEST = 128      # the paper's re-ranking depth (X-VLM / CCLM's k_test)
-
 RANKS_FILE = "ranks.parquet"
+ROW_CHECK_ACTORS = 1      # the Ray Data actor that decodes and checks rows ahead of the embedders
 
 
-def load_preprocess(model_dir: Path) -> dict[str, Any]:
-    from ccrk_ray.pretrain import PREPROCESS_FILE
-
-    path = model_dir / PREPROCESS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+def evaluate_cpus(actors: int) -> int:
+    """A local cluster for ``ccrk evaluate``: the row-check actor and ``actors`` embedding actors
+    at once (ranking actors come after them), plus a CPU for Ray Data's list and read tasks."""
+    return local_cpus(ROW_CHECK_ACTORS, actors)
 
 
 def dataset_name_of(data: str) -> str:
@@ -49,55 +66,38 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
                  tokenizer: str | None = None, actors: int = 1, itc_only: bool = False,
                  tensorboard: str | None = None, save_ranks: bool = False,
                  dataset_name: str | None = None) -> dict[str, Any]:
-    from ccrk_ray.data import schema, storage
-    from ccrk_ray.languages import validate_languages
-    from ccrk_ray.tokenizer import CaptionTokenizer
-
+    """Everything is checked (model, preprocessing, data schema, languages) before Ray starts;
+    inside a running session (fine-tuning's tests) it joins it."""
     t0 = time.perf_counter()
     if actors < 1:
         raise ConfigError(f"--actors must be >= 1, got {actors}")
     if k_test is not None and k_test < 1:
         raise ConfigError(f"--k-test must be >= 1, got {k_test}")
-    model_path = Path(model_dir)
-    if (model_path / "model").is_dir():             # a training checkpoint: its model/ subfolder
-        model_path = model_path / "model"
-    if not (model_path / "config.json").is_file():
-        raise ConfigError(f"--checkpoint {model_dir} is not a saved CCRK model or checkpoint")
-    pre = load_preprocess(model_path)
-    image_size = image_size or pre.get("image_size")
-    max_length = max_length or pre.get("max_length")
+    model_path = resolve_model_dir(model_dir)
+    pre = Preprocess.read(model_path)
+    image_size = image_size or pre.image_size
+    max_length = max_length or pre.max_length
     if not image_size or not max_length:
         raise ConfigError("--image-size and --max-length are needed: the model directory has no preprocess.json")
     try:
         fs, files = storage.list_parquet(data)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
-    import pyarrow.parquet as pq
-
     in_data = schema.languages_in(pq.ParquetFile(fs.open_input_file(files[0])).schema_arrow)
-    langs = validate_languages(languages or pre.get("languages") or in_data)
+    langs = validate_languages(languages or pre.languages or in_data)
     missing = [lang for lang in langs if lang not in in_data]
     if missing:
         raise ConfigError(f"{data} has no caption column for {', '.join(missing)} (it has {', '.join(in_data)})")
     caption_tokenizer = CaptionTokenizer(tokenizer or model_path, max_length)
-    if k_test is None and not itc_only and json.loads((model_path / "config.json").read_text()).get("fusion_layers"):
+    if k_test is None and not itc_only and model_config(model_path).get("fusion_layers"):
         # the paper's protocol for a model with an ITM head: re-rank the top 128 (at most the gallery)
         if storage.is_remote(data):
-            print(f"[evaluate] {data} is remote: ranking by ITC (two-stage reads a local split; copy it "
-                  "locally, or pass --itc-only to silence this)", flush=True)
+            log.warning("%s is remote: ranking by ITC (two-stage reads a local split; copy it locally, or pass "
+                        "--itc-only to silence this)", data)
         else:
             k_test = min(DEFAULT_K_TEST, storage.count_rows(data))
     two_stage = k_test is not None and not itc_only
-
-    import ray
-
-    from ccrk_ray.demo import init_ray
-
     if two_stage:
-        from ccrk_ray.data.transforms import load_split_batch
-        from ccrk_ray.eval.retrieval import ItmRescorer, encode_split
-        from ccrk_ray.model import CCRKModel
-
         if storage.is_remote(data):
             raise ConfigError("two-stage evaluation reads a local split; use --itc-only for s3:// data")
         model = CCRKModel.from_pretrained(model_path)
@@ -107,19 +107,16 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         batch = load_split_batch(data, langs, caption_tokenizer, image_size)
         if k_test > len(batch["input_ids"]):
             raise ConfigError(f"--k-test {k_test} is larger than the gallery of {len(batch['input_ids'])} images")
+        log.info("encoding %d images for two-stage ranking (ITC top %d re-ranked by ITM)", len(batch["input_ids"]), k_test)
         feats = encode_split(model, batch)
         ids, image_emb, text_emb = batch["image_id"], feats["image_emb"], feats["text_emb"]
         rescore = ItmRescorer(str(model_path), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
-    started = init_ray(num_cpus=max(2, actors))
-    try:
+    with ray_session(evaluate_cpus(actors)):
         if two_stage:
             t2i, i2t = _rank(data, image_emb, text_emb, langs, actors, k_test=k_test, rescore=rescore)
         else:
             ids, t2i, i2t = rank_split_itc(data, str(model_path), langs, caption_tokenizer, image_size,
                                            actors=actors)
-    finally:
-        if started:
-            ray.shutdown()
     report = finish_report(t2i, i2t, langs)
     report.update(model=str(model_path), data=data, k_test=k_test if two_stage else None, actors=actors,
                   seconds=round(time.perf_counter() - t0, 1))
@@ -129,15 +126,27 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     return report
 
 
+def evaluate_test_sets(tests: str | dict[str, str] | None, model_dir: Path, out: Path, languages: Sequence[str],
+                       k_test: int | None, dataset: str = "test") -> dict[str, Any]:
+    """``run_evaluate`` on every test set: one URI for ``languages``, or ``{language: URI}`` when
+    each language has its own test images; reports under ``out/<set>``. {set name: report}."""
+    if not tests:
+        return {}
+    sets = {"test": (tests, list(languages))} if isinstance(tests, str) else {
+        f"test_{lang}": (uri, [lang]) for lang, uri in tests.items()}
+    reports = {}
+    for name, (uri, langs) in sets.items():
+        log.info("evaluating on %s (%s), languages %s", name, uri, ", ".join(langs))
+        reports[name] = run_evaluate(str(model_dir), uri, str(out / name), languages=langs, k_test=k_test,
+                                     itc_only=k_test is None, dataset_name=dataset)
+    return reports
+
+
 def rank_split_itc(data: str, model_dir: str, languages: Sequence[str], tokenizer, image_size: int, *,
                    actors: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image ids, t2i, i2t) of a saved model on a parquet split by ITC: embedding on Ray actors
     (``embed_dataset``) and ranking on eval actors (``rank_on_actors``, the documented tie
     policy). Ray must be running. ``ccrk evaluate`` and the demo both rank through here."""
-    from ccrk_ray.data.pipeline import one_to_k_dataset
-    from ccrk_ray.data.transforms import ImageTransform
-    from ccrk_ray.eval.actors import embed_dataset
-
     ds = one_to_k_dataset(data, languages=languages, k=len(languages), tokenizer=tokenizer,
                           image_transform=ImageTransform(image_size, train=False), batch_size=128,
                           shuffle_files=False)
@@ -146,8 +155,6 @@ def rank_split_itc(data: str, model_dir: str, languages: Sequence[str], tokenize
 
 
 def _rank(data: str, image_emb, text_emb, languages, actors: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    from ccrk_ray.eval.actors import rank_on_actors
-
     try:
         return rank_on_actors(image_emb, text_emb, languages=languages, num_actors=actors, **kwargs)
     except ValueError as exc:       # bad embeddings (e.g. NaN from a diverged model), named
@@ -156,8 +163,6 @@ def _rank(data: str, image_emb, text_emb, languages, actors: int, **kwargs) -> t
 
 def finish_report(t2i, i2t, langs: Sequence[str]) -> dict[str, Any]:
     """``build_report`` plus the languages' rank correlation (JSON-safe: NaN → null)."""
-    from ccrk_ray.eval.report import DIRECTIONS, build_report, language_rank_correlation
-
     report = build_report(t2i, i2t, list(langs))
     report["language_rank_correlation"] = {
         d: [[None if math.isnan(v) else round(float(v), 4) for v in row] for row in language_rank_correlation(r)]
@@ -167,10 +172,6 @@ def finish_report(t2i, i2t, langs: Sequence[str]) -> dict[str, Any]:
 
 def write_outputs(out_dir: Path, report: dict[str, Any], t2i, i2t, image_ids, langs: Sequence[str], *, dataset: str,
                   model: str, pretrained: str, tensorboard: str | None = None, save_ranks: bool = False) -> None:
-    from ccrk_ray.eval.plots import log_tensorboard, make_figures, write_plots
-    from ccrk_ray.eval.ranks import save_ranks as write_ranks
-    from ccrk_ray.eval.report import clip_benchmark_results, format_table
-
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = make_figures(report, t2i, i2t)
     plots = write_plots(figs, out_dir)
@@ -193,7 +194,6 @@ def write_outputs(out_dir: Path, report: dict[str, Any], t2i, i2t, image_ids, la
     table = format_table(report)
     images = "".join(f"\n![{name}]({path.name})\n" for name, path in plots.items())
     (out_dir / "report.md").write_text("```\n" + table + "\n```\n" + images)
-    print(table, flush=True)
 
 
 def _model_name(model_path: Path) -> str:

@@ -2,7 +2,7 @@
 retrieval tasks, each from a shipped task config (``ccrk_ray/configs/tasks/<task>.yaml``) that your
 config file overrides key by key.
 
-Your config has the same sections as ``ccrk pretrain``'s (``ccrk_ray.pretrain``) plus ``task``;
+Your config has the same sections as ``ccrk pretrain``'s (``ccrk_ray.train.config``) plus ``task``;
 ``data.train``/``data.val``/``data.test`` point at the task's data converted with ``ccrk convert``
 (``data.test``: one URI, or ``{language: URI}`` when each language has its own test images, as
 MSCOCO's ja/zh sets and WIT do). The run:
@@ -20,7 +20,6 @@ MSCOCO's ja/zh sets and WIT do). The run:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import shutil
@@ -29,10 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccrk_ray.config import ConfigError, check_range
-from ccrk_ray.languages import validate_languages
-from ccrk_ray.model.ccrk import ModelConfig
-from ccrk_ray.pretrain import CONFIG_DIR, PREPROCESS_FILE, PretrainConfig, read_yaml, run_training
+from ccrk_ray.core.config import ConfigError, build, check_range, deep_merge, read_yaml
+from ccrk_ray.core.languages import validate_languages
+from ccrk_ray.core.log import get_logger
+from ccrk_ray.core.runtime import local_cpus, ray_session
+from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
+from ccrk_ray.eval.evaluate import evaluate_test_sets
+from ccrk_ray.model.ccrk import TEMPERATURE_MAX, TEMPERATURE_MIN, CCRKModel, ModelConfig
+from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
+from ccrk_ray.train.best import BestStore
+from ccrk_ray.train.config import CONFIG_DIR, PretrainConfig
+from ccrk_ray.train.trainer import prepare_run, run_training
+
+log = get_logger(__name__)
 
 TASK_DIR = CONFIG_DIR / "tasks"
 TASKS = ("multi30k", "mscoco", "xflickrco", "xflickrco_fewshot", "wit")
@@ -73,28 +81,6 @@ class FinetuneConfig(PretrainConfig):
         return super().validate()
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``, mapping by mapping (lists and scalars replace)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def model_directory(checkpoint: str | Path) -> Path:
-    """The saved model of CKPT: a model directory, or a training checkpoint's ``model/``."""
-    path = Path(checkpoint)
-    if (path / "model" / "config.json").is_file():
-        path = path / "model"
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"--checkpoint {checkpoint} is not a saved CCRK model, a training checkpoint or a "
-                          "model spec file (YAML with a model: section)")
-    return path
-
-
 SPEC_SUFFIXES = (".yaml", ".yml")
 
 
@@ -125,10 +111,7 @@ class StartingPoint:
             if not isinstance(d.get("model"), dict):
                 raise ConfigError(f"--checkpoint {checkpoint}: a model spec file needs a model: mapping "
                                   "(ModelConfig keys, as in a ccrk pretrain config)")
-            try:
-                ModelConfig.from_dict(d["model"])
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"--checkpoint {checkpoint}: model: {exc}") from None
+            build(ModelConfig, d["model"], f"--checkpoint {checkpoint}: model")
             # local files named relative to the spec are found from any worker's directory
             here = path.resolve().parent
             for section, key in (("model", "vision_checkpoint"), ("model", "text_name_or_path"), ("data", "tokenizer")):
@@ -136,14 +119,14 @@ class StartingPoint:
                 if isinstance(value, str) and not Path(value).is_absolute() and (here / value).exists():
                     d[section][key] = str(here / value)
             return cls(path.resolve(), spec=d)
-        model_dir = model_directory(path).resolve()
+        model_dir = resolve_model_dir(path).resolve()
         return cls(model_dir, model_dir=model_dir)
 
     @property
     def model(self) -> dict[str, Any]:
         """The model config: the saved model's, or the spec's."""
         if self.model_dir is not None:
-            return json.loads((self.model_dir / "config.json").read_text())
+            return model_config(self.model_dir)
         return dict(self.spec["model"])
 
     @property
@@ -157,19 +140,20 @@ class StartingPoint:
     def data_defaults(self) -> dict[str, Any]:
         """Preprocessing (and tokenizer) that come with the starting point; the user's config wins."""
         if self.model_dir is not None:
-            pre_path = self.model_dir / PREPROCESS_FILE
-            pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
-            return {**{k: pre[k] for k in ("image_size", "max_length") if k in pre}, "tokenizer": str(self.model_dir)}
+            pre = Preprocess.read(self.model_dir)
+            sizes = {"image_size": pre.image_size, "max_length": pre.max_length}
+            return {**{k: v for k, v in sizes.items() if v is not None}, "tokenizer": str(self.model_dir)}
         data = self.spec.get("data") or {}
         out = {k: data[k] for k in ("image_size", "max_length", "tokenizer") if data.get(k) is not None}
         if "tokenizer" not in out and self.model.get("text_name_or_path"):
             out["tokenizer"] = self.model["text_name_or_path"]
         return out
 
-    def loop_extra(self) -> dict[str, Any]:
-        """What the training loop needs to start here: a saved model to load, or nothing (the loop
-        builds the model from ``config["model"]``, encoders pre-trained, as pre-training does)."""
-        return {"init_from": str(self.model_dir)} if self.model_dir is not None else {}
+    @property
+    def init_from(self) -> str | None:
+        """What the training loop loads: the saved model, or None (the loop builds the model from
+        the config, encoders pre-trained, as pre-training does)."""
+        return str(self.model_dir) if self.model_dir is not None else None
 
     def describe(self) -> str:
         return str(self.model_dir) if self.model_dir is not None else f"pre-trained encoders of {self.source}"
@@ -208,8 +192,6 @@ def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> t
         raise ConfigError(f"model: only {', '.join(sorted(allowed))} can be set when fine-tuning "
                           f"(the architecture is the checkpoint's), got {', '.join(sorted(set(overrides) - allowed))}")
     if overrides.get("temperature") is not None:
-        from ccrk_ray.losses import TEMPERATURE_MAX, TEMPERATURE_MIN
-
         check_range("model.temperature", overrides["temperature"], TEMPERATURE_MIN, TEMPERATURE_MAX)
     if start.model_dir is not None:
         # model.temperature is where the ITC temperature starts; null (the default): the checkpoint's learned one
@@ -229,71 +211,29 @@ def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> t
     return FinetuneConfig.from_dict(merged, where=str(config_path)), start
 
 
-def evaluate_tests(cfg: PretrainConfig, model_dir: Path, languages, k_test: int | None, dataset: str = "test",
-                   log=print) -> dict[str, Any]:
-    """``ccrk evaluate`` of the model on every test set of ``cfg.data.test``; {set name: report}."""
-    from ccrk_ray.evaluate import run_evaluate
-
-    tests = cfg.data.test
-    if not tests:
-        return {}
-    sets = {"test": (tests, list(languages))} if isinstance(tests, str) else {
-        f"test_{lang}": (uri, [lang]) for lang, uri in tests.items()}
-    out = Path(cfg.output_dir).resolve() / "test"
-    reports = {}
-    for name, (uri, langs) in sets.items():
-        log(f"evaluating on {name} ({uri}), languages {', '.join(langs)}")
-        reports[name] = run_evaluate(str(model_dir), uri, str(out / name), languages=langs, k_test=k_test,
-                                     itc_only=k_test is None, dataset_name=dataset)
-    return reports
-
-
 def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, resume: bool = False) -> dict[str, Any]:
-    from ccrk_ray.demo import _log, init_ray
-    from ccrk_ray.pretrain import prepare_run
-    from ccrk_ray.tokenizer import CaptionTokenizer, load_tokenizer
-    from ccrk_ray.train.state import read_best
-
     t0 = time.perf_counter()
     cfg, start = load_config(task, config_path, checkpoint)
     out = prepare_run(cfg, resume)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length)
-    best_dir = f"{cfg.run_storage.rstrip('/')}/{cfg.name}/best"
-    import ray
-
-    started = init_ray(num_cpus=int(cfg.scaling.workers[1] * (cfg.scaling.cpus_per_worker + cfg.data.cpus_per_actor)) + 2)
-    log = lambda m: _log(m, t0)   # noqa: E731
-    try:
-        log(f"fine-tuning {start.describe()} on task {task} (train {', '.join(cfg.task.train_languages)}; "
-            f"test {', '.join(cfg.task.test_languages)})")
-        metrics = run_training(cfg, tokenizer, caption_tokenizer, log=log, resume=resume,
-                               extra={**start.loop_extra(), "best_dir": best_dir,
-                                      "val": {"uri": cfg.data.val, "languages": list(cfg.task.val_languages)}
-                                      if cfg.data.val else None})
-        best = read_best(best_dir)
+    best_store = BestStore(f"{cfg.run_storage.rstrip('/')}/{cfg.name}/best")
+    with ray_session(local_cpus(cfg.cpus_held())):
+        log.info("fine-tuning %s on task %s (train %s; test %s)", start.describe(), task,
+                 ", ".join(cfg.task.train_languages), ", ".join(cfg.task.test_languages))
+        metrics = run_training(cfg, tokenizer, caption_tokenizer, resume=resume, init_from=start.init_from,
+                               best_dir=best_store.uri, val_languages=cfg.task.val_languages)
+        local = out / "best_download"
+        shutil.rmtree(local, ignore_errors=True)
+        best = best_store.download(str(local))
         if best is not None:       # the final model/ becomes the best on validation
-            from ccrk_ray.data import storage
-            from ccrk_ray.model import CCRKModel
-
-            fs, root = storage.resolve(best_dir)
-            local = out / "best_download"
-            shutil.rmtree(local, ignore_errors=True)
-            local.mkdir()
-            import pyarrow.fs as pafs
-
-            pafs.copy_files(f"{root}/{best['dir']}", str(local), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
             CCRKModel.from_pretrained(local).save_pretrained(out / "model")
             shutil.rmtree(local)
-            log(f"best validation r_mean {best['r_mean']:.2f} at step {best['step']}: saved to {out / 'model'}")
-        tests = evaluate_tests(cfg, out / "model", cfg.task.test_languages, cfg.task.k_test, dataset=task, log=log)
-    finally:
-        if started:
-            ray.shutdown()
+            log.info("best validation r_mean %.2f at step %d: saved to %s", best["score"], best["step"], out / "model")
+        tests = evaluate_test_sets(cfg.data.test, out / "model", out / "test", cfg.task.test_languages,
+                                   cfg.task.k_test, dataset=task)
     report = {"task": dataclasses.asdict(cfg.task), "train": metrics, "best": best, "test": tests,
               "seconds": round(time.perf_counter() - t0, 1)}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
-    log(f"report written to {out / 'report.json'}")
+    log.info("report written to %s", out / "report.json")
     return report
-

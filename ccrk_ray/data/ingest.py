@@ -11,16 +11,22 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from ccrk_ray.data import schema, storage
+from ccrk_ray.core import storage
+from ccrk_ray.core.log import get_logger
+from ccrk_ray.data import schema
+from ccrk_ray.data.plan import CALL_FIELDS, Segment, plan_calls, read_segment, stream_items
 from ccrk_ray.data.rows import SkipCounter
 from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
-from ccrk_ray.tokenizer import CaptionTokenizer
+from ccrk_ray.data.tokenizer import CaptionTokenizer
 
 STATS_NAMESPACE = "ccrk"
 _KEEP_ALIVE: dict[str, Any] = {}
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -49,7 +55,7 @@ def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None =
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for truncated or non-parquet files
             if on_bad_file == "raise":
                 raise schema.SchemaError(f"{f}: unreadable parquet file ({exc})") from None
-            print(f"[data] skipping unreadable file {f}: {exc}", flush=True)
+            log.warning("skipping unreadable file %s: %s", f, exc)
             bad.append((f, str(exc)))
             continue
         schema.check_schema(meta.schema_arrow, languages, where=f)
@@ -173,10 +179,6 @@ def read_call(call_segments, epoch: int, open_file, seed: int, columns: Sequence
     """One call's segments (``ccrk_ray.data.plan.plan_calls``) → their rows as a numpy batch, in plan order
     (``ccrk_ray.data.plan.read_segment``). ``open_file(i)`` gives the
     ``pyarrow.parquet.ParquetFile`` of the plan's file ``i``."""
-    import pyarrow as pa
-
-    from ccrk_ray.data.plan import CALL_FIELDS, Segment, read_segment
-
     tables = []
     for values in np.asarray(call_segments, dtype=np.int64).reshape(-1, CALL_FIELDS):
         segment = Segment.from_list(values[:-1])
@@ -248,8 +250,6 @@ def stream_dataset(items: Sequence[Mapping[str, Any]], *, uri: str, files: Seque
     ctx.memory_usage_poll_interval_s = None
     if rows_per_call < 1:
         raise ValueError(f"rows_per_call must be >= 1, got {rows_per_call}")
-    from ccrk_ray.data.plan import plan_calls
-
     calls = plan_calls(items, rows_per_call, single=num_actors)
     if not calls:
         raise ValueError("this worker's share of the data is empty")
@@ -278,8 +278,6 @@ def stream_blocks(streams, *, window: int = WINDOW_SEGMENTS, prefetch_blocks: in
     The items go to Ray Data ``window`` segments at a time, one dataset per window: the data actors
     (their start-up costs seconds) live across epochs, and a long run never holds its whole plan
     as blocks. Only what is consumed (plus ``prefetch_blocks``) is read."""
-    from ccrk_ray.data.plan import stream_items
-
     items = stream_items(streams)
     if not items:
         raise ValueError("this worker's share of the data is empty")

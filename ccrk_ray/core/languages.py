@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
-from ccrk_ray.config import ConfigError
+from ccrk_ray.core.config import ConfigError
 
 # The ten languages of the CCRK paper's pre-training set, in the paper's order.
 CCRK_LANGUAGES: tuple[str, ...] = ("zh", "en", "de", "fr", "ja", "cs", "id", "es", "ru", "tr")

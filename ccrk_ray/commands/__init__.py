@@ -1,0 +1,1 @@
+"""One module per ``ccrk`` subcommand: ``HELP``, ``add_arguments(parser)`` and ``main(args) -> exit code``."""

@@ -1,0 +1,86 @@
+"""Argument types and flag groups shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ccrk_ray.core.config import ConfigError
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors are one line (a ConfigError the CLI reports), not a usage dump."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+START_HELP = ("a saved model directory, a training checkpoint, or a model spec YAML (its model: section; "
+              "pre-trained encoders, CCRK's own layers fresh)")
+
+
+def int_pair(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX or N (integers), got {text!r}") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX or N, got {text!r}")
+    return values[0], values[1]
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def add_run_args(p: argparse.ArgumentParser, d) -> None:
+    """Flags of the commands that generate synthetic data and pre-train on it (demo, compare)."""
+    p.add_argument("--out", required=True, help="output directory (new, empty, or an earlier run's)")
+    p.add_argument("--train-images", type=int, default=d.train_images)
+    p.add_argument("--val-images", type=int, default=d.val_images)
+    p.add_argument("--test-images", type=int, default=d.test_images)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--languages", type=comma_list, default=d.languages,
+                   help="comma-separated language codes (default: %(default)s)")
+    p.add_argument("--captions-per-image", type=int, default=None, help="K (default: all languages)")
+    p.add_argument("--omit-prob", type=float, default=d.omit_prob,
+                   help="chance that a language's caption leaves out an optional attribute")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--vision-model", default=d.vision_model, help="any timm.create_model name")
+    p.add_argument("--vision-kwargs", type=json_object, default={},
+                   help='JSON keyword arguments for timm.create_model, e.g. \'{"drop_path_rate": 0.1}\'')
+    p.add_argument("--text-model", default=None, help="HF name or path (default: tiny XLM-R config)")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF name or path (default: --text-model's tokenizer, else train one on the captions)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    p.add_argument("--workers", type=int_pair, default=d.workers, help="MIN,MAX Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
+    p.add_argument("--chunk-rows", type=int, default=d.chunk_rows,
+                   help="shuffle granularity: each epoch reads row-group slices of this many rows in a seeded order")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument("--precision", default=d.precision, help="fp32 or bf16 (autocast)")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def run_options(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict:
+    """The parsed flags as config fields (the CLI's own flags left out)."""
+    skip = {"command", "verbose", "quiet", "func", *drop}
+    return {k: v for k, v in vars(args).items() if k not in skip}

@@ -1,0 +1,23 @@
+"""``ccrk finetune --task TASK --config FILE --checkpoint CKPT [--resume]`` (``ccrk_ray.tasks.finetune``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ccrk_ray.commands._args import START_HELP
+from ccrk_ray.tasks.finetune import TASKS, run_finetune
+
+HELP = "fine-tune a checkpoint on a retrieval task; best on validation r_mean, tested per language with MRV"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--config", required=True,
+                   help="YAML overriding ccrk_ray/configs/tasks/TASK.yaml (data URIs, output_dir, scaling, ...)")
+    p.add_argument("--checkpoint", required=True, help=START_HELP)
+    p.add_argument("--resume", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    run_finetune(args.task, args.config, args.checkpoint, resume=args.resume)
+    return 0

@@ -1,0 +1,88 @@
+"""The Ray session of a command: how big a local cluster to start, and starting/joining/stopping it.
+
+A command either joins the cluster named by ``RAY_ADDRESS`` (``ray job submit``, a cluster you
+started) or starts a local one. A local cluster is sized from what the command's own actors and
+tasks hold at once (``local_cpus``): a cluster whose CPUs are all held by actors never runs the
+tasks those actors wait for (Ray Data's file listing and reads), and the command hangs.
+
+Ray's own INFO/WARNING chatter is off unless ``--verbose`` (``quiet_ray``); errors still surface as
+exceptions with their messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from ccrk_ray.core.log import get_logger, verbosity
+
+log = get_logger(__name__)
+
+# Environment of every process of a ccrk command (set before Ray is imported; passed to workers).
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# Ray's C++ components log warnings about worker start-up and actor argument sizes at error level
+# although nothing failed; without --verbose only fatal ones are shown.
+NOISY_ENV = {"RAY_BACKEND_LOG_LEVEL": "fatal"}
+# What one Ray Data pipeline of ours needs besides its actors: its list/read tasks.
+DATA_TASK_CPUS = 1
+
+
+def quiet_ray() -> dict[str, str]:
+    """Set (without overriding the user's) the environment that keeps Ray quiet; returns what
+    worker processes should get too."""
+    env = dict(QUIET_ENV)
+    if verbosity() <= 0:
+        env.update(NOISY_ENV)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in env}
+
+
+def local_cpus(*holders: float, tasks: int = DATA_TASK_CPUS) -> int:
+    """Logical CPUs for a local cluster whose actors and workers hold ``holders`` CPUs at once,
+    plus ``tasks`` CPUs that stay free for the tasks they wait on. At least the machine's CPUs,
+    so a run never sees fewer than it could use."""
+    need = math.ceil(sum(holders) - 1e-9) + tasks
+    return max(need, os.cpu_count() or 1)
+
+
+def joining() -> bool:
+    """Whether the command joins an existing cluster (``RAY_ADDRESS``) instead of starting one."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+@contextmanager
+def ray_session(num_cpus: int) -> Iterator[None]:
+    """Join ``RAY_ADDRESS`` or start a local cluster of ``num_cpus`` logical CPUs; shut down on
+    exit whatever this call started. Inside an already initialised session it does nothing."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    env = quiet_ray()
+    quiet = verbosity() <= 0
+    kwargs = dict(log_to_driver=True, logging_level=logging.WARNING if quiet else logging.INFO)
+    if joining():
+        # a job's runtime env (ray job submit) is the cluster's business: ours would conflict with it
+        log.debug("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        log.debug("starting a local Ray cluster of %d logical CPUs", num_cpus)
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, **kwargs)
+    if quiet:
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,76 @@
+"""A saved model directory: the one place that finds, writes and reads it.
+
+    DIR/config.json, model.safetensors    the model (``CCRKModel.save_pretrained``)
+    DIR/tokenizer.json, ...               its tokenizer (``AutoTokenizer``-loadable)
+    DIR/preprocess.json                   image_size, max_length, languages of training
+
+``resolve_model_dir`` accepts a model directory or a training checkpoint (its ``model/``), so every
+command that takes ``--checkpoint`` reads either the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ccrk_ray.core.config import ConfigError
+from ccrk_ray.model.ccrk import CONFIG_NAME, WEIGHTS_NAME, CCRKModel
+
+PREPROCESS_FILE = "preprocess.json"
+CHECKPOINT_MODEL_DIR = "model"        # where a training checkpoint keeps its model
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images and captions were prepared for the model (evaluation repeats it)."""
+    image_size: int | None = None
+    max_length: int | None = None
+    languages: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "Preprocess":
+        path = Path(directory) / PREPROCESS_FILE
+        if not path.is_file():
+            return cls()
+        d = json.loads(path.read_text())
+        return cls(d.get("image_size"), d.get("max_length"), tuple(d.get("languages") or ()))
+
+    def write(self, directory: str | Path) -> None:
+        d = asdict(self)
+        d["languages"] = list(self.languages)
+        (Path(directory) / PREPROCESS_FILE).write_text(json.dumps(d, indent=2))
+
+
+def resolve_model_dir(path: str | Path, flag: str = "--checkpoint") -> Path:
+    """The saved model of ``path``: a model directory, or a training checkpoint's ``model/``."""
+    p = Path(path)
+    if (p / CHECKPOINT_MODEL_DIR / CONFIG_NAME).is_file():
+        p = p / CHECKPOINT_MODEL_DIR
+    if not (p / CONFIG_NAME).is_file():
+        raise ConfigError(f"{flag} {path} is not a saved CCRK model or a training checkpoint (no {CONFIG_NAME})")
+    if not (p / WEIGHTS_NAME).is_file():
+        raise ConfigError(f"{flag} {path}: {p} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    return p
+
+
+def model_config(directory: str | Path) -> dict[str, Any]:
+    """The saved model's ``config.json`` (architecture), without loading weights."""
+    return json.loads((Path(directory) / CONFIG_NAME).read_text())
+
+
+def load_model(path: str | Path) -> CCRKModel:
+    """The model of a saved model directory or a training checkpoint."""
+    return CCRKModel.from_pretrained(resolve_model_dir(path))
+
+
+def save_model_dir(directory: str | Path, model: CCRKModel, caption_tokenizer=None,
+                   preprocess: Preprocess | None = None) -> Path:
+    """Write the model, and its tokenizer and preprocessing when given, to ``directory``."""
+    out = model.save_pretrained(directory)
+    if caption_tokenizer is not None:
+        caption_tokenizer.save_pretrained(out)
+    if preprocess is not None:
+        preprocess.write(out)
+    return out
