@@ -2,8 +2,9 @@
 
 Each subcommand lives in ``ccrk_ray.commands.<name>`` (``HELP``, ``add_arguments``, ``main``) and is
 imported only when it runs, so ``ccrk --help`` answers without loading torch or Ray. Expected
-errors (``ConfigError``: a bad flag, config value, path or input) are one line on stderr with exit
-code 2; ``--verbose`` adds the traceback. Every command takes ``--verbose`` and ``--quiet``.
+errors are one line on stderr: ``ConfigError`` (a bad flag, config value, path, model or tokenizer)
+exits 2, ``DataError`` (data that cannot be used) exits 1; ``--verbose`` adds the traceback.
+Anything else is a bug and keeps its traceback. Every command takes ``--verbose`` and ``--quiet``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import traceback
 from typing import Sequence
 
 from ccrk_ray.commands._args import Parser
-from ccrk_ray.core.config import ConfigError
+from ccrk_ray.core.config import ConfigError, DataError
 from ccrk_ray.core.log import setup_logging
 from ccrk_ray.core.runtime import quiet_ray
 
@@ -62,11 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(1 if args.verbose else -1 if args.quiet else 0)
         quiet_ray()
         return _command_module(args.command).main(args)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         if verbose:
             traceback.print_exc()
         print(f"ccrk: error: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, ConfigError) else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from ccrk_ray.experiments.compare import STYLES, CompareConfig, run_compare
+from ccrk_ray.experiments.compare import STYLES, CompareConfig
+from tests.commands import ccrk, noise
 from ccrk_ray.data.transforms import load_split_batch
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.core.languages import CCRK_LANGUAGES
@@ -15,12 +16,19 @@ LANGS = ("zh", "en", "de")
 
 
 @pytest.fixture(scope="module")
-def compare_run(ray_local, tmp_path_factory):
+def compare_run(tmp_path_factory):
+    """``ccrk compare`` run as a user runs it (its own local cluster)."""
     out = tmp_path_factory.mktemp("compare")
     cfg = CompareConfig(out=str(out), train_images=64, val_images=0, test_images=24, languages=LANGS, epochs=1,
                         batch_size=16, warmup_steps=1, text_width=32, embed_dim=16, vocab_size=300, k_test=6,
                         workers=(1, 1))
-    return out, cfg, run_compare(cfg)
+    res = ccrk("compare", "--out", out, "--train-images", 64, "--val-images", 0, "--test-images", 24,
+               "--languages", ",".join(LANGS), "--epochs", 1, "--batch-size", 16, "--warmup-steps", 1,
+               "--text-width", 32, "--embed-dim", 16, "--vocab-size", 300, "--k-test", 6, "--workers", "1,1",
+               timeout=600)
+    assert noise(res) == [], "\n".join(noise(res))
+    assert "## Two-stage: ITC top-6 re-ranked by ITM" in res.stdout
+    return out, cfg, json.loads((out / "compare.json").read_text())
 
 
 def test_every_style_is_trained_evaluated_and_tabled(compare_run):

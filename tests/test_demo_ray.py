@@ -1,4 +1,5 @@
-"""The whole demo path at tiny size through a real local Ray cluster."""
+"""The whole demo path at tiny size: ``ccrk demo`` as a user runs it, starting its own local Ray
+cluster on this machine's CPUs."""
 
 import json
 
@@ -6,8 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ccrk_ray.experiments.demo import MARKER, DemoConfig, prepare_out_dir, run_demo
+from ccrk_ray.core.files import prepare_out_dir
 from ccrk_ray.core.languages import CCRK_LANGUAGES
+from ccrk_ray.experiments.demo import MARKER, OUTPUTS, DemoConfig
+from tests.commands import ccrk, noise
 
 pytestmark = pytest.mark.ray
 
@@ -15,12 +18,31 @@ TRAIN, TEST, BATCH, EPOCHS = 128, 40, 16, 2
 
 
 @pytest.fixture(scope="module")
-def demo_run(ray_local, tmp_path_factory):
+def demo_cli(tmp_path_factory):
+    """``ccrk demo`` run as a user runs it; its output directory, config, report and output."""
     out = tmp_path_factory.mktemp("demo")
     cfg = DemoConfig(out=str(out), train_images=TRAIN, val_images=8, test_images=TEST, epochs=EPOCHS,
                      batch_size=BATCH, warmup_steps=2, text_width=32, embed_dim=32, vocab_size=600)
-    report = run_demo(cfg)
-    return out, cfg, report
+    res = ccrk("demo", "--out", out, "--train-images", TRAIN, "--val-images", 8, "--test-images", TEST,
+               "--epochs", EPOCHS, "--batch-size", BATCH, "--warmup-steps", 2, "--text-width", 32,
+               "--embed-dim", 32, "--vocab-size", 600, timeout=600)
+    return out, cfg, json.loads((out / "report.json").read_text()), res
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_cli):
+    return demo_cli[:3]
+
+
+def test_the_output_is_ours_and_ends_with_the_table(demo_cli):
+    """What a person reads: our progress lines and the table, none of Ray's own chatter."""
+    out, cfg, report, res = demo_cli
+    assert noise(res) == [], "\n".join(noise(res))
+    lines = res.stdout.strip().splitlines()
+    assert any("generated" in line and "train/val/test images" in line for line in lines)
+    assert any("training resnet10t" in line for line in lines)
+    assert any(line.startswith("[ccrk") and "epoch 2/2" in line for line in lines)
+    assert lines[-1].startswith("MRV (mean rank std across languages") and lines[-2].startswith("mean")
 
 
 def test_report_has_the_contract_shape(demo_run):
@@ -97,12 +119,12 @@ def test_rerun_clears_only_its_own_outputs(demo_run, tmp_path):
     (tmp_path / MARKER).write_text("{}")
     (tmp_path / "data").mkdir()
     (tmp_path / "report.json").write_text("{}")
-    prepare_out_dir(tmp_path)
+    prepare_out_dir(tmp_path, MARKER, OUTPUTS, "demo")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / MARKER).write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="did not write: notes.txt"):
-        prepare_out_dir(tmp_path)
+    with pytest.raises(ValueError, match="ccrk demo did not write: notes.txt"):
+        prepare_out_dir(tmp_path, MARKER, OUTPUTS, "demo")
 
 
 def test_ccrk_evaluate_reproduces_the_demo_report(demo_run, tmp_path):

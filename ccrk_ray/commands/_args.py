@@ -68,6 +68,10 @@ def add_run_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--text-model", default=None, help="HF name or path (default: tiny XLM-R config)")
     p.add_argument("--tokenizer", default=None,
                    help="HF name or path (default: --text-model's tokenizer, else train one on the captions)")
+    p.add_argument("--text-layers", type=int, default=d.text_layers,
+                   help="layers of the default tiny text encoder (ignored with --text-model)")
+    p.add_argument("--text-width", type=int, default=d.text_width,
+                   help="hidden size of the default tiny text encoder (ignored with --text-model)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--embed-dim", type=int, default=d.embed_dim)

@@ -7,8 +7,6 @@ import argparse
 from ccrk_ray.commands._args import add_run_args, comma_list, run_options
 from ccrk_ray.experiments.compare import STYLES, CompareConfig, run_compare
 
-HELP = ("train one_to_k, one_to_one and cross_lingual on the same data and budget; per-language recall and "
-        "MRV side by side")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

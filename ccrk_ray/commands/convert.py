@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.core.languages import CCRK_LANGUAGES
 from ccrk_ray.core.log import get_logger
@@ -14,7 +15,6 @@ from ccrk_ray.data.converters import (FORMATS, convert_ccrk, convert_coco, conve
                                       convert_wit, multi30k_files)
 
 log = get_logger(__name__)
-HELP = "convert a real data set into ccrk-ray parquet shards"
 
 
 def _lang_file_arg(text: str) -> tuple[str, str]:
@@ -50,7 +50,8 @@ def _positive_int(text: str) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder (new, empty, or an earlier conversion's)")
+                   help="local output folder (new, empty, or an earlier conversion's); to put the shards in object "
+                        "storage, upload the folder afterwards (e.g. aws s3 sync DIR s3://bucket/prefix)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--rows-per-shard", type=_positive_int, default=None, metavar="N",
                       help="rows per shard (default 1000)")
@@ -65,7 +66,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(convert: argparse.ArgumentParser) -> None:
     """One sub-command per format."""
-    convert.description = "Convert an image–caption data set into ccrk-ray parquet shards (one row per image)."
+    convert.description = ("Convert an image–caption data set into ccrk-ray parquet shards (one row per image). "
+                           "Reads and writes local files; upload the output folder to object storage afterwards.")
     fmt = convert.add_subparsers(dest="format", required=True, metavar="FORMAT", parser_class=type(convert))
 
     p = fmt.add_parser("ccrk", help="CCRK/CCLM pre-training JSON lines with base64 images")
@@ -122,9 +124,18 @@ def _grouped(pairs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the conversion ``args`` (from ``add_convert_parser``) describes. 0 when rows were written
-    (or an identical earlier conversion was found), 1 when the conversion produced no rows.
-    Bad input raises ConfigError with a one-line message."""
+    """Run the conversion ``args`` describes. 0 when rows were written (or an identical earlier
+    conversion was found), 1 when the conversion produced no rows. Bad input raises ConfigError
+    with a one-line message. Inputs and output are local files: converting reads many small
+    image files and writes shards atomically by renaming, which object storage does not offer, so
+    a URI is refused before anything is read."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            v = v[1] if isinstance(v, tuple) and len(v) == 2 else v     # LANG=FILE pairs
+            if isinstance(v, str) and storage.is_remote(v):
+                raise ConfigError(f"--{name.replace('_', '-')} {v}: ccrk convert reads and writes local files; "
+                                  "convert to a local folder, then upload it (aws s3 sync DIR s3://...)")
     opts = {"rows_per_shard": args.rows_per_shard, "target_shard_mb": args.shard_mb, "split": args.split,
             "required_languages": tuple(args.require_languages or ())}
     if args.source is not None:

@@ -8,7 +8,6 @@ from ccrk_ray.commands._args import add_run_args, run_options
 from ccrk_ray.eval.report import format_table
 from ccrk_ray.experiments.demo import DemoConfig, run_demo
 
-HELP = "synthetic data -> tokenizer -> 1-to-K pretraining on Ray -> report"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

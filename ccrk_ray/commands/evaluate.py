@@ -10,7 +10,6 @@ from ccrk_ray.core.config import ConfigError
 from ccrk_ray.eval.evaluate import run_evaluate
 from ccrk_ray.eval.report import format_table
 
-HELP = "per-language recall and MRV of a saved model on a parquet split"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

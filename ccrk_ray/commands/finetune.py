@@ -7,7 +7,6 @@ import argparse
 from ccrk_ray.commands._args import START_HELP
 from ccrk_ray.tasks.finetune import TASKS, run_finetune
 
-HELP = "fine-tune a checkpoint on a retrieval task; best on validation r_mean, tested per language with MRV"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,6 @@ import json
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.eval.ranks import mrv_over_runs
 
-HELP = "MRV over the rank files (ccrk evaluate --save-ranks) of several runs"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,6 @@ import argparse
 from ccrk_ray.tasks.pretrain import run_pretrain
 from ccrk_ray.train.config import PretrainConfig
 
-HELP = "1-to-K pre-training on Ray Train from a YAML config (examples: ccrk_ray/configs/pretrain_*.yaml)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,8 +8,6 @@ from ccrk_ray.commands._args import START_HELP
 from ccrk_ray.tasks.finetune import TASKS
 from ccrk_ray.tune.sweep import run_tune
 
-HELP = ("Ray Tune sweep of a task's fine-tuning hyperparameters (ASHA early stopping); results table, best "
-        "config and best model")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,6 @@ from ccrk_ray.commands._args import comma_list
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.data.validate import report, validate
 
-HELP = "check parquet data (file or prefix, local or s3://) row by row"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,19 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class ConfigError(ValueError):
-    """Bad user input (a flag, a config value, an output directory): reported as one line."""
+    """Bad user input (a flag, a config value, a path, a model or tokenizer that cannot be
+    loaded): reported as one line, exit code 2."""
+
+
+class DataError(ValueError):
+    """Input data that cannot be used (not parquet, the wrong schema, unreachable storage, no
+    rows): reported as one line naming the file, exit code 1."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (library errors can run to pages), shortened."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_range(name: str, value, lo=None, hi=None) -> None:

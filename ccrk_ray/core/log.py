@@ -58,6 +58,11 @@ def verbosity() -> int:
     return _state["verbosity"]
 
 
+def bars_enabled() -> bool:
+    """Progress bars are for a person at a terminal; logs (CI, ``ray job`` logs) get lines instead."""
+    return verbosity() >= 0 and sys.stderr.isatty()
+
+
 def progress(iterable: Iterable[T] | None = None, *, total: int | float | None = None, desc: str = "",
              unit: str = "it", disable: bool | None = None, **kwargs) -> "tqdm[T]":
     """A progress bar with rate and ETA on stderr (tqdm); off under ``--quiet``. Outside a

@@ -13,12 +13,18 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ccrk_ray.core.config import ConfigError, DataError, first_line
+
 
 def is_remote(uri: str) -> bool:
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
 def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem that takes its credentials from the AWS SDK's default chain (environment,
+    ``~/.aws``, instance or pod role) in whichever process uses it. No key is ever passed in, so
+    none is kept in the object: pickled (to Ray workers, into Ray Tune's experiment state) it
+    carries the endpoint, region and retry settings only."""
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kwargs = {}
     if endpoint:
@@ -27,11 +33,30 @@ def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                      secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-                      session_token=os.environ.get("AWS_SESSION_TOKEN"))
-    return pafs.S3FileSystem(**kwargs)
+    return pafs.S3FileSystem(**kwargs, **s3_settings())
+
+
+# Retries and timeouts of every S3 request, fit for multi-day runs on a busy object store; each can
+# be set with the environment variable beside it (the cluster configs and job runtime envs pass
+# them to every node), or ``ccrk ... --s3-retries/--s3-connect-timeout/--s3-request-timeout``.
+S3_SETTINGS = {"retries": ("CCRK_S3_RETRIES", 10), "connect_timeout": ("CCRK_S3_CONNECT_TIMEOUT", 10.0),
+               "request_timeout": ("CCRK_S3_REQUEST_TIMEOUT", 120.0)}
+
+
+def s3_settings() -> dict:
+    """pyarrow S3FileSystem arguments of the S3 retry and timeout settings."""
+    values = {}
+    for name, (var, default) in S3_SETTINGS.items():
+        raw = os.environ.get(var)
+        try:
+            values[name] = type(default)(raw) if raw else default
+        except ValueError:
+            raise ConfigError(f"{var}={raw!r}: expected {'an integer' if isinstance(default, int) else 'a number'}") \
+                from None
+        if values[name] < (0 if name == "retries" else 0.001):
+            raise ConfigError(f"{var}={raw!r}: must be {'>= 0' if name == 'retries' else '> 0'}")
+    return {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=values["retries"] + 1),
+            "connect_timeout": values["connect_timeout"], "request_timeout": values["request_timeout"]}
 
 
 def resolve(uri: str | Path, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -45,14 +70,21 @@ def resolve(uri: str | Path, endpoint_url: str | None = None) -> tuple[pafs.File
 
 
 def list_parquet(uri: str | Path, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, list[str]]:
-    """The parquet files of a file or a prefix (sorted; hidden and temp files ignored)."""
+    """The parquet files of a file or a prefix (sorted; hidden and temp files ignored). Storage that
+    cannot be reached is a DataError naming the URI."""
     fs, path = resolve(uri, endpoint_url)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no data at {uri}")
-    if info.type == pafs.FileType.File:
-        return fs, [path]
-    files = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no data at {uri}")
+        if info.type == pafs.FileType.File:
+            return fs, [path]
+        listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:      # pyarrow's S3 errors: network, credentials, no such bucket
+        raise DataError(f"{uri}: cannot be read ({first_line(exc)})") from None
+    files = [f.path for f in listed
              if f.type == pafs.FileType.File and f.path.endswith(".parquet")
              and not Path(f.path).name.startswith((".", "_"))]
     if not files:

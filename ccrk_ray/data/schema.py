@@ -25,6 +25,8 @@ from typing import Sequence
 
 import pyarrow as pa
 
+from ccrk_ray.core.config import DataError
+
 IMAGE_ID = "image_id"
 IMAGE = "image"
 SPLIT = "split"
@@ -50,7 +52,7 @@ def arrow_schema(languages: Sequence[str], extra: Sequence[pa.Field] = ()) -> pa
     return pa.schema(fields)
 
 
-class SchemaError(ValueError):
+class SchemaError(DataError):
     """Data whose columns do not follow the ccrk-ray schema."""
 
 

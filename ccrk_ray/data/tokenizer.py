@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ccrk_ray.core.config import ConfigError, first_line
 from ccrk_ray.data.schema import caption_column
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -54,8 +55,12 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
 
 def load_tokenizer(name_or_path: str | Path):
-    """Load a tokenizer by HF name (e.g. ``xlm-roberta-large``) or local path."""
-    return AutoTokenizer.from_pretrained(str(name_or_path))
+    """Load a tokenizer by HF name (e.g. ``xlm-roberta-large``) or local path, never running code
+    shipped with it; one that cannot be loaded is a ConfigError naming it."""
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"tokenizer {name_or_path}: cannot be loaded ({first_line(exc)})") from None
 
 
 class CaptionTokenizer:

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from ccrk_ray.core import storage
 from ccrk_ray.data import schema
+from ccrk_ray.core.config import first_line
 from ccrk_ray.data.rows import SkipCounter, captions_problem, image_problem
 
 
@@ -56,12 +57,15 @@ def validate(uri: str, languages: Sequence[str] | None = None, min_languages: in
             result.problems.append(problem)
 
     for path in files:
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        langs = list(languages) if languages else schema.languages_in(pf.schema_arrow)
         try:
+            pf = pq.ParquetFile(fs.open_input_file(path))
+            langs = list(languages) if languages else schema.languages_in(pf.schema_arrow)
             schema.check_schema(pf.schema_arrow, langs, where=path)
         except schema.SchemaError as exc:
             result.schema_errors.append(str(exc))
+            continue
+        except (OSError, ValueError) as exc:      # pyarrow: not parquet, truncated, unreadable
+            result.schema_errors.append(f"{path}: not a readable parquet file ({first_line(exc)})")
             continue
         columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in langs]
         row = 0

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ccrk_ray.core import storage
-from ccrk_ray.core.config import ConfigError
+from ccrk_ray.core.config import ConfigError, DataError, first_line
 from ccrk_ray.core.languages import validate_languages
 from ccrk_ray.core.log import get_logger
 from ccrk_ray.core.runtime import local_cpus, ray_session
@@ -83,7 +83,10 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         fs, files = storage.list_parquet(data)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
-    in_data = schema.languages_in(pq.ParquetFile(fs.open_input_file(files[0])).schema_arrow)
+    try:
+        in_data = schema.languages_in(pq.ParquetFile(fs.open_input_file(files[0])).schema_arrow)
+    except (OSError, ValueError) as exc:       # pyarrow: not parquet, truncated, unreadable
+        raise DataError(f"{files[0]}: not a readable parquet file ({first_line(exc)})") from None
     langs = validate_languages(languages or pre.languages or in_data)
     missing = [lang for lang in langs if lang not in in_data]
     if missing:

@@ -55,10 +55,10 @@ def build_text_encoder(name_or_path: str | None = None, pretrained: bool = True,
     """A transformers encoder without its pooler; ``.config.hidden_size`` is its width."""
     overrides = dict(config or {})
     if name_or_path and pretrained:
-        model = AutoModel.from_pretrained(name_or_path, **overrides)
+        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=False, **overrides)
     else:
         if name_or_path:
-            cfg = AutoConfig.from_pretrained(name_or_path, **overrides)
+            cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **overrides)
         else:
             if "model_type" not in overrides:
                 raise ValueError("text encoder needs a name/path or a config with 'model_type'")

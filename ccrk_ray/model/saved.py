@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ccrk_ray.core.config import ConfigError
+from safetensors import safe_open
+
+from ccrk_ray.core.config import ConfigError, first_line
 from ccrk_ray.model.ccrk import CONFIG_NAME, WEIGHTS_NAME, CCRKModel
 
 PREPROCESS_FILE = "preprocess.json"
@@ -52,7 +54,19 @@ def resolve_model_dir(path: str | Path, flag: str = "--checkpoint") -> Path:
         raise ConfigError(f"{flag} {path} is not a saved CCRK model or a training checkpoint (no {CONFIG_NAME})")
     if not (p / WEIGHTS_NAME).is_file():
         raise ConfigError(f"{flag} {path}: {p} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    check_weights(p)
     return p
+
+
+def check_weights(directory: str | Path) -> None:
+    """The weights file's header and size are consistent (a cut or corrupt download is caught here,
+    in a moment, not when the first Ray actor loads it)."""
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            list(f.keys())
+    except Exception as exc:        # safetensors raises its own SafetensorError, or OSError
+        raise ConfigError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
 
 
 def model_config(directory: str | Path) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from ccrk_ray.model.ccrk import TEMPERATURE_MAX, TEMPERATURE_MIN, CCRKModel, Mod
 from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
 from ccrk_ray.train.best import BestStore
 from ccrk_ray.train.config import CONFIG_DIR, PretrainConfig
-from ccrk_ray.train.trainer import prepare_run, run_training
+from ccrk_ray.train.trainer import check_training_data, prepare_run, run_training
 
 log = get_logger(__name__)
 
@@ -218,11 +218,12 @@ def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, res
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length)
     best_store = BestStore(f"{cfg.run_storage.rstrip('/')}/{cfg.name}/best")
+    check = check_training_data(cfg)
     with ray_session(local_cpus(cfg.cpus_held())):
         log.info("fine-tuning %s on task %s (train %s; test %s)", start.describe(), task,
                  ", ".join(cfg.task.train_languages), ", ".join(cfg.task.test_languages))
         metrics = run_training(cfg, tokenizer, caption_tokenizer, resume=resume, init_from=start.init_from,
-                               best_dir=best_store.uri, val_languages=cfg.task.val_languages)
+                               best_dir=best_store.uri, val_languages=cfg.task.val_languages, check=check)
         local = out / "best_download"
         shutil.rmtree(local, ignore_errors=True)
         best = best_store.download(str(local))

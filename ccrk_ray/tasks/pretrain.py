@@ -11,7 +11,7 @@ from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from ccrk_ray.eval.evaluate import evaluate_test_sets
 from ccrk_ray.train.config import PretrainConfig
-from ccrk_ray.train.trainer import prepare_run, run_training
+from ccrk_ray.train.trainer import check_training_data, prepare_run, run_training
 
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -22,8 +22,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
                           "a config")
     tokenizer = load_tokenizer(source)
     caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length)
+    check = check_training_data(cfg)
     with ray_session(local_cpus(cfg.cpus_held())):
-        metrics = run_training(cfg, tokenizer, caption_tokenizer, resume=resume)
+        metrics = run_training(cfg, tokenizer, caption_tokenizer, resume=resume, check=check)
         if cfg.data.test:
             out = Path(cfg.output_dir).resolve()
             metrics["test"] = evaluate_test_sets(cfg.data.test, out / "model", out / "test", cfg.data.languages,

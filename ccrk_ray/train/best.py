@@ -13,6 +13,7 @@ a new name).
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -75,10 +76,11 @@ class BestStore:
                                              "epoch": int(epoch), "r_mean": r_mean, "mrv": mrv})
 
     def download(self, local_dir: str) -> dict[str, Any] | None:
-        """Copy the best model into ``local_dir`` (which must not exist yet); its pointer, or None."""
+        """Copy the best model into the local directory ``local_dir``; its pointer, or None."""
         best = self.read()
         if best is None:
             return None
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
         pafs.copy_files(f"{self.root}/{best['dir']}", str(local_dir), source_filesystem=self.fs,
                         destination_filesystem=pafs.LocalFileSystem())
         return best

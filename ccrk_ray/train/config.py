@@ -76,6 +76,9 @@ class TrainSection:
     num_to_keep: int = 2
     log_every: int = 10
     trace_dir: str | None = None             # write each step's row keys (audits, tests)
+    pause_after_epoch: int | None = None     # after this epoch's checkpoint, workers wait until
+    pause_until: str | None = None           # this file exists (relative: to output_dir): a run
+                                             # frozen at a known point (tests, inspecting a run)
 
 
 @dataclass
@@ -148,6 +151,8 @@ class PretrainConfig:
         check_range("train.grad_clip", t.grad_clip, 0)
         check_range("train.weight_decay", t.weight_decay, 0)
         check_range("train.log_every", t.log_every, 1)
+        if (t.pause_after_epoch is None) != (t.pause_until is None):
+            raise ConfigError("train.pause_after_epoch and train.pause_until go together")
         check_range("scaling.cpus_per_worker", s.cpus_per_worker, 0.01)
         check_range("scaling.max_failures", s.max_failures, -1)
         check_range("data.cpus_per_actor", d.cpus_per_actor, 0.01)
@@ -240,6 +245,7 @@ class LoopConfig:
     best_dir: str | None = None
     init_from: str | None = None
     verbosity: int = 0                       # the command's --verbose/--quiet, for the workers' log lines
+    progress_bars: bool = False              # the driver is at a terminal: bars (else a log line every log_every)
 
 
 def loop_config(cfg: PretrainConfig, check, tokenizer, caption_tokenizer: CaptionTokenizer,
@@ -252,6 +258,9 @@ def loop_config(cfg: PretrainConfig, check, tokenizer, caption_tokenizer: Captio
                           image_size=d.image_size, chunk_rows=d.chunk_rows, data_actors=d.data_actors,
                           cpus_per_actor=d.cpus_per_actor, on_bad_row=d.on_bad_row, image_keys=d.image_keys,
                           endpoint_url=d.endpoint_url, run_id=run_id)
+    train = cfg.train
+    if train.pause_until:
+        train = dataclasses.replace(train, pause_until=str(Path(cfg.output_dir).resolve() / train.pause_until))
     return LoopConfig(model=fill_text_config(cfg.model, tokenizer), objective=name, objective_args=args, data=stream,
-                      train=cfg.train, threads_per_worker=int(s.threads_per_worker or max(1, s.cpus_per_worker)),
+                      train=train, threads_per_worker=int(s.threads_per_worker or max(1, s.cpus_per_worker)),
                       tensorboard_dir=tensorboard_dir, val_uri=d.val, val_languages=tuple(d.languages))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -31,9 +32,10 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 from torch.utils.tensorboard import SummaryWriter
 
-from ccrk_ray.core.log import get_logger, progress, setup_logging
+from ccrk_ray.core.log import get_logger, setup_logging
 from ccrk_ray.data.batching import EpochBatcher, Started
 from ccrk_ray.data.ingest import stats_actor, stream_blocks
 from ccrk_ray.data.plan import EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, epoch_segments
@@ -214,8 +216,8 @@ class WorkerLoop:
         epoch = phase.epoch
         self.module.train()
         tally, consumed, exhausted = EpochTally(epoch), 0, False
-        bar = progress(total=self.steps_for(phase), desc=f"epoch {epoch + 1}/{self.t.epochs}", unit="step",
-                       disable=None if self.rank == 0 else True)
+        bar = epoch_bar(self.steps_for(phase), f"epoch {epoch + 1}/{self.t.epochs}",
+                        self.rank == 0 and self.cfg.progress_bars)
         while self.step < self.steps_total:
             t_wait = time.perf_counter()
             micro = self.next_micro_batches(epoch)
@@ -237,7 +239,22 @@ class WorkerLoop:
         metrics = self.finish_epoch(epoch, tally)
         # An epoch cut short by max_steps keeps its position; a finished one starts the next afresh.
         self.checkpoint(None if exhausted else phase, consumed, epoch + 1 if exhausted else epoch, metrics)
+        self.maybe_pause(epoch + 1)
         return metrics
+
+    def maybe_pause(self, epochs_done: int) -> None:
+        """``train.pause_after_epoch``: after that epoch's checkpoint, wait until ``pause_until``
+        exists (rank 0 writes ``<pause_until>.waiting`` first), so a test or a person can act on a
+        run frozen at a known point instead of racing it."""
+        if self.t.pause_after_epoch != epochs_done or not self.t.pause_until:
+            return
+        gate = Path(self.t.pause_until)
+        if not gate.exists():
+            if self.rank == 0:
+                Path(f"{gate}.waiting").write_text(json.dumps({"step": self.step, "epoch": epochs_done}))
+                log.info("paused after epoch %d until %s exists", epochs_done, gate)
+            while not gate.exists():
+                time.sleep(0.05)
 
     def steps_for(self, phase: Position) -> int:
         rows = sum(s.rows for s in phase.streams()[self.rank])
@@ -246,14 +263,17 @@ class WorkerLoop:
     def log_step(self, tally: "EpochTally", bar) -> None:
         rate = tally.rate()
         lr = self.scheduler.get_last_lr()[0]
-        bar.set_postfix(loss=f"{tally.last_loss():.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
+        bar.set_description(f"epoch {tally.epoch + 1}/{self.t.epochs} loss {tally.last_loss():.4f} "
+                            f"lr {lr:.2e} {rate:.0f} samples/s")
         if self.writer is not None:
             for name, values in tally.terms.items():
                 self.writer.add_scalar(f"train/{name}", float(torch.stack(values[-self.accum:]).mean()), self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
             self.writer.add_scalar("train/temperature", float(self.model.temp.detach()), self.step)
             self.writer.add_scalar("train/samples_per_s", rate, self.step)
-        log.debug("step %d/%d loss %.4f lr %.2e %.0f samples/s", self.step, self.steps_total, tally.last_loss(), lr, rate)
+        if not self.cfg.progress_bars:
+            log.info("step %d/%d epoch %d loss %.4f lr %.2e %.0f samples/s", self.step, self.steps_total,
+                     tally.epoch + 1, tally.last_loss(), lr, rate)
 
     def finish_epoch(self, epoch: int, tally: "EpochTally") -> dict[str, Any]:
         metrics = {"epoch": epoch + 1, "step": self.step, **tally.summary(), "world_size": self.world,
@@ -311,6 +331,22 @@ class WorkerLoop:
                              checkpoint_dir_name=f"checkpoint_{self.step:08d}_{'e' if pos is None else 'm'}")
 
 
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def epoch_bar(total: int, desc: str, show: bool):
+    """A progress bar of optimiser steps drawn by the driver (Ray's tqdm for workers)."""
+    return ray_tqdm(total=total, desc=desc) if show else _NoBar()
+
+
 @dataclass
 class EpochTally:
     """Losses, samples and data wait of one epoch on one worker."""
@@ -362,4 +398,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's entry point: ``config["loop"]`` is the run's ``LoopConfig``."""
     cfg: LoopConfig = config["loop"]
     setup_logging(cfg.verbosity)
+    if cfg.verbosity <= 0:      # Ray Train's per-report INFO lines (checkpoint created, result reported)
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     return WorkerLoop(cfg).run()

@@ -20,8 +20,8 @@ from ray.train.torch import TorchTrainer
 
 from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError
-from ccrk_ray.core.log import get_logger, verbosity
-from ccrk_ray.data.ingest import check_dataset, stats_actor
+from ccrk_ray.core.log import bars_enabled, get_logger, verbosity
+from ccrk_ray.data.ingest import DatasetCheck, check_dataset, stats_actor
 from ccrk_ray.model.saved import Preprocess, load_model, save_model_dir
 from ccrk_ray.train.config import LoopConfig, PretrainConfig, loop_config
 from ccrk_ray.train.loop import train_loop_per_worker
@@ -87,6 +87,11 @@ def clean_orphan_checkpoints(storage_path: str, name: str) -> list[str]:
     return sorted(removed)
 
 
+def check_training_data(cfg: PretrainConfig) -> DatasetCheck:
+    """The training data's footers and schema (errors name the file), before anything starts."""
+    return check_dataset(cfg.data.train, cfg.data.languages, cfg.data.endpoint_url)
+
+
 def prepare_run(cfg: PretrainConfig, resume: bool) -> Path:
     """The output directory, refusing to start over an earlier run unless resuming it."""
     out = Path(cfg.output_dir).resolve()
@@ -102,20 +107,22 @@ def prepare_run(cfg: PretrainConfig, resume: bool) -> Path:
 
 def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, resume: bool = False,
                  init_from: str | None = None, best_dir: str | None = None,
-                 val_languages: tuple[str, ...] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+                 val_languages: tuple[str, ...] | None = None, callbacks: list | None = None,
+                 check: DatasetCheck | None = None) -> dict[str, Any]:
     """Check the data, build the trainer, fit, and save the final model with its tokenizer and
     preprocessing under ``output_dir/model``. Fine-tuning passes ``init_from`` (a saved model),
     ``best_dir`` (``BestStore``) and ``val_languages``; ``callbacks`` go into the trainer's
-    RunConfig (Ray Train callbacks, e.g. ``ccrk tune``'s report to Tune). Needs Ray initialised.
-    Returns the final metrics."""
+    RunConfig (Ray Train callbacks, e.g. ``ccrk tune``'s report to Tune); ``check`` the data check
+    when the caller made it before starting Ray. Needs Ray initialised. Returns the final metrics."""
     out = Path(cfg.output_dir).resolve()
-    check = check_dataset(cfg.data.train, cfg.data.languages, cfg.data.endpoint_url)  # schema errors name the file
+    check = check or check_training_data(cfg)
     stats_actor(create=True)
     removed = clean_orphan_checkpoints(cfg.run_storage, cfg.name)
     if removed:
         log.info("removed %d uncommitted checkpoint dir(s) of an interrupted run: %s", len(removed), ", ".join(removed))
     loop = loop_config(cfg, check, tokenizer, caption_tokenizer, str(out / "tensorboard"), run_id=uuid.uuid4().hex)
     loop = dataclasses.replace(loop, init_from=init_from, best_dir=best_dir, verbosity=verbosity(),
+                               progress_bars=bars_enabled(),
                                val_languages=tuple(val_languages or cfg.data.languages))
     trainer = build_trainer(loop, storage_path=cfg.run_storage, name=cfg.name, num_workers=cfg.scaling.workers,
                             cpus_per_worker=cfg.scaling.cpus_per_worker, use_gpu=cfg.scaling.gpu,

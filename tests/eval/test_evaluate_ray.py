@@ -101,3 +101,18 @@ def test_evaluate_two_stage_on_actors_equals_in_process(saved_model, tiny_data, 
     default = run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "default"))
     assert default["k_test"] == 40 and default["languages"] == build_report(
         *evaluate_in_process(model, batch, k_test=40), LANGS)["languages"]
+
+
+def test_ccrk_evaluate_with_its_default_flags_finishes_on_its_own_cluster(saved_model, tiny_data, tmp_path):
+    """As a user runs it: its own local cluster on this machine's CPUs, one embedding actor and
+    one ranking actor, two-stage by default for a model with an ITM head. This command once hung
+    forever: its two actor pools held every CPU of the cluster it started, and Ray Data's file
+    listing never ran."""
+    from tests.commands import ccrk, noise
+
+    res = ccrk("evaluate", "--checkpoint", saved_model, "--data", tiny_data["test"], "--out", tmp_path / "e",
+               timeout=300)
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["num_images"] == 40 and report["k_test"] == 40 and list(report["languages"]) == LANGS
+    assert noise(res) == [], "\n".join(noise(res))
+    assert res.stdout.strip().splitlines()[-1].startswith("MRV")

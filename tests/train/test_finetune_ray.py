@@ -15,6 +15,7 @@ from ccrk_ray.cli import main
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.tasks.finetune import load_config, run_finetune
 from ccrk_ray.model import CCRKModel
+from tests.commands import ccrk, noise
 from tests.train import task_data
 
 pytestmark = pytest.mark.ray
@@ -70,13 +71,15 @@ def check_report(out: Path, test_sets: dict[str, list[str]], k_test: int | None)
     return report
 
 
-def test_multi30k_train_english_test_four_languages(ray_local, base_model, rows, tmp_path):
+def test_multi30k_train_english_test_four_languages(base_model, rows, tmp_path):
+    """``ccrk finetune`` as a user runs it: a subprocess starting its own local cluster."""
     root, r = rows
     data = task_data.multi30k(root, {"train": r["train"], "val": r["val"], "test_2016_flickr": r["test"]})
     cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
                                                    "test": str(data["test_2016_flickr"]), "image_size": 32},
                       task={"k_test": 4})
-    assert main(["finetune", "--task", "multi30k", "--config", str(cfg), "--checkpoint", str(base_model)]) == 0
+    res = ccrk("finetune", "--task", "multi30k", "--config", cfg, "--checkpoint", base_model, timeout=600)
+    assert noise(res) == [], "\n".join(noise(res))
     report = check_report(tmp_path / "out", {"test": ["en", "de", "fr", "cs"]}, 4)
     assert report["task"]["train_languages"] == ["en"] and report["train"]["step"] == 2 * 48 // 8
 
@@ -102,7 +105,7 @@ def test_multi30k_from_pretrained_encoders_fresh_layers_get_lr_mult(ray_local, e
     cfg.write_text(yaml.safe_dump(d))
     loaded, start = load_config("multi30k", cfg, encoders)
     text_dir = encoders.parent / "text"
-    assert start.fresh_layers and start.loop_extra() == {} and start.model_dir is None
+    assert start.fresh_layers and start.init_from is None and start.model_dir is None
     assert loaded.data.tokenizer == str(text_dir) and loaded.data.max_length == 24 and loaded.data.image_size == 32
     # the spec names its files relative to itself; workers get absolute paths
     assert loaded.model["text_name_or_path"] == str(text_dir)
@@ -131,7 +134,7 @@ def test_multi30k_from_pretrained_encoders_fresh_layers_get_lr_mult(ray_local, e
     assert saved["text_name_or_path"] is None and saved["vision_checkpoint"] is None    # self-contained
     # it fine-tunes further like any saved model: nothing fresh left, lr_mult has nothing to act on
     _, again = load_config("multi30k", cfg, tmp_path / "out" / "model")
-    assert not again.fresh_layers and again.loop_extra()["init_from"] == str((tmp_path / "out" / "model").resolve())
+    assert not again.fresh_layers and again.init_from == str((tmp_path / "out" / "model").resolve())
 
 
 def test_mscoco_several_captions_per_image_and_test_sets_per_language(ray_local, base_model, rows, tmp_path):

@@ -12,8 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from tests.train import task_data
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = 256    # training images of the Multi30K stand-in: epochs long enough to interrupt one
+TRAIN = 64     # training images of the Multi30K stand-in
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,9 @@ def per_epoch(exp_dir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def tune_states(exp_dir: Path) -> dict[str, str]:
-    """{trial_id: status} in the newest experiment state file Tune wrote, {} before the first."""
+def tune_states(exp_dir: Path) -> dict[str, tuple[str, int]]:
+    """{trial_id: (status, last epoch Tune processed)} in the newest experiment state file Tune
+    wrote, {} before the first."""
     files = sorted(exp_dir.glob("experiment_state-*.json"))
     if not files:
         return {}
@@ -80,37 +81,47 @@ def tune_states(exp_dir: Path) -> dict[str, str]:
         state = json.loads(files[-1].read_text())
     except json.JSONDecodeError:        # being written
         return {}
-    return {s["trial_id"]: s["status"] for s in (json.loads(t[0]) for t in state["trial_data"])}
+    out = {}
+    for trial_json, meta_json in state["trial_data"]:
+        trial, meta = json.loads(trial_json), json.loads(meta_json)
+        last = meta.get("last_result") or {}
+        out[trial["trial_id"]] = (trial["status"], int(last.get("epoch", 0) or 0))
+    return out
 
 
-def traced_steps(trace_dir: Path, trial: str) -> int:
-    """Optimiser steps the trial's workers have taken so far (their trace files)."""
-    return sum(len(f.read_text().splitlines()) for f in (trace_dir / trial).glob("*.jsonl"))
+GATE = "GO"      # train.pause_until of every trial (relative to its output dir); pause_after_epoch 1
 
 
-def interrupt_sweep(args: list[str], env: dict, out: Path, log_path: Path, trace_dir: Path,
-                    steps: Callable[[str], int]) -> tuple[str, str]:
-    """Run ``ccrk tune ARGS`` in a subprocess and SIGKILL it once Tune has recorded one trial as
-    finished and another trial has committed its first epoch (its best model is written when that
-    report is handled) but not taken all its ``steps(trial)`` optimiser steps. Returns (finished
-    trial, interrupted trial)."""
+def release(out: Path, trials) -> None:
+    for trial in trials:
+        (out / "trials" / trial / GATE).touch()
+
+
+def interrupt_sweep(args: list[str], env: dict, out: Path, log_path: Path) -> tuple[str, str]:
+    """Run ``ccrk tune ARGS`` in a subprocess and SIGKILL it at a known point: every trial pauses
+    after its first epoch's checkpoint (``train.pause_after_epoch``) until its gate file exists.
+    Once Tune has processed a trial's epoch 1 and kept it running (ASHA never stops the first trial
+    to reach a rung), that trial stays paused; the others are released until one has terminated.
+    Returns (terminated trial, interrupted trial)."""
     exp = out / "ray_results" / "tune"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "ccrk_ray", "tune", *args], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    t0 = time.perf_counter()
+    t0, held = time.perf_counter(), None
     try:
         while True:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.perf_counter() - t0 < 300, log_path.read_text()[-3000:]
             states = tune_states(exp)
-            done = [t for t, s in states.items() if s == "TERMINATED"]
-            # a trial mid-run: its trace (not Tune's state file, written every few seconds) says so
-            running = [t.name for t in sorted((out / "trials").glob("*")) if t.name not in done and (
-                t / "ray_results" / "finetune" / "best" / "best.json").is_file()
-                and traced_steps(trace_dir, t.name) < steps(t.name)]
-            if done and running:
-                return done[0], running[0]
+            paused = {t.parent.name for t in out.glob(f"trials/*/{GATE}.waiting")}
+            if held is None:
+                kept = [t for t in sorted(paused) if states.get(t, ("", 0)) == ("RUNNING", 1)]
+                held = kept[0] if kept else None
+            if held is not None:
+                release(out, (t.name for t in (out / "trials").iterdir() if t.name != held))
+                done = [t for t, (status, _) in states.items() if status == "TERMINATED"]
+                if done:
+                    return done[0], held
             time.sleep(0.1)
     finally:
         with contextlib.suppress(ProcessLookupError):      # already gone: the assertion above says why
@@ -130,7 +141,8 @@ def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(
     space = {"lr": {"loguniform": [3e-4, 3e-3]}, "temperature": {"uniform": [0.03, 0.12]},
              "batch_size": {"choice": [4, 8]}, "warmup": {"uniform": [0.0, 0.3]}, "weight_decay": 0.02}
     cfg = sweep_config(tmp_path / "c.yaml", out, data, {"objective": "r_mean-mrv", "mrv_weight": 0.5, "seed": 3,
-                                                        "space": space}, trace_dir=str(tmp_path / "trace"))
+                                                        "space": space}, trace_dir=str(tmp_path / "trace"),
+                       pause_after_epoch=1, pause_until=GATE)
     args = ["--task", "multi30k", "--config", str(cfg), "--checkpoint", str(base_model), "--num-samples", "3",
             "--max-concurrent", "2"]
     # the interrupted driver joins this module's cluster, as a job submitted to a cluster would
@@ -138,18 +150,18 @@ def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(
     # recorded while another is mid-run, and a trial trains for a few seconds
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO),
            "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}
-    trial_batch = {}
-
-    def total_steps(trial: str) -> int:     # 2 epochs of TRAIN rows at the trial's batch size
-        if trial not in trial_batch:
-            trial_batch[trial] = yaml.safe_load((out / "trials" / trial / "config.yaml").read_text())["train"]["batch_size"]
-        return 2 * (TRAIN // trial_batch[trial])
-
-    finished, interrupted = interrupt_sweep(args, env, out, tmp_path / "first.log", tmp_path / "trace", total_steps)
-    print(f"interrupted: trial {finished} finished, trial {interrupted} after its first epoch")
+    finished, interrupted = interrupt_sweep(args, env, out, tmp_path / "first.log")
+    print(f"interrupted: trial {finished} terminated, trial {interrupted} paused after its first epoch")
     assert not (out / "results.csv").exists()
     t0 = time.perf_counter()
-    assert main(["tune", *args, "--resume"]) == 0
+    stop = threading.Event()
+    gates = threading.Thread(target=lambda: [release(out, (t.name for t in (out / "trials").iterdir()))
+                                             for _ in iter(lambda: stop.wait(0.1), True)], daemon=True)
+    gates.start()           # every trial, the interrupted one too, passes its gate from now on
+    try:
+        assert main(["tune", *args, "--resume"]) == 0
+    finally:
+        stop.set()
     print(f"resumed sweep finished in {time.perf_counter() - t0:.1f}s")
     # trials stopped by Tune left no Ray Train placement group (worker CPUs) reserved behind them
     assert [pg for pg in ray_local.util.placement_group_table().values() if pg["state"] != "REMOVED"] == []
@@ -192,7 +204,8 @@ def test_three_trial_sweep_interrupted_resumed_asha_table_best_config_and_model(
         assert list((trial / "tensorboard").glob("events.out.tfevents.*"))
         assert list((trial / "ray_results" / "finetune").glob("checkpoint_*"))
         best = json.loads((trial / "ray_results" / "finetune" / "best" / "best.json").read_text())
-        assert best["epoch"] == int(r["best_epoch"]) and best["objective"] == pytest.approx(float(r["best_objective"]))
+        assert best["epoch"] == int(r["best_epoch"]) and best["score"] == pytest.approx(float(r["best_objective"]))
+        assert best["metric"] == "objective"
         # the trial's model started from the sampled temperature, not the checkpoint's learned one
         saved = json.loads((trial / "ray_results" / "finetune" / "best" / best["dir"] / "config.json").read_text())
         assert saved["temperature"] == pytest.approx(temp)
@@ -262,7 +275,7 @@ def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, t
     err({"space": {"epochs": {"uniform": [1, 3]}}}, "integer values only")
     err({"space": {"temperature": {"uniform": [0.01, 0.9]}}}, r"temperature: value 0.9 is not valid: model.temperature")
     err({"space": {"batch_size": {"choice": [1, 8]}}}, r"batch_size: value 1 is not valid: train.batch_size must be")
-    err({"space": {"batch_size": {"choice": [8, 512]}}}, "256 rows: not one full global batch of 512")
+    err({"space": {"batch_size": {"choice": [8, 512]}}}, f"{TRAIN} rows: not one full global batch of 512")
     err({"space": {"lr_mult": {"choice": [1.0, 3.0]}}}, "lr_mult changes nothing; fix it, leave it out, or start "
         r"from pre-trained encoders \(--checkpoint MODEL_SPEC.yaml\)")
     err({"objective": "mrv"}, "tune.objective must be one of r_mean, -mrv, r_mean-mrv")
@@ -302,8 +315,43 @@ def test_lr_mult_is_searched_when_the_start_has_fresh_layers(tiny_data, data, tm
     d = trial_config(sweep, {"lr_mult": 4.0, "lr": 2e-4}, "t0")
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(d))
     trial_cfg, start = load_config("multi30k", tmp_path / "t.yaml", spec)
-    assert trial_cfg.model["lr_mult"] == 4.0 and trial_cfg.train.lr == pytest.approx(2e-4) and start.loop_extra() == {}
+    assert trial_cfg.model["lr_mult"] == 4.0 and trial_cfg.train.lr == pytest.approx(2e-4) and start.init_from is None
     # a value the model rejects is refused before any trial, as for every hyperparameter
     bad = sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, {"space": {"lr_mult": {"choice": [0.0, 2.0]}}})
     with pytest.raises(ConfigError, match="tune.space.lr_mult: value 0.0 is not valid"):
         prepare_sweep("multi30k", bad, spec, 2)
+
+
+def test_a_sweep_on_object_storage_writes_no_credentials(base_model, data, s3_server, tmp_path):
+    """``ccrk tune`` as a user runs it (its own local cluster) with its experiment on S3 and
+    distinctive credentials in the environment: no object in the bucket, and no file in the
+    output folder, holds the key, the secret or the session token (Tune pickles its RunConfig,
+    filesystem included, into the experiment state)."""
+    import boto3
+
+    from tests.commands import ccrk
+
+    endpoint, bucket = s3_server
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIACCRKDISTINCTKEY7", "AWS_SECRET_ACCESS_KEY": "ccrk+Distinct/Secret+0123456789",
+               "AWS_SESSION_TOKEN": "ccrkDistinctSessionToken42"}
+    out = tmp_path / "sweep"
+    cfg = sweep_config(tmp_path / "c.yaml", out, data, {"space": {"lr": {"choice": [1e-3, 2e-3]}}, "name": "s3sweep"},
+                       epochs=1)
+    d = yaml.safe_load(cfg.read_text())
+    d["storage_path"] = f"s3://{bucket}/sweeps"
+    cfg.write_text(yaml.safe_dump(d))
+    ccrk("tune", "--task", "multi30k", "--config", cfg, "--checkpoint", base_model, "--num-samples", 2,
+         "--max-concurrent", 1, env={**secrets, "AWS_ENDPOINT_URL": endpoint}, timeout=600)
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="sweeps/")
+            for o in page.get("Contents", [])]
+    assert any(k.endswith("tuner.pkl") for k in keys) and any(k.endswith("best.json") for k in keys)
+    for key in keys:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        for name, value in secrets.items():
+            assert value.encode() not in body, f"{name} written to s3://{bucket}/{key}"
+    for f in out.rglob("*"):
+        if f.is_file():
+            body = f.read_bytes()
+            assert not any(v.encode() in body for v in secrets.values()), f"a credential written to {f}"
+    assert (out / "best_model" / "model.safetensors").is_file()
