@@ -72,9 +72,13 @@ class Meter:
 
 
 def run_dataloader(uri, transform, cores, epochs):
-    # persistent workers: what a hand-written multi-epoch loader would use
+    # persistent workers: what a hand-written multi-epoch loader would use. Its workers start from a
+    # forkserver, never forked from this process: it has started Ray, and a worker forked after
+    # ray.init hung this benchmark for 15 minutes. The workers' start-up (imports) is in the timing,
+    # as the Ray actors' is.
     loader = torch.utils.data.DataLoader(ParquetOneToK(uri, transform), batch_size=None, num_workers=cores,
-                                         persistent_workers=True, prefetch_factor=2)
+                                         persistent_workers=True, prefetch_factor=2,
+                                         multiprocessing_context="forkserver")
     m = Meter()
     for _ in range(epochs):
         for b in loader:
@@ -126,8 +130,8 @@ def start_ray_data_services() -> None:
     """Run a tiny actor-pool dataset: the first execution in a cluster starts Ray Data's own actors
     (stats, autoscaling coordinator, actor-location tracker: a process each, ~1 CPU-s of imports),
     once per cluster. Started before the training path is timed when the generic reader does not
-    run first, as the DataLoader's parent process has its imports done before it forks. (Only
-    then: after it, the generic reader's read tasks never got a CPU on this 2-core cluster.)"""
+    run first. (Only then: after it, the generic reader's read tasks never got a CPU on this 2-core
+    cluster.)"""
     import ray
 
     ray.data.range(8).map_batches(_Identity, batch_size=4, compute=ray.data.ActorPoolStrategy(size=1)).take_all()

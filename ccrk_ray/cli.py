@@ -19,6 +19,7 @@ from ccrk_ray.commands._args import Parser
 from ccrk_ray.core.config import ConfigError, DataError
 from ccrk_ray.core.log import setup_logging
 from ccrk_ray.core.runtime import quiet_ray
+from ccrk_ray.core.storage import S3_SETTINGS, configure_s3
 
 # name: one-line help (kept here so that `ccrk --help` imports no subcommand)
 COMMANDS = {
@@ -49,6 +50,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         out.add_argument("-v", "--verbose", action="store_true",
                          help="debug lines, Ray's own log lines, tracebacks of errors")
         out.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+        s3 = p.add_argument_group("object storage (s3://)")
+        s3.add_argument("--s3-retries", type=int, default=None, metavar="N",
+                        help=f"retries of a failed S3 request (default {S3_SETTINGS['retries'][1]}, or $CCRK_S3_RETRIES)")
+        s3.add_argument("--s3-connect-timeout", type=float, default=None, metavar="S",
+                        help=f"seconds (default {S3_SETTINGS['connect_timeout'][1]:g}, or $CCRK_S3_CONNECT_TIMEOUT)")
+        s3.add_argument("--s3-request-timeout", type=float, default=None, metavar="S",
+                        help=f"seconds (default {S3_SETTINGS['request_timeout'][1]:g}, or $CCRK_S3_REQUEST_TIMEOUT)")
         if name == chosen:
             _command_module(name).add_arguments(p)
     return parser
@@ -61,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
         verbose = args.verbose
         setup_logging(1 if args.verbose else -1 if args.quiet else 0)
+        configure_s3(args.s3_retries, args.s3_connect_timeout, args.s3_request_timeout)
         quiet_ray()
         return _command_module(args.command).main(args)
     except (ConfigError, DataError) as exc:

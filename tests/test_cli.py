@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from ccrk_ray.cli import main
+
 
 def ccrk(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "ccrk_ray", *args], capture_output=True, text=True,
@@ -27,12 +29,19 @@ def ccrk(*args, cwd=None):
     (["--vision-model", "resnet_nonesuch"], "--vision-model 'resnet_nonesuch' is not a timm model"),
     (["--vision-kwargs", "{oops"], "not valid JSON"),
 ])
-def test_bad_flags(tmp_path, args, needle):
-    res = ccrk("demo", "--out", str(tmp_path / "out"), *args)
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], res.stderr
-    assert "Traceback" not in res.stderr
+def test_bad_flags(tmp_path, capsys, args, needle):
+    """In-process: the same ``main`` the console script runs (``test_bad_flag_as_a_user_sees_it``
+    runs one case as a subprocess)."""
+    assert main(["demo", "--out", str(tmp_path / "out"), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_flag_as_a_user_sees_it(tmp_path):
+    res = ccrk("demo", "--out", str(tmp_path / "out"), "--epochs", "0")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == ["ccrk: error: --epochs must be >= 1, got 0"]
     assert not (tmp_path / "out").exists()
 
 
@@ -61,7 +70,7 @@ def test_help_lists_the_demo():
 def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
     res = ccrk("evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"))
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [f"ccrk: error: --checkpoint {tmp_path} is not a saved CCRK model "
+    assert res.stderr.strip().splitlines() == [f"ccrk: error: --model {tmp_path} is not a saved CCRK model "
                                                "or a training checkpoint (no config.json)"]
 
 

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+
+from ccrk_ray.core.config import ConfigError
 from transformers import AutoTokenizer
 
 from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer, train_tokenizer
@@ -50,5 +52,5 @@ def test_caption_tokenizer_pickles_without_the_hf_object(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train_tokenizer(CAPTIONS, tmp_path, vocab_size=10)
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match=f"tokenizer {tmp_path / 'does-not-exist'}: cannot be loaded"):
         load_tokenizer(tmp_path / "does-not-exist")

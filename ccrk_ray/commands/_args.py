@@ -86,5 +86,5 @@ def add_run_args(p: argparse.ArgumentParser, d) -> None:
 
 def run_options(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict:
     """The parsed flags as config fields (the CLI's own flags left out)."""
-    skip = {"command", "verbose", "quiet", "func", *drop}
+    skip = {"command", "verbose", "quiet", "s3_retries", "s3_connect_timeout", "s3_request_timeout", *drop}
     return {k: v for k, v in vars(args).items() if k not in skip}

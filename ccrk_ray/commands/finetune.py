@@ -13,10 +13,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--config", required=True,
                    help="YAML overriding ccrk_ray/configs/tasks/TASK.yaml (data URIs, output_dir, scaling, ...)")
-    p.add_argument("--checkpoint", required=True, help=START_HELP)
+    p.add_argument("--start-from", "--checkpoint", dest="start_from", required=True, metavar="MODEL",
+                   help=START_HELP + " (--checkpoint: the older name)")
     p.add_argument("--resume", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:
-    run_finetune(args.task, args.config, args.checkpoint, resume=args.resume)
+    run_finetune(args.task, args.config, args.start_from, resume=args.resume)
     return 0

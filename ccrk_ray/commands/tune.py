@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--config", required=True,
                    help="a `ccrk finetune` config with a `tune:` section (search space, objective, ASHA)")
-    p.add_argument("--checkpoint", required=True, help=START_HELP)
+    p.add_argument("--start-from", "--checkpoint", dest="start_from", required=True, metavar="MODEL",
+                   help=START_HELP + " (--checkpoint: the older name)")
     p.add_argument("--num-samples", type=int, required=True, help="trials drawn from the search space")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at a time (default: as many as the cluster's CPUs/GPUs hold)")
@@ -22,6 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    report = run_tune(args.task, args.config, args.checkpoint, args.num_samples,
+    report = run_tune(args.task, args.config, args.start_from, args.num_samples,
                       max_concurrent=args.max_concurrent, resume=args.resume)
     return 0 if report["best"] else 1      # 1: no trial reported a validation result

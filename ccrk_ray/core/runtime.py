@@ -29,9 +29,6 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-# Ray's C++ components log warnings about worker start-up and actor argument sizes at error level
-# although nothing failed; without --verbose only fatal ones are shown.
-NOISY_ENV = {"RAY_BACKEND_LOG_LEVEL": "fatal"}
 # What one Ray Data pipeline of ours needs besides its actors: its list/read tasks.
 DATA_TASK_CPUS = 1
 
@@ -40,11 +37,29 @@ def quiet_ray() -> dict[str, str]:
     """Set (without overriding the user's) the environment that keeps Ray quiet; returns what
     worker processes should get too."""
     env = dict(QUIET_ENV)
-    if verbosity() <= 0:
-        env.update(NOISY_ENV)
     for key, value in env.items():
         os.environ.setdefault(key, value)
     return {k: os.environ[k] for k in env}
+
+
+# Ray's Python loggers whose INFO/WARNING lines are progress notes, not problems (Ray Data warns that
+# its progress bars are off, Ray Train reports every checkpoint at INFO); errors still show.
+RAY_LOGGERS = {"ray": logging.ERROR, "ray.tune": logging.WARNING, "ray.train": logging.WARNING,
+               "ray.data": logging.ERROR}
+# A local cluster starts this many worker processes at once (Ray's default: one per CPU, and a
+# raylet warning each time more are running); our commands start a few actors and workers together.
+STARTUP_CONCURRENCY = 16
+
+
+def quiet_ray_loggers(*extra: str) -> None:
+    """Without --verbose, Ray's loggers (and ``extra`` logger names) show only what matters; call it
+    in every process of ours that runs Ray code (the driver, each training worker)."""
+    if verbosity() > 0:
+        return
+    for name, level in RAY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    for name in extra:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def local_cpus(*holders: float, tasks: int = DATA_TASK_CPUS) -> int:
@@ -70,18 +85,18 @@ def ray_session(num_cpus: int) -> Iterator[None]:
         yield
         return
     env = quiet_ray()
+    quiet_ray_loggers()
     quiet = verbosity() <= 0
-    kwargs = dict(log_to_driver=True, logging_level=logging.WARNING if quiet else logging.INFO)
+    kwargs = dict(log_to_driver=True, logging_level=logging.ERROR if quiet else logging.INFO)
     if joining():
         # a job's runtime env (ray job submit) is the cluster's business: ours would conflict with it
         log.debug("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         log.debug("starting a local Ray cluster of %d logical CPUs", num_cpus)
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, **kwargs)
-    if quiet:
-        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env},
+                 _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **kwargs)
+    quiet_ray_loggers()
     try:
         yield
     finally:

@@ -43,6 +43,19 @@ S3_SETTINGS = {"retries": ("CCRK_S3_RETRIES", 10), "connect_timeout": ("CCRK_S3_
                "request_timeout": ("CCRK_S3_REQUEST_TIMEOUT", 120.0)}
 
 
+def configure_s3(retries: int | None = None, connect_timeout: float | None = None,
+                 request_timeout: float | None = None, override: bool = True) -> None:
+    """Set the S3 settings of this process and of the local cluster it starts (its processes
+    inherit the environment); ``override=False`` keeps values already set (a config file's values
+    under the command line's)."""
+    for name, value in (("retries", retries), ("connect_timeout", connect_timeout),
+                        ("request_timeout", request_timeout)):
+        var = S3_SETTINGS[name][0]
+        if value is not None and (override or not os.environ.get(var)):
+            os.environ[var] = str(value)
+    s3_settings()       # a bad value is an error now, not in the first worker that reads
+
+
 def s3_settings() -> dict:
     """pyarrow S3FileSystem arguments of the S3 retry and timeout settings."""
     values = {}

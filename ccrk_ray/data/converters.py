@@ -62,8 +62,6 @@ __all__ = [
     "multi30k_files",
     "convert_coco",
     "convert_wit",
-    "add_convert_parser",
-    "run_convert",
 ]
 
 FORMATS = ("ccrk", "iglue", "multi30k", "coco", "wit")

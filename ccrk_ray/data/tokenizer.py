@@ -39,7 +39,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         pre_tokenizers.Split(Regex(CJK_OR_PUNCT), behavior="isolated"),
     ])
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), max_token_length=12)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), max_token_length=12,
+                                  show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens([MASK_TOKEN])
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")

@@ -73,7 +73,7 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         raise ConfigError(f"--actors must be >= 1, got {actors}")
     if k_test is not None and k_test < 1:
         raise ConfigError(f"--k-test must be >= 1, got {k_test}")
-    model_path = resolve_model_dir(model_dir)
+    model_path = resolve_model_dir(model_dir, flag="--model")
     pre = Preprocess.read(model_path)
     image_size = image_size or pre.image_size
     max_length = max_length or pre.max_length

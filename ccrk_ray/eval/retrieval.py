@@ -51,10 +51,11 @@ class Embedder:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        ids = torch.as_tensor(batch["input_ids"], device=self.device)
+        # Ray Data hands read-only arrays (object-store memory); torch wants writable ones
+        ids = torch.as_tensor(np.array(batch["input_ids"]), device=self.device)
         n, k, length = ids.shape
-        img = self.model.encode_image(torch.as_tensor(batch["pixel_values"], device=self.device))
-        mask = torch.as_tensor(batch["attention_mask"], device=self.device)
+        img = self.model.encode_image(torch.as_tensor(np.array(batch["pixel_values"]), device=self.device))
+        mask = torch.as_tensor(np.array(batch["attention_mask"]), device=self.device)
         txt = self.model.encode_text(ids.view(n * k, length), mask.view(n * k, length))
         return {"image_id": np.asarray(batch["image_id"], dtype=object), "image_emb": img.float().cpu().numpy(),
                 "text_emb": txt.view(n, k, -1).float().cpu().numpy()}

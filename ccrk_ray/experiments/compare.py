@@ -16,19 +16,17 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ccrk_ray.core.config import ConfigError, check_range
-from ccrk_ray.core.files import prepare_out_dir
 from ccrk_ray.core.log import get_logger
 from ccrk_ray.core.runtime import ray_session
 from ccrk_ray.data.transforms import load_split_batch
 from ccrk_ray.eval.report import build_report
 from ccrk_ray.eval.retrieval import evaluate_in_process
-from ccrk_ray.experiments.demo import DemoConfig, demo_cpus, demo_model_config, generate_data, prepare_tokenizer, pretrain
+from ccrk_ray.experiments.demo import DemoConfig, demo_cpus, demo_model_config, prepare_experiment, pretrain
 from ccrk_ray.model import CCRKModel
 from ccrk_ray.objectives.styles import STYLES as STYLE_CLASSES
 from ccrk_ray.train.config import objective_args
@@ -84,13 +82,8 @@ def comparison_table(reports: dict[str, dict[str, Any]], languages) -> str:
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
-    cfg.validate()
     t0 = time.perf_counter()
-    out = Path(cfg.out).resolve()
-    prepare_out_dir(out, MARKER, OUTPUTS, "compare")
-    (out / MARKER).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
-    generate_data(cfg, out)
-    tokenizer, caption_tokenizer = prepare_tokenizer(cfg, out)
+    out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "compare")
     test_batch = load_split_batch(str(out / "data" / "test"), cfg.languages, caption_tokenizer, cfg.image_size)
     model_cfg = demo_model_config(cfg, tokenizer, fusion_layers=cfg.fusion_layers)
     _, args = objective_args({"itm_weight": cfg.itm_weight, "mlm_weight": cfg.mlm_weight}, tokenizer, cfg.languages)

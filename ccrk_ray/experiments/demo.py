@@ -174,14 +174,20 @@ def evaluate_split(uri: str, model_dir: str, languages, tokenizer, image_size: i
     return build_report(t2i, i2t, languages)
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+def prepare_experiment(cfg: DemoConfig, marker: str, outputs: tuple[str, ...], command: str):
+    """The output folder (with ``marker`` holding the config), the synthetic data and the tokenizer
+    of a demo or a comparison: (output folder, HF tokenizer, CaptionTokenizer)."""
     cfg.validate()
-    t0 = time.perf_counter()
     out = Path(cfg.out).resolve()
-    prepare_out_dir(out, MARKER, OUTPUTS, "demo")
-    (out / MARKER).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
+    prepare_out_dir(out, marker, outputs, command)
+    (out / marker).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
     generate_data(cfg, out)
-    tokenizer, caption_tokenizer = prepare_tokenizer(cfg, out)
+    return (out, *prepare_tokenizer(cfg, out))
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "demo")
     with ray_session(demo_cpus(cfg)):
         # The demo trains 1-to-K ITC alone on a dual encoder: ITM and MLM weights are 0.
         _, args = objective_args({"itm_weight": 0.0, "mlm_weight": 0.0}, tokenizer, cfg.languages)

@@ -5,7 +5,7 @@
     DIR/preprocess.json                   image_size, max_length, languages of training
 
 ``resolve_model_dir`` accepts a model directory or a training checkpoint (its ``model/``), so every
-command that takes ``--checkpoint`` reads either the same way.
+command that takes a model (``--model``, ``--start-from``) reads either the same way.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Preprocess:
         (Path(directory) / PREPROCESS_FILE).write_text(json.dumps(d, indent=2))
 
 
-def resolve_model_dir(path: str | Path, flag: str = "--checkpoint") -> Path:
+def resolve_model_dir(path: str | Path, flag: str = "--model") -> Path:
     """The saved model of ``path``: a model directory, or a training checkpoint's ``model/``."""
     p = Path(path)
     if (p / CHECKPOINT_MODEL_DIR / CONFIG_NAME).is_file():

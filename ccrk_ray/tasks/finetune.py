@@ -1,4 +1,4 @@
-"""``ccrk finetune --task TASK --config FILE --checkpoint CKPT [--resume]``: the paper's downstream
+"""``ccrk finetune --task TASK --config FILE --start-from MODEL [--resume]``: the paper's downstream
 retrieval tasks, each from a shipped task config (``ccrk_ray/configs/tasks/<task>.yaml``) that your
 config file overrides key by key.
 
@@ -86,7 +86,7 @@ SPEC_SUFFIXES = (".yaml", ".yml")
 
 @dataclass(frozen=True)
 class StartingPoint:
-    """What fine-tuning starts from (``--checkpoint``).
+    """What fine-tuning starts from (``--start-from``).
 
     - A saved CCRK model or training checkpoint (``model_dir``): every weight comes from it, with
       its tokenizer and preprocessing.
@@ -109,9 +109,9 @@ class StartingPoint:
         if path.is_file() and path.suffix in SPEC_SUFFIXES:
             d = read_yaml(path)
             if not isinstance(d.get("model"), dict):
-                raise ConfigError(f"--checkpoint {checkpoint}: a model spec file needs a model: mapping "
+                raise ConfigError(f"--start-from {checkpoint}: a model spec file needs a model: mapping "
                                   "(ModelConfig keys, as in a ccrk pretrain config)")
-            build(ModelConfig, d["model"], f"--checkpoint {checkpoint}: model")
+            build(ModelConfig, d["model"], f"--start-from {checkpoint}: model")
             # local files named relative to the spec are found from any worker's directory
             here = path.resolve().parent
             for section, key in (("model", "vision_checkpoint"), ("model", "text_name_or_path"), ("data", "tokenizer")):
@@ -119,7 +119,7 @@ class StartingPoint:
                 if isinstance(value, str) and not Path(value).is_absolute() and (here / value).exists():
                     d[section][key] = str(here / value)
             return cls(path.resolve(), spec=d)
-        model_dir = resolve_model_dir(path).resolve()
+        model_dir = resolve_model_dir(path, flag="--start-from").resolve()
         return cls(model_dir, model_dir=model_dir)
 
     @property

@@ -29,6 +29,7 @@ from typing import Any
 
 from ccrk_ray.core.config import ConfigError, build, check_range, check_types, read_yaml
 from ccrk_ray.core.languages import CCRK_LANGUAGES, validate_languages
+from ccrk_ray.core.storage import configure_s3
 from ccrk_ray.data.tokenizer import CaptionTokenizer
 from ccrk_ray.model import ModelConfig
 from ccrk_ray.model.encoders import check_vision_model
@@ -55,6 +56,9 @@ class DataSection:
     image_keys: bool = False                 # batches carry image ids: captions of one image are all positives
     data_actors: int = 1                     # decode/tokenise actors per training worker
     cpus_per_actor: float = 0.8
+    s3_retries: int | None = None            # S3 request retries / timeouts in seconds (default: the
+    s3_connect_timeout: float | None = None  # command line's --s3-*, else $CCRK_S3_*, else 10, 10 s,
+    s3_request_timeout: float | None = None  # 120 s: ccrk_ray.core.storage.S3_SETTINGS)
 
 
 @dataclass
@@ -156,6 +160,10 @@ class PretrainConfig:
         check_range("scaling.cpus_per_worker", s.cpus_per_worker, 0.01)
         check_range("scaling.max_failures", s.max_failures, -1)
         check_range("data.cpus_per_actor", d.cpus_per_actor, 0.01)
+        try:
+            configure_s3(d.s3_retries, d.s3_connect_timeout, d.s3_request_timeout, override=False)
+        except ConfigError as exc:
+            raise ConfigError(f"data.s3_*: {exc}") from None
         if t.global_batch_size is None:
             t.global_batch_size = t.batch_size * hi
         for world in range(lo, hi + 1):      # every worker count the run may get

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import tempfile
 import time
@@ -31,11 +30,13 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
+from ray.train.v2._internal.execution import context as _train_context
 import torch
 from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 from torch.utils.tensorboard import SummaryWriter
 
 from ccrk_ray.core.log import get_logger, setup_logging
+from ccrk_ray.core.runtime import quiet_ray_loggers
 from ccrk_ray.data.batching import EpochBatcher, Started
 from ccrk_ray.data.ingest import stats_actor, stream_blocks
 from ccrk_ray.data.plan import EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, epoch_segments
@@ -398,6 +399,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's entry point: ``config["loop"]`` is the run's ``LoopConfig``."""
     cfg: LoopConfig = config["loop"]
     setup_logging(cfg.verbosity)
-    if cfg.verbosity <= 0:      # Ray Train's per-report INFO lines (checkpoint created, result reported)
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train logs each report at INFO under a logger named by its file, not under "ray.train"
+    quiet_ray_loggers(_train_context.__file__)
     return WorkerLoop(cfg).run()

@@ -48,6 +48,9 @@ def build_trainer(loop: LoopConfig, *, storage_path: str, name: str,
         failure_config=ray.train.FailureConfig(max_failures=max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
         callbacks=list(callbacks) if callbacks else None,
+        # Ray Train's own INFO lines (resources requested, worker group started, each report) only
+        # with --verbose
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if verbosity() > 0 else "WARNING"),
     )
     return TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop}, scaling_config=scaling,
                         run_config=run)

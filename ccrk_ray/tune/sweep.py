@@ -1,4 +1,4 @@
-"""``ccrk tune --task TASK --config FILE --checkpoint CKPT --num-samples N [--max-concurrent M] [--resume]``:
+"""``ccrk tune --task TASK --config FILE --start-from MODEL --num-samples N [--max-concurrent M] [--resume]``:
 a Ray Tune sweep of the fine-tuning hyperparameters of ``ccrk finetune``.
 
 FILE is a ``ccrk finetune`` config (``ccrk_ray.tasks.finetune``) plus a ``tune:`` section::
@@ -30,7 +30,7 @@ and half of it), warm-up and weight decay, with the config's epochs, plus ``lr_m
 when the start has fresh layers. An unknown name, an unknown or malformed distribution, a value
 the config would reject (every bound and choice is checked) or a space that varies nothing is a
 ConfigError before any trial starts. ``lr_mult`` multiplies the LR of parameters that start fresh:
-with ``--checkpoint MODEL_SPEC.yaml`` (``ccrk_ray.tasks.finetune.StartingPoint``: pre-trained timm/HF
+with ``--start-from MODEL_SPEC.yaml`` (``ccrk_ray.tasks.finetune.StartingPoint``: pre-trained timm/HF
 encoders, CCRK's projections, cross-attention and heads new) those layers; a saved CCRK model has
 none, so varying it there is an error rather than a silent no-op.
 
@@ -56,7 +56,7 @@ max workers x (CPUs per worker + data actors x CPUs per actor) CPUs and a GPU pe
   best first;
 - ``best_config.yaml``: the best trial's config for ``ccrk finetune --task TASK --config``;
 - ``best_model/``: the best trial's model at its best epoch, with tokenizer and
-  ``preprocess.json`` (``ccrk evaluate --checkpoint`` takes it);
+  ``preprocess.json`` (``ccrk evaluate --model`` takes it);
 - ``tune_report.json``; the Tune experiment is in ``ray_results/<name>`` (or ``storage_path``).
 
 ``--resume`` restores an interrupted sweep from its experiment state: finished trials are kept, the
@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 import csv
@@ -76,7 +75,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -91,9 +89,9 @@ from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from ccrk_ray.model.saved import Preprocess
 from ccrk_ray.tasks.finetune import StartingPoint
 from ccrk_ray.train.best import BestStore
-from ccrk_ray.tune.space import (HYPERPARAMETERS, METRIC, TRIAL_NAME, Dist, TuneSection, absolute_paths, default_space,
+from ccrk_ray.tune.space import (METRIC, TRIAL_NAME, Dist, TuneSection, absolute_paths, default_space,
                                  load_finetune, overrides, parse_dist, parse_space, trial_config, write_yaml)
-from ccrk_ray.tune.trial import PG_FILE, ReleaseStoppedTrials, TrialPlacementGroups, run_trial
+from ccrk_ray.tune.trial import ReleaseStoppedTrials, run_trial
 
 log = get_logger(__name__)
 SWEEP_FILE = "sweep.json"
@@ -131,7 +129,7 @@ def prepare_sweep(task: str, config_path: str | Path, checkpoint: str | Path, nu
     if "lr_mult" in space and len({repr(v) for v in space["lr_mult"].corners()}) > 1 and not start.fresh_layers:
         raise ConfigError("tune.space.lr_mult: the starting point has no freshly initialised parameters (every "
                           "weight comes from the checkpoint), so lr_mult changes nothing; fix it, leave it out, or "
-                          "start from pre-trained encoders (--checkpoint MODEL_SPEC.yaml)")
+                          "start from pre-trained encoders (--start-from MODEL_SPEC.yaml)")
     workers_max = cfg.scaling.workers[1]
     for name, dist in space.items():      # every bound and choice must make a valid config
         for value in dist.corners():
@@ -218,7 +216,7 @@ def export_best(sweep: dict[str, Any], cfg, trial: str, params: dict[str, Any], 
     d["output_dir"] = str(out / "best_finetune")
     header = (f"# ccrk tune: best of the sweep in {out} (trial {trial}, {sweep['tune']['objective']} "
               f"{row['best_objective']:.4g} at epoch {row['best_epoch']})\n"
-              f"# ccrk finetune --task {sweep['task']} --config THIS_FILE --checkpoint {sweep['checkpoint']}\n")
+              f"# ccrk finetune --task {sweep['task']} --config THIS_FILE --start-from {sweep['checkpoint']}\n")
     write_yaml(out / "best_config.yaml", d, header)
     tc = trial_config(sweep, params, trial)
     run_storage = tc.get("storage_path") or str(Path(tc["output_dir"]) / "ray_results")

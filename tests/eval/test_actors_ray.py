@@ -80,7 +80,7 @@ def test_bad_input_fails_fast_without_starting_actors(ray_local):
         rank_on_actors(img, txt, chunk=16, shards=[], num_actors=2)
     with pytest.raises(ValueError, match="do not tile"):
         rank_on_actors(img, txt, chunk=16, shards=[(0, 16), (32, 70)], num_actors=2)
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 60     # a guard against hanging: bad input fails before any shard runs
 
 
 class Boom:

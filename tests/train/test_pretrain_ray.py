@@ -18,6 +18,7 @@ from ccrk_ray.tasks.pretrain import run_pretrain
 from ccrk_ray.train.config import PretrainConfig
 from ccrk_ray.model.saved import load_model
 from ccrk_ray.train.trainer import clean_orphan_checkpoints
+from tests.commands import ccrk, noise
 from tests.conftest import tiny_text_config
 
 LANGS = ["en", "de", "zh"]
@@ -89,18 +90,25 @@ def test_config_errors_name_the_key(tmp_path, tiny_data):
         PretrainConfig.from_yaml(tmp_path / "missing.yaml")
 
 
-def test_resume_mid_epoch_on_another_worker_count(ray_local, tiny_data, tmp_path):
+def test_resume_mid_epoch_on_another_worker_count(tiny_data, tmp_path):
     """Stop after 3 of the epoch's 6 steps on 2 workers; resume on 1 worker (gradient accumulation
-    2 keeps the global batch): the epoch's 96 rows are each trained exactly once."""
+    2 keeps the global batch): the epoch's 96 rows are each trained exactly once. Both runs start
+    their own local cluster (no other Ray instance on the machine, as for a user)."""
     out = tmp_path / "run"
     first = write_config(tmp_path / "a.yaml", tiny_data, out, **{"train.max_steps": 3})
     m1 = run_pretrain(PretrainConfig.from_yaml(first))
     assert m1["step"] == 3 and m1["world_size"] == 2
     with pytest.raises(ConfigError, match="holds a finished run; pass --resume"):
         run_pretrain(PretrainConfig.from_yaml(first))
-    second = write_config(tmp_path / "b.yaml", tiny_data, out, **{"scaling.workers": [1, 1]})
-    m2 = run_pretrain(PretrainConfig.from_yaml(second), resume=True)
+    # the resume as a user runs it: `ccrk pretrain --resume`, its own local cluster; then the test set
+    second = write_config(tmp_path / "b.yaml", tiny_data, out, **{"scaling.workers": [1, 1],
+                                                                  "data.test": str(tiny_data["test"])})
+    res = ccrk("pretrain", "--config", second, "--resume", timeout=600)
+    assert noise(res) == [], "\n".join(noise(res))
+    m2 = json.loads((out / "train_result.json").read_text())["metrics"]
     assert m2["step"] == 6 and m2["world_size"] == 1 and m2["grad_accumulation"] == 2
+    test_report = json.loads((out / "test" / "test" / "report.json").read_text())
+    assert test_report["num_images"] == 40 and list(test_report["languages"]) == LANGS
 
     trace = read_trace(out)
     assert sorted({r["step"] for r in trace if r["rank"] == 1}) == [1, 2, 3]     # rank 1 existed in run 1 only

@@ -277,7 +277,7 @@ def test_bad_search_spaces_are_clear_errors_before_any_trial(base_model, data, t
     err({"space": {"batch_size": {"choice": [1, 8]}}}, r"batch_size: value 1 is not valid: train.batch_size must be")
     err({"space": {"batch_size": {"choice": [8, 512]}}}, f"{TRAIN} rows: not one full global batch of 512")
     err({"space": {"lr_mult": {"choice": [1.0, 3.0]}}}, "lr_mult changes nothing; fix it, leave it out, or start "
-        r"from pre-trained encoders \(--checkpoint MODEL_SPEC.yaml\)")
+        r"from pre-trained encoders \(--start-from MODEL_SPEC.yaml\)")
     err({"objective": "mrv"}, "tune.objective must be one of r_mean, -mrv, r_mean-mrv")
     err({"objective": "-mrv", "spcae": {}}, r"tune: unknown key\(s\) spcae")
     cfg = sweep_config(tmp_path / "c.yaml", tmp_path / "o", data, {"objective": "-mrv"})
