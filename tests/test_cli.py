@@ -105,3 +105,29 @@ def test_mrv_over_rank_files_of_two_runs(tmp_path):
     res = ccrk("mrv", str(tmp_path / "a.parquet"), str(tmp_path / "missing.parquet"))
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"ccrk: error: rank file {tmp_path}/missing.parquet does not exist"]
+
+
+def test_convert_then_validate_as_a_user_runs_them(tmp_path):
+    """``ccrk convert`` (CCRK JSON lines with base64 images) and ``ccrk validate`` of its output, as
+    subprocesses: exit 0, every row written and checked."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    def jpeg(seed: int) -> str:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (seed * 40 % 256, 90, 200)).save(buf, format="JPEG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"image_id": f"img{i}", "image": jpeg(i),
+                                       "caption": {"en": f"picture {i}", "de": f"Bild {i}"}}) + "\n"
+                           for i in range(6)))
+    res = ccrk("convert", "ccrk", "--input", str(src), "--languages", "en,de", "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    assert "6 rows" in res.stdout, res.stdout
+    res = ccrk("validate", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "6 rows checked" in res.stdout and res.stdout.strip().endswith("OK")
