@@ -127,7 +127,7 @@ def test_rerun_clears_only_its_own_outputs(demo_run, tmp_path):
         prepare_out_dir(tmp_path, MARKER, OUTPUTS, "demo")
 
 
-def test_ccrk_evaluate_reproduces_the_demo_report(demo_run, tmp_path):
+def test_ccrk_evaluate_reproduces_the_demo_report(demo_run, tmp_path, ray_local):
     out, cfg, report = demo_run
     from ccrk_ray.eval.evaluate import run_evaluate
 

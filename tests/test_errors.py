@@ -160,4 +160,4 @@ def test_validate_reports_every_broken_file_and_checks_the_rest(tmp_path, tiny_d
 def test_training_data_that_is_not_there(tmp_path, tiny_data):
     res = ccrk(tmp_path, "pretrain", "--config",
                pretrain_config(tmp_path, tiny_data, data={"train": str(tmp_path / "nowhere")}))
-    one_line(res, 1, f"no data at {tmp_path / 'nowhere'}")
+    one_line(res, 2, f"no data at {tmp_path / 'nowhere'}")

@@ -29,6 +29,11 @@ class DataError(ValueError):
     rows): reported as one line naming the file, exit code 1."""
 
 
+class NoDataError(FileNotFoundError, ConfigError):
+    """No data where a flag or config value points: a usage error (exit code 2), and a
+    FileNotFoundError for callers that treat it as one."""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (library errors can run to pages), shortened."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ccrk_ray.core.config import ConfigError, DataError, first_line
+from ccrk_ray.core.config import ConfigError, DataError, NoDataError, first_line
 
 
 def is_remote(uri: str) -> bool:
@@ -89,11 +89,11 @@ def list_parquet(uri: str | Path, endpoint_url: str | None = None) -> tuple[pafs
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"no data at {uri}")
+            raise NoDataError(f"no data at {uri}")
         if info.type == pafs.FileType.File:
             return fs, [path]
         listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except FileNotFoundError:
+    except NoDataError:
         raise
     except OSError as exc:      # pyarrow's S3 errors: network, credentials, no such bucket
         raise DataError(f"{uri}: cannot be read ({first_line(exc)})") from None
@@ -101,7 +101,7 @@ def list_parquet(uri: str | Path, endpoint_url: str | None = None) -> tuple[pafs
              if f.type == pafs.FileType.File and f.path.endswith(".parquet")
              and not Path(f.path).name.startswith((".", "_"))]
     if not files:
-        raise FileNotFoundError(f"no .parquet files under {uri}")
+        raise NoDataError(f"no .parquet files under {uri}")
     return fs, sorted(files)
 
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from ccrk_ray.core import storage
 from ccrk_ray.data import schema
 from ccrk_ray.core.config import first_line
+from ccrk_ray.core.log import bars_enabled, progress
 from ccrk_ray.data.rows import SkipCounter, captions_problem, image_problem
 
 
@@ -56,7 +57,7 @@ def validate(uri: str, languages: Sequence[str] | None = None, min_languages: in
         if len(result.problems) < max_problems:
             result.problems.append(problem)
 
-    for path in files:
+    for path in progress(files, desc="validating", unit="file", disable=not bars_enabled()):
         try:
             pf = pq.ParquetFile(fs.open_input_file(path))
             langs = list(languages) if languages else schema.languages_in(pf.schema_arrow)

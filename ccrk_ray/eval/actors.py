@@ -12,22 +12,27 @@ import numpy as np
 import ray
 import ray.data
 
+from ccrk_ray.core.log import bars_enabled, progress
 from ccrk_ray.eval.retrieval import (Embedder, ShardRanks, check_inputs, default_chunk, merge_shards, rank_shard,
                                      shard_bounds, true_scores)
 
 
 def embed_dataset(ds: "ray.data.Dataset", model_dir: str, *, num_actors: int = 1, batch_size: int = 128,
-                  cpus_per_actor: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image_ids, image_emb N×d, text_emb N×K×d) for a dataset of 1-to-K batches, in id order."""
+                  cpus_per_actor: float = 1.0, total: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image_ids, image_emb N×d, text_emb N×K×d) for a dataset of 1-to-K batches, in id order;
+    ``total`` images, when known, for the progress bar."""
     out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(model_dir=str(model_dir), threads=int(cpus_per_actor) or 1),
                          batch_size=batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
                          num_cpus=cpus_per_actor)
     ids, img, txt = [], [], []
+    bar = progress(total=total, desc="embedding", unit="image", disable=not bars_enabled())
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        bar.update(len(batch["image_id"]))
         ids.append(batch["image_id"])
         img.append(batch["image_emb"])
         txt.append(batch["text_emb"])
+    bar.close()
     ids_arr = np.concatenate(ids)
     order = np.argsort(ids_arr, kind="stable")
     return ids_arr[order], np.concatenate(img)[order], np.concatenate(txt)[order]
@@ -94,6 +99,7 @@ def rank_on_actors(image_emb: np.ndarray, text_emb: np.ndarray, *, languages: Se
     pending: dict[ray.ObjectRef, tuple[Any, tuple[int, int]]] = {}
     todo = list(shards)
     parts: list[ShardRanks] = []
+    bar = progress(total=n, desc="ranking", unit="image", disable=not bars_enabled())
     try:
         for actor in actors:
             if todo:
@@ -111,6 +117,7 @@ def rank_on_actors(image_emb: np.ndarray, text_emb: np.ndarray, *, languages: Se
                 parts.append(ray.get(done[0]))
             except ray.exceptions.RayTaskError as exc:
                 raise _with_shard(exc, shard) from exc
+            bar.update(shard[1] - shard[0])
             if todo:
                 nxt = todo.pop(0)
                 pending[actor.rank.remote(*nxt, k_test, chunk)] = (actor, nxt)
@@ -120,6 +127,7 @@ def rank_on_actors(image_emb: np.ndarray, text_emb: np.ndarray, *, languages: Se
                          actor_cpu_seconds=ray.get([a.cpu_seconds.remote() for a in actors]))
         return merge_shards(parts, n)
     finally:
+        bar.close()
         for actor in actors:
             ray.kill(actor)
 

@@ -153,7 +153,7 @@ def rank_split_itc(data: str, model_dir: str, languages: Sequence[str], tokenize
     ds = one_to_k_dataset(data, languages=languages, k=len(languages), tokenizer=tokenizer,
                           image_transform=ImageTransform(image_size, train=False), batch_size=128,
                           shuffle_files=False)
-    ids, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=actors)
+    ids, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=actors, total=storage.count_rows(data))
     return (ids, *_rank(data, image_emb, text_emb, languages, actors))
 
 
