@@ -19,6 +19,14 @@ START_HELP = ("a saved model directory, a training checkpoint, or a model spec Y
               "pre-trained encoders, CCRK's own layers fresh)")
 
 
+def add_task_flags(p: argparse.ArgumentParser, tasks, config_help: str) -> None:
+    """--task, --config and --start-from (old name --checkpoint): what finetune and tune share."""
+    p.add_argument("--task", required=True, choices=tasks)
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--start-from", "--checkpoint", dest="start_from", required=True, metavar="MODEL",
+                   help=START_HELP + " (--checkpoint: the older name)")
+
+
 def int_pair(text: str) -> tuple[int, int]:
     parts = text.split(",")
     try:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ccrk_ray.commands._args import START_HELP
+from ccrk_ray.commands._args import add_task_flags
 from ccrk_ray.tasks.finetune import TASKS, run_finetune
 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--config", required=True,
-                   help="YAML overriding ccrk_ray/configs/tasks/TASK.yaml (data URIs, output_dir, scaling, ...)")
-    p.add_argument("--start-from", "--checkpoint", dest="start_from", required=True, metavar="MODEL",
-                   help=START_HELP + " (--checkpoint: the older name)")
+    add_task_flags(p, TASKS, "YAML overriding ccrk_ray/configs/tasks/TASK.yaml (data URIs, output_dir, scaling, ...)")
     p.add_argument("--resume", action="store_true")
 
 

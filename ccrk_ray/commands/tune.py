@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ccrk_ray.commands._args import START_HELP
+from ccrk_ray.commands._args import add_task_flags
 from ccrk_ray.tasks.finetune import TASKS
 from ccrk_ray.tune.sweep import run_tune
 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--config", required=True,
-                   help="a `ccrk finetune` config with a `tune:` section (search space, objective, ASHA)")
-    p.add_argument("--start-from", "--checkpoint", dest="start_from", required=True, metavar="MODEL",
-                   help=START_HELP + " (--checkpoint: the older name)")
+    add_task_flags(p, TASKS, "a `ccrk finetune` config with a `tune:` section (search space, objective, ASHA)")
     p.add_argument("--num-samples", type=int, required=True, help="trials drawn from the search space")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at a time (default: as many as the cluster's CPUs/GPUs hold)")
