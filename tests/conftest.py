@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
-# Quiet, fast Ray on 2 cores (must be set before ray is imported anywhere).
-for _key, _value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-                     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DEDUP_LOGS": "1",
-                     "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}.items():
+from ccrk_ray.core.runtime import LOCAL_TRAIN_ENV, QUIET_ENV
+
+# Quiet, fast Ray on 2 cores, as a ccrk command's own local cluster has it (set before ray is
+# imported anywhere; subprocesses inherit it).
+for _key, _value in {**QUIET_ENV, **LOCAL_TRAIN_ENV, "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_key, _value)
 
 import numpy as np
@@ -17,6 +18,15 @@ from ccrk_ray.core.languages import CCRK_LANGUAGES
 from tests.ports import free_port
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that start Ray run one after another on one pytest-xdist worker (``--dist loadgroup``):
+    two Ray clusters at once on 2 cores would slow both and share module fixtures badly; the
+    other tests run beside them on the other worker."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray cluster with explicit small resources (4 logical CPUs on 2 cores)."""
@@ -24,7 +34,7 @@ def ray_local():
 
     # The dashboard stays on: without it Train's placement-group cleaner cannot query the State API.
     ray.init(num_cpus=4, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+             runtime_env={"env_vars": {k: os.environ[k] for k in {**QUIET_ENV, **LOCAL_TRAIN_ENV}}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield ray

@@ -36,6 +36,8 @@ import pytest
 
 from tests.ports import free_ports
 
+pytestmark = pytest.mark.ray
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 XFLICKRCO = DATA / "iglue" / "datasets" / "xFlickrCO" / "annotations"

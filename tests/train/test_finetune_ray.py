@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import yaml
 
-from ccrk_ray.cli import main
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.tasks.finetune import load_config, run_finetune
 from ccrk_ray.model import CCRKModel
@@ -71,35 +70,16 @@ def check_report(out: Path, test_sets: dict[str, list[str]], k_test: int | None)
     return report
 
 
-def test_multi30k_train_english_test_four_languages(base_model, rows, tmp_path):
-    """``ccrk finetune`` as a user runs it: a subprocess starting its own local cluster."""
-    root, r = rows
-    data = task_data.multi30k(root, {"train": r["train"], "val": r["val"], "test_2016_flickr": r["test"]})
-    cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
-                                                   "test": str(data["test_2016_flickr"]), "image_size": 32},
-                      task={"k_test": 4})
-    res = ccrk("finetune", "--task", "multi30k", "--config", cfg, "--checkpoint", base_model, timeout=600)
-    assert noise(res) == [], "\n".join(noise(res))
-    report = check_report(tmp_path / "out", {"test": ["en", "de", "fr", "cs"]}, 4)
-    assert report["task"]["train_languages"] == ["en"] and report["train"]["step"] == 2 * 48 // 8
-
-
-def test_multi30k_from_pretrained_encoders_fresh_layers_get_lr_mult(ray_local, encoders, rows, tmp_path):
-    """``--checkpoint MODEL_SPEC.yaml``: the encoders load pre-trained, CCRK's own layers start fresh
-    with lr_mult x the learning rate, and the result is an ordinary self-contained saved model."""
+def test_a_model_spec_loads_pretrained_encoders_and_fresh_layers_get_lr_mult(encoders, rows, tmp_path):
+    """``--start-from MODEL_SPEC.yaml``: the encoders load pre-trained, CCRK's own layers start
+    fresh with lr_mult x the learning rate (what each training worker builds from the config)."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel
 
     from ccrk_ray.model import ModelConfig
 
-    root, r = rows
-    (root / "enc").mkdir()
-    (root / "enc" / "images").symlink_to(root / "images")
-    data = task_data.multi30k(root / "enc", {"train": r["train"], "val": r["val"], "test_2016_flickr": r["test"]})
-    cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
-                                                   "test": str(data["test_2016_flickr"]), "image_size": 32},
-                      task={"k_test": 4}, epochs=1)
+    cfg = user_config(tmp_path, tmp_path / "out", {"train": "x", "image_size": 32}, task={"k_test": 4})
     d = yaml.safe_load(cfg.read_text())
     d["model"] = {"lr_mult": 3.0}
     cfg.write_text(yaml.safe_dump(d))
@@ -110,7 +90,6 @@ def test_multi30k_from_pretrained_encoders_fresh_layers_get_lr_mult(ray_local, e
     # the spec names its files relative to itself; workers get absolute paths
     assert loaded.model["text_name_or_path"] == str(text_dir)
     assert loaded.model["vision_checkpoint"] == str(encoders.parent / "vision.safetensors")
-    # what each training worker builds from the config: pre-trained encoders, fresh layers at 3 x lr
     torch.manual_seed(0)
     model = CCRKModel(ModelConfig.from_dict(loaded.model))
     text_src = AutoModel.from_pretrained(text_dir)
@@ -127,12 +106,26 @@ def test_multi30k_from_pretrained_encoders_fresh_layers_get_lr_mult(ray_local, e
                   "itm_head.net.0.weight", "temp"):
         assert by_name[id(named[fresh])] == pytest.approx(3 * lr), fresh
 
-    assert main(["finetune", "--task", "multi30k", "--config", str(cfg), "--checkpoint", str(encoders)]) == 0
+
+def test_multi30k_from_pretrained_encoders_as_a_user_runs_it(encoders, rows, tmp_path):
+    """``ccrk finetune --start-from MODEL_SPEC.yaml`` as a user runs it (a subprocess starting its
+    own local cluster): train English, test four languages; the result is an ordinary
+    self-contained saved model that fine-tunes further like any other."""
+    root, r = rows
+    data = task_data.multi30k(root, {"train": r["train"], "val": r["val"], "test_2016_flickr": r["test"]})
+    cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
+                                                   "test": str(data["test_2016_flickr"]), "image_size": 32},
+                      task={"k_test": 4})
+    d = yaml.safe_load(cfg.read_text())
+    d["model"] = {"lr_mult": 3.0}
+    cfg.write_text(yaml.safe_dump(d))
+    res = ccrk("finetune", "--task", "multi30k", "--config", cfg, "--start-from", encoders, timeout=600)
+    assert noise(res) == [], "\n".join(noise(res))
     report = check_report(tmp_path / "out", {"test": ["en", "de", "fr", "cs"]}, 4)
-    assert report["train"]["step"] == 48 // 8
+    assert report["task"]["train_languages"] == ["en"] and report["train"]["step"] == 2 * 48 // 8
     saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
     assert saved["text_name_or_path"] is None and saved["vision_checkpoint"] is None    # self-contained
-    # it fine-tunes further like any saved model: nothing fresh left, lr_mult has nothing to act on
+    # nothing fresh is left: lr_mult has nothing to act on
     _, again = load_config("multi30k", cfg, tmp_path / "out" / "model")
     assert not again.fresh_layers and again.init_from == str((tmp_path / "out" / "model").resolve())
 

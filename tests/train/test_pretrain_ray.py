@@ -1,5 +1,6 @@
-"""``ccrk pretrain`` on real Ray Train: mid-epoch resume on another worker count, and a real fault
-(SIGKILL of a training worker, once mid-interval and once right at a checkpoint report)."""
+"""``ccrk pretrain`` on real Ray Train: mid-epoch resume on another worker count (data and
+checkpoints on s3://), and a real fault (SIGKILL of a training worker, once mid-interval and once
+right at a checkpoint report)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -19,12 +21,14 @@ from ccrk_ray.train.config import PretrainConfig
 from ccrk_ray.model.saved import load_model
 from ccrk_ray.train.trainer import clean_orphan_checkpoints
 from tests.commands import ccrk, noise
-from tests.conftest import tiny_text_config
+from tests.conftest import tiny_text_config, upload_dir
+
+pytestmark = pytest.mark.ray
 
 LANGS = ["en", "de", "zh"]
 
 
-def write_config(path: Path, tiny_data, out: Path, **overrides) -> Path:
+def write_config(path: Path, tiny_data, out: Path, storage_path: str | None = None, **overrides) -> Path:
     cfg = {
         "output_dir": str(out),
         "data": {"train": str(tiny_data["train"]), "languages": LANGS, "image_size": 32, "max_length": 24,
@@ -39,6 +43,8 @@ def write_config(path: Path, tiny_data, out: Path, **overrides) -> Path:
         section, key = dotted.split(".")
         cfg[section][key] = value
     del cfg["model"]["text_config"]["vocab_size"]      # filled in from the tokenizer
+    if storage_path:
+        cfg["storage_path"] = storage_path
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -90,23 +96,39 @@ def test_config_errors_name_the_key(tmp_path, tiny_data):
         PretrainConfig.from_yaml(tmp_path / "missing.yaml")
 
 
-def test_resume_mid_epoch_on_another_worker_count(tiny_data, tmp_path):
+def test_resume_mid_epoch_on_another_worker_count_with_data_and_checkpoints_on_s3(tiny_data, s3_server, tmp_path):
     """Stop after 3 of the epoch's 6 steps on 2 workers; resume on 1 worker (gradient accumulation
-    2 keeps the global batch): the epoch's 96 rows are each trained exactly once. Both runs start
-    their own local cluster (no other Ray instance on the machine, as for a user)."""
+    2 keeps the global batch): the epoch's 96 rows are each trained exactly once. Data and
+    checkpoints are on s3:// (a real S3 server on 127.0.0.1, the code path users take), bf16
+    autocast (the CPU supports it too). Both runs start their own local cluster (no other Ray
+    instance on the machine, as for a user)."""
+    import boto3
+
+    endpoint, bucket = s3_server
+    upload_dir(endpoint, bucket, tiny_data["train"], "train-run/train")
     out = tmp_path / "run"
-    first = write_config(tmp_path / "a.yaml", tiny_data, out, **{"train.max_steps": 3})
+    on_s3 = {"data.train": f"s3://{bucket}/train-run/train", "train.precision": "bf16"}
+    first = write_config(tmp_path / "a.yaml", tiny_data, out, **on_s3, **{"train.max_steps": 3},
+                         storage_path=f"s3://{bucket}/runs")
     m1 = run_pretrain(PretrainConfig.from_yaml(first))
     assert m1["step"] == 3 and m1["world_size"] == 2
+    # rows read: the segments decoded ahead of training count too (prefetch), at most the epoch
+    assert 48 <= m1["rows_read"] <= 96, m1
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
+        Bucket=bucket, Prefix="runs/pretrain/")["Contents"]]
+    assert "runs/pretrain/checkpoint_manager_snapshot.json" in keys
+    assert any(k.startswith("runs/pretrain/checkpoint_00000003_m/model/") for k in keys), keys
     with pytest.raises(ConfigError, match="holds a finished run; pass --resume"):
         run_pretrain(PretrainConfig.from_yaml(first))
     # the resume as a user runs it: `ccrk pretrain --resume`, its own local cluster; then the test set
-    second = write_config(tmp_path / "b.yaml", tiny_data, out, **{"scaling.workers": [1, 1],
-                                                                  "data.test": str(tiny_data["test"])})
+    second = write_config(tmp_path / "b.yaml", tiny_data, out, **on_s3, **{"scaling.workers": [1, 1],
+                                                                        "data.test": str(tiny_data["test"])},
+                          storage_path=f"s3://{bucket}/runs")
     res = ccrk("pretrain", "--config", second, "--resume", timeout=600)
     assert noise(res) == [], "\n".join(noise(res))
     m2 = json.loads((out / "train_result.json").read_text())["metrics"]
     assert m2["step"] == 6 and m2["world_size"] == 1 and m2["grad_accumulation"] == 2
+    assert m2["rows_read"] == 96 - 48 and np.isfinite(m2["loss"])
     test_report = json.loads((out / "test" / "test" / "report.json").read_text())
     assert test_report["num_images"] == 40 and list(test_report["languages"]) == LANGS
 

@@ -340,8 +340,8 @@ def test_a_sweep_on_object_storage_writes_no_credentials(base_model, data, s3_se
     d = yaml.safe_load(cfg.read_text())
     d["storage_path"] = f"s3://{bucket}/sweeps"
     cfg.write_text(yaml.safe_dump(d))
-    ccrk("tune", "--task", "multi30k", "--config", cfg, "--checkpoint", base_model, "--num-samples", 2,
-         "--max-concurrent", 1, env={**secrets, "AWS_ENDPOINT_URL": endpoint}, timeout=600)
+    ccrk("tune", "--task", "multi30k", "--config", cfg, "--checkpoint", base_model, "--num-samples", 1,
+         env={**secrets, "AWS_ENDPOINT_URL": endpoint}, timeout=600)
     s3 = boto3.client("s3", endpoint_url=endpoint)
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="sweeps/")
             for o in page.get("Contents", [])]
