@@ -87,7 +87,7 @@ def test_mrv_over_rank_files_of_two_runs(tmp_path):
     import numpy as np
 
     from ccrk_ray.eval.ranks import save_ranks
-    from ccrk_ray.eval.metrics import mean_rank_variance
+    from ccrk_ray.metrics import mean_rank_variance
 
     rng = np.random.default_rng(0)
     ids = [f"i{n}" for n in range(12)]

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ccrk_ray.eval.metrics import mean_rank_variance
+from ccrk_ray.metrics import mean_rank_variance
 
 DIRECTIONS = ("t2i", "i2t")
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ccrk_ray.eval.metrics import (chance_recall_at_k, mean_average_precision, mean_rank, mean_rank_variance,
+from ccrk_ray.metrics import (chance_recall_at_k, mean_average_precision, mean_rank, mean_rank_variance,
                               median_rank, recall_at_k)
 
 KS = (1, 5, 10)

@@ -3,7 +3,7 @@
 Per-language protocol: for language l, the gallery of a text→image query is the N test images and
 the gallery of an image→text query is the N captions in language l, so chance Recall@k is k/N in
 both directions. Ranks are 0-based with ties counted against the query (see
-``ccrk_ray.eval.metrics.ranks_from_scores``).
+``ccrk_ray.metrics.ranks_from_scores``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-from ccrk_ray.eval.metrics import ranks_from_scores
+from ccrk_ray.metrics import ranks_from_scores
 
 
 def _no_grad(fn):

@@ -7,7 +7,7 @@ import pytest
 
 from ccrk_ray.eval.ranks import load_ranks, mrv_over_runs, parse_run_spec, save_ranks
 from ccrk_ray.eval.report import build_report, clip_benchmark_results, language_rank_correlation, rank_spread
-from ccrk_ray.eval.metrics import mean_rank_variance
+from ccrk_ray.metrics import mean_rank_variance
 
 
 def test_language_rank_correlation_is_spearman_with_average_ties():

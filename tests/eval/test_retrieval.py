@@ -116,7 +116,7 @@ def test_two_stage_equals_itc_when_itm_agrees_and_fixes_a_bad_shortlist_order():
 def test_several_captions_per_image_best_rank_and_chance():
     from ccrk_ray.eval.report import build_report_multi
     from ccrk_ray.eval.retrieval import rank_with_owners
-    from ccrk_ray.eval.metrics import chance_recall_at_k
+    from ccrk_ray.metrics import caption_ranks, chance_recall_at_k, item_ranks
 
     # 3 images on axes; language A: image 0 has captions [good, bad], image 1 one good, image 2 none
     img = np.eye(3, dtype=np.float32)
@@ -129,6 +129,10 @@ def test_several_captions_per_image_best_rank_and_chance():
     scores = img[0] @ txt.T
     order = np.argsort(-scores, kind="stable")
     assert i2t[0] == min(np.where(np.isin(order, np.where(owner == 0)[0]))[0])
+    # the same ranks as the one definition of every-caption-counts metrics (1-based there)
+    items, best, _ = item_ranks(txt @ img.T, owner)
+    assert (caption_ranks(txt @ img.T, owner) - 1).tolist() == t2i.tolist()
+    assert items.tolist() == [0, 1] and (best - 1).tolist() == i2t[:2].tolist()
     rep = build_report_multi(3, {"A": (t2i, i2t, owner), "B": (np.array([0, 2, 0]), np.array([0, 1, 0]),
                                                               np.array([0, 1, 2]))})
     a = rep["languages"]["A"]

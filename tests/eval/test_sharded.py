@@ -6,7 +6,7 @@ import pytest
 from ccrk_ray.eval.retrieval import (ItmRescorer, check_inputs, default_chunk, encode_split, evaluate_in_process,
                                      rank_shard, rank_sharded, shard_bounds, topk_candidates,
                                      topk_indices, true_scores)
-from ccrk_ray.eval.metrics import ranks_from_scores
+from ccrk_ray.metrics import ranks_from_scores
 from tests.eval.test_retrieval import dense_ranks
 from tests.eval.toy import ToyTwoStage, toy_batch
 

@@ -1,0 +1,201 @@
+"""Retrieval metrics as pure numpy, free of Ray and torch.
+
+Two entry points:
+
+- ``retrieval_metrics(scores, owner)``: the standard report where every caption counts (a Q×G
+  captions × items score matrix and the item each caption describes in, Recall@1/5/10, MedR,
+  MeanR and mAP per direction and SumR out; ranks 1-based).
+- ranks in, one number out (``recall_at_k``, ``mean_rank_variance``, ...): here a rank is
+  0-based, 0 meaning the correct item was ranked first.
+
+MRV with several captions per language (``item_ranks_for_mrv``): an item's text→image rank in a
+language is the mean rank of its captions in that language, its image→text rank the best rank
+among them (as image→text recall counts it); MRV is then the mean over items of the population
+std of those ranks across the languages the item has captions in. With one caption per item and
+language both are that caption's rank: the paper's definition.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _ranks_array(ranks) -> np.ndarray:
+    arr = np.asarray(ranks)
+    if arr.size == 0:
+        raise ValueError("no ranks given")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError("ranks must be whole numbers")
+    if np.any(arr < 0):
+        raise ValueError("ranks must be >= 0 (0 = correct item ranked first)")
+    return arr
+
+
+def recall_at_k(ranks, k: int) -> float:
+    """Percent of queries whose correct item ranks within the top ``k`` (rank < k)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    arr = _ranks_array(ranks)
+    return float(100.0 * np.mean(arr < k))
+
+
+def chance_recall_at_k(num_candidates: int, k: int, num_relevant: int = 1) -> float:
+    """Expected Recall@k in percent of a random ranking, with ``num_relevant`` correct items among
+    ``num_candidates``: 1 − C(C−r, k) / C(C, k) (k/C for one correct item)."""
+    if num_candidates < 1:
+        raise ValueError(f"need at least one candidate, got {num_candidates}")
+    if not 1 <= num_relevant <= num_candidates:
+        raise ValueError(f"num_relevant must be in [1, {num_candidates}], got {num_relevant}")
+    k = min(k, num_candidates)
+    if num_relevant == 1:
+        return float(100.0 * k / num_candidates)
+    miss = 1.0
+    for j in range(k):          # probability that none of the k drawn is relevant
+        miss *= max(0.0, (num_candidates - num_relevant - j) / (num_candidates - j))
+    return float(100.0 * (1.0 - miss))
+
+
+def mean_rank_variance(ranks) -> float:
+    """MRV: mean over instances of the population std (ddof=0) of the rank across languages.
+
+    ``ranks`` is N×K (instance × language). 0 for a model whose every language agrees on every
+    instance's rank; grows when languages disagree. NaN marks a language an instance has no
+    caption in: such an instance's std is over its other languages, and instances with fewer than
+    2 languages are left out.
+    """
+    arr = np.asarray(ranks, dtype=np.float64)
+    if np.isnan(arr).any():
+        if arr.ndim != 2 or arr.shape[1] < 2:
+            raise ValueError(f"ranks must be N×K with K >= 2, got shape {arr.shape}")
+        present = (~np.isnan(arr)).sum(axis=1) >= 2
+        if not present.any():
+            raise ValueError("no instance has ranks in at least 2 languages")
+        if np.nanmin(arr) < 0:
+            raise ValueError("ranks must be >= 0 (0 = correct item ranked first)")
+        return float(np.mean(np.nanstd(arr[present], axis=1, ddof=0)))
+    arr = _ranks_array(ranks)
+    if arr.ndim != 2:
+        raise ValueError(f"ranks must be N×K (instance × language), got shape {arr.shape}")
+    if arr.shape[1] < 2:
+        raise ValueError(f"MRV needs at least 2 languages, got {arr.shape[1]}")
+    return float(np.mean(np.std(arr.astype(np.float64), axis=1, ddof=0)))
+
+
+def median_rank(ranks) -> float:
+    """MedR, 1-based as is usual in the literature (1 = correct item first)."""
+    return float(np.median(_ranks_array(ranks)) + 1)
+
+
+def mean_rank(ranks) -> float:
+    """MeanR, 1-based."""
+    return float(np.mean(_ranks_array(ranks)) + 1)
+
+
+def ranks_from_scores(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """0-based rank of each query's correct candidate, ties counted against the query.
+
+    ``scores`` is Q×C (query × candidate), ``correct`` the candidate index of each query. The rank
+    is the number of *other* candidates scoring >= the correct one (pessimistic ties), so a model
+    that scores everything equal gets the worst rank, never a free hit. Deterministic.
+    """
+    scores = np.asarray(scores)
+    correct = np.asarray(correct, dtype=np.int64)
+    if scores.ndim != 2 or correct.shape != (scores.shape[0],):
+        raise ValueError(f"scores must be Q×C and correct of length Q, got {scores.shape}, {correct.shape}")
+    true = scores[np.arange(scores.shape[0]), correct][:, None]
+    return (scores >= true).sum(axis=1).astype(np.int64) - 1
+
+
+def mean_average_precision(ranks) -> float:
+    """mAP in percent for queries with one relevant item: mean of 1 / (rank + 1)."""
+    return float(100.0 * np.mean(1.0 / (_ranks_array(ranks).astype(np.float64) + 1.0)))
+
+
+# --- every caption counts: captions × items scores in, the standard report out -------------------
+
+RECALL_KS = (1, 5, 10)
+
+
+def _check_scores(scores, owner) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64)
+    owner = np.asarray(owner)
+    if scores.ndim != 2 or owner.shape != (scores.shape[0],):
+        raise ValueError(f"scores must be Q×G and owner of length Q, got {scores.shape} and {owner.shape}")
+    if scores.shape[0] == 0:
+        raise ValueError("no captions to rank")
+    if not np.issubdtype(owner.dtype, np.integer) or owner.min() < 0 or owner.max() >= scores.shape[1]:
+        raise ValueError(f"owner must give an item index in [0, {scores.shape[1]}) for every caption")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    return scores, owner.astype(np.int64)
+
+
+def caption_ranks(scores: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Text→image: 1-based rank of each caption's own item among the G items, ties counted against
+    the caption (1 + the number of *other* items scoring >= its own)."""
+    true = scores[np.arange(scores.shape[0]), owner][:, None]
+    return (scores >= true).sum(axis=1).astype(np.int64)
+
+
+def item_ranks(scores: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image→text for every item with at least one caption: (items, best rank, average precision).
+
+    An item's query ranks all Q captions by ``scores[:, item]``. Its best rank is 1 + the number of
+    other items' captions scoring >= its best own caption. Each own caption ``c`` sits at rank
+    #{captions scoring >= c} (ties against the query), with precision #{own captions scoring >= c}
+    over that rank; AP is the mean of those precisions over the item's captions."""
+    items = np.unique(owner)
+    best = np.empty(len(items), dtype=np.int64)
+    ap = np.empty(len(items), dtype=np.float64)
+    q = scores.shape[0]
+    for n, item in enumerate(items):
+        col = scores[:, item]
+        own = np.sort(col[owner == item])                     # ascending
+        at_or_above = q - np.searchsorted(np.sort(col), own, side="left")
+        own_at_or_above = len(own) - np.searchsorted(own, own, side="left")
+        best[n] = at_or_above[-1] - own_at_or_above[-1] + 1
+        ap[n] = float(np.mean(own_at_or_above / at_or_above))
+    return items, best, ap
+
+
+def retrieval_metrics(scores, owner) -> dict:
+    """Recall@1/5/10, MedR, MeanR and mAP in both directions, and SumR, where every caption counts.
+
+    ``scores`` is Q×G (captions × items, higher is better); ``owner`` gives, for each of the Q
+    captions, the index of the item it describes. Text→image: every caption is a query, ranked by
+    its own item's place among the G items. Image→text: every item with at least one caption is a
+    query; it counts at the best-ranked of its captions among all Q captions (recall, MedR, MeanR),
+    and its mAP is the average precision over all of its captions. Ties count against the query.
+    Recall is in percent, MedR and MeanR 1-based, mAP a fraction in (0, 1], SumR the sum of the
+    six recalls. With one caption per item this is the usual one-to-one protocol.
+    """
+    scores, owner = _check_scores(scores, owner)
+    t2i = caption_ranks(scores, owner)
+    _, i2t, ap = item_ranks(scores, owner)
+    out = {"t2i": _direction(t2i, float(np.mean(1.0 / t2i))), "i2t": _direction(i2t, float(np.mean(ap)))}
+    out["SumR"] = float(sum(out[d][f"R@{k}"] for d in ("t2i", "i2t") for k in RECALL_KS))
+    return out
+
+
+def _direction(ranks: np.ndarray, m_ap: float) -> dict[str, float]:
+    out = {f"R@{k}": float(100.0 * np.mean(ranks <= k)) for k in RECALL_KS}
+    out.update(MedR=float(np.median(ranks)), MeanR=float(np.mean(ranks)), mAP=m_ap)
+    return out
+
+
+def item_ranks_for_mrv(scores, owner) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, for one language's captions: (text→image rank, image→text rank), 0-based, NaN for
+    an item without a caption in the language. Text→image is the mean rank of the item's captions,
+    image→text the best (see the module docstring). Stack languages as columns and pass each
+    N×L matrix to ``mean_rank_variance``."""
+    scores, owner = _check_scores(scores, owner)
+    g = scores.shape[1]
+    counts = np.bincount(owner, minlength=g)
+    sums = np.bincount(owner, weights=caption_ranks(scores, owner) - 1.0, minlength=g)
+    t2i = np.full(g, np.nan)
+    t2i[counts > 0] = sums[counts > 0] / counts[counts > 0]
+    items, best, _ = item_ranks(scores, owner)
+    i2t = np.full(g, np.nan)
+    i2t[items] = best - 1.0
+    return t2i, i2t
