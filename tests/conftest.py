@@ -17,14 +17,10 @@ import pytest
 from ccrk_ray.core.languages import CCRK_LANGUAGES
 from tests.ports import free_port
 
-
-def pytest_collection_modifyitems(items):
-    """Tests that start Ray run one after another on one pytest-xdist worker (``--dist loadgroup``):
-    two Ray clusters at once on 2 cores would slow both and share module fixtures badly; the
-    other tests run beside them on the other worker."""
-    for item in items:
-        if item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+# Tests that start Ray carry this (``pytestmark = RAY``): pytest-xdist's ``--dist loadgroup`` (as
+# ``./run test`` runs the suite) then runs them one after another on one worker, one Ray cluster at
+# a time as a user has it, while the other tests run beside them on a second worker.
+RAY = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +104,4 @@ def upload_dir(endpoint: str, bucket: str, local_dir, prefix: str) -> list[str]:
         client.upload_file(str(f), bucket, key)
         keys.append(key)
     return keys
+

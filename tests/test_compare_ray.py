@@ -9,8 +9,9 @@ from tests.commands import ccrk, noise
 from ccrk_ray.data.transforms import load_split_batch
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.core.languages import CCRK_LANGUAGES
+from tests.conftest import RAY
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 
 LANGS = ("zh", "en", "de")
 

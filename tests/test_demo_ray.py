@@ -11,8 +11,9 @@ from ccrk_ray.core.files import prepare_out_dir
 from ccrk_ray.core.languages import CCRK_LANGUAGES
 from ccrk_ray.experiments.demo import MARKER, OUTPUTS, DemoConfig
 from tests.commands import ccrk, noise
+from tests.conftest import RAY
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 
 TRAIN, TEST, BATCH, EPOCHS = 128, 40, 16, 2
 

@@ -34,9 +34,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import RAY
 from tests.ports import free_ports
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -27,8 +27,9 @@ NOTEBOOKS = ROOT / "notebooks"
 KERNEL = "ccrk-ray-venv"
 LANGS = ["en", "de", "zh", "ja"]
 TRAIN, TEST, EPOCHS, BATCH = 96, 40, 2, 16
+from tests.conftest import RAY
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 
 
 # --- running a notebook -------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from ccrk_ray.core.storage import count_rows
 from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.core.languages import CCRK_LANGUAGES
 from ccrk_ray.data.tokenizer import CaptionTokenizer
-from tests.conftest import upload_dir
+from tests.conftest import RAY, upload_dir
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 
 
 def collect(ds):

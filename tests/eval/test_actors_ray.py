@@ -11,8 +11,9 @@ from ccrk_ray.eval.retrieval import ItmRescorer, encode_split, evaluate_in_proce
 from tests.eval.test_retrieval import dense_ranks
 from tests.eval.test_sharded import planted_ties, toy_setup
 from tests.eval.toy import ToyTwoStage
+from tests.conftest import RAY
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 
 
 def alive_rank_actors():

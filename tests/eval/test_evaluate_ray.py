@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_text_config
+from tests.conftest import RAY, tiny_text_config
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 
 LANGS = ["en", "de", "ja"]
 

@@ -16,8 +16,9 @@ from ccrk_ray.tasks.finetune import load_config, run_finetune
 from ccrk_ray.model import CCRKModel
 from tests.commands import ccrk, noise
 from tests.train import task_data
+from tests.conftest import RAY
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def rows(tmp_path_factory):
 
 
 def user_config(tmp_path: Path, out: Path, data: dict, task: dict | None = None, **train) -> Path:
-    cfg = {"output_dir": str(out), "data": {**data, "cpus_per_actor": 0.5},
+    cfg = {"output_dir": str(out), "data": {"max_length": 24, **data, "cpus_per_actor": 0.5},    # the tiny models' length
            "train": {"epochs": 2, "batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "warmup": 1, **train},
            "scaling": {"workers": [1, 1], "max_failures": 0}}
     if task:

@@ -21,9 +21,9 @@ from ccrk_ray.train.config import PretrainConfig
 from ccrk_ray.model.saved import load_model
 from ccrk_ray.train.trainer import clean_orphan_checkpoints
 from tests.commands import ccrk, noise
-from tests.conftest import tiny_text_config, upload_dir
+from tests.conftest import RAY, tiny_text_config, upload_dir
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 
 LANGS = ["en", "de", "zh"]
 

@@ -5,9 +5,11 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from ccrk_ray.core.config import ConfigError, expand_vars
 from ccrk_ray.model import CCRKModel, ModelConfig
+from ccrk_ray.tasks.finetune import TASKS, load_config
 from ccrk_ray.objectives.styles import build_objective
 from ccrk_ray.train.best import BEST_FILE, BestStore
 from ccrk_ray.train.schedule import accumulation, lr_factor
@@ -132,3 +134,38 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == again.keys() and len(plain) > 10
     for name in plain:
         torch.testing.assert_close(again[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+# --- the shipped task configs ----------------------------------------------------------------------
+
+# (global batch, max_length, epochs, lr, k_test) of the reference's configs and launch commands
+REFERENCE = {"multi30k": (64, 40, 10, 3e-5, 128), "mscoco": (64, 40, 10, 3e-5, 256),
+             "xflickrco": (64, 80, 10, 3e-5, 128), "xflickrco_fewshot": (64, 80, 60, 1e-5, 128),
+             "wit": (80, 80, 5, 3e-5, 128)}
+
+
+@pytest.fixture(scope="module")
+def long_model(tiny_data, tmp_path_factory):
+    """A saved model whose text encoder takes 80 tokens (the longest task's max_length)."""
+    from tests.train import task_data
+
+    return task_data.save_tiny_model(tmp_path_factory.mktemp("long_model"), tiny_data["tokenizer"],
+                                     fusion_layers=1, max_length=80)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_config_is_usable_as_shipped_with_the_reference_values(task, long_model, tmp_path):
+    """A user's file naming only the data (and the worker counts the shipped file's comment offers)
+    validates; the values are the reference's."""
+    user = {"output_dir": str(tmp_path / "o"), "data": {"train": "train", "val": "val", "test": "test"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(user))
+    cfg, _ = load_config(task, tmp_path / "c.yaml", long_model)
+    batch, max_length, epochs, lr, k_test = REFERENCE[task]
+    t = cfg.train
+    assert (t.global_batch_size, cfg.data.max_length, t.epochs, t.lr, cfg.task.k_test) == (
+        batch, max_length, epochs, pytest.approx(lr), k_test)
+    assert t.global_batch_size == t.batch_size * 4 and cfg.scaling.workers == (4, 4)
+    assert t.grad_clip == 0.0 and t.schedule == "linear" and t.warmup == 0.1 and cfg.data.image_size == 384
+    for workers in ([1, 1], [1, 2], [2, 2]):
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({**user, "scaling": {"workers": workers}}))
+        assert load_config(task, tmp_path / "c.yaml", long_model)[0].scaling.workers == tuple(workers)

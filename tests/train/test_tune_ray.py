@@ -23,8 +23,9 @@ from ccrk_ray.cli import main
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.tasks.finetune import load_config
 from tests.train import task_data
+from tests.conftest import RAY
 
-pytestmark = pytest.mark.ray
+pytestmark = RAY
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = 64     # training images of the Multi30K stand-in
 
@@ -47,9 +48,10 @@ def data(tmp_path_factory):
 def sweep_config(path: Path, out: Path, data: dict, tune: dict, **train) -> Path:
     cfg = {"output_dir": str(out),
            "data": {"train": data["train"], "val": data["val"], "test": data["test_2016_flickr"], "image_size": 32,
-                    "cpus_per_actor": 0.5},
+                    "max_length": 24, "cpus_per_actor": 0.5},
            "task": {"val_languages": ["en", "de"], "k_test": None},
-           "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup": 1, "log_every": 100, **train},
+           "train": {"epochs": 2, "batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "warmup": 1, "log_every": 100,
+                     **train},
            "scaling": {"workers": [1, 1], "max_failures": 0},
            "tune": tune}
     path.write_text(yaml.safe_dump(cfg))
