@@ -79,14 +79,7 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     max_length = max_length or pre.max_length
     if not image_size or not max_length:
         raise ConfigError("--image-size and --max-length are needed: the model directory has no preprocess.json")
-    try:
-        fs, files = storage.list_parquet(data)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        in_data = schema.languages_in(pq.ParquetFile(fs.open_input_file(files[0])).schema_arrow)
-    except (OSError, ValueError) as exc:       # pyarrow: not parquet, truncated, unreadable
-        raise DataError(f"{files[0]}: not a readable parquet file ({first_line(exc)})") from None
+    in_data = data_languages(data)
     langs = validate_languages(languages or pre.languages or in_data)
     missing = [lang for lang in langs if lang not in in_data]
     if missing:
@@ -129,14 +122,38 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     return report
 
 
+def data_languages(data: str) -> list[str]:
+    """The languages a parquet split has caption columns for (read from its first file's schema)."""
+    try:
+        fs, files = storage.list_parquet(data)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return schema.languages_in(pq.ParquetFile(fs.open_input_file(files[0])).schema_arrow)
+    except (OSError, ValueError) as exc:       # pyarrow: not parquet, truncated, unreadable
+        raise DataError(f"{files[0]}: not a readable parquet file ({first_line(exc)})") from None
+
+
 def evaluate_test_sets(tests: str | dict[str, str] | None, model_dir: Path, out: Path, languages: Sequence[str],
-                       k_test: int | None, dataset: str = "test") -> dict[str, Any]:
+                       k_test: int | None, dataset: str = "test", name: str = "test") -> dict[str, Any]:
     """``run_evaluate`` on every test set: one URI for ``languages``, or ``{language: URI}`` when
-    each language has its own test images; reports under ``out/<set>``. {set name: report}."""
+    each language has its own test images; reports under ``out/<set>``. {set name: report}.
+
+    ``name="translate_test"``: IGLUE's translate-test sets (each language's test captions machine-
+    translated into English, the same images): reported as ``translate_test[_<lang>]``; a single URI
+    is evaluated in those of ``languages`` it has captions for (English has none)."""
     if not tests:
         return {}
-    sets = {"test": (tests, list(languages))} if isinstance(tests, str) else {
-        f"test_{lang}": (uri, [lang]) for lang, uri in tests.items()}
+    if isinstance(tests, str):
+        langs = list(languages)
+        if name != "test":
+            present = data_languages(tests)
+            langs = [lang for lang in languages if lang in present]
+            if not langs:
+                raise ConfigError(f"{tests} has captions in none of {', '.join(languages)}")
+        sets = {name: (tests, langs)}
+    else:
+        sets = {f"{name}_{lang}": (uri, [lang]) for lang, uri in tests.items()}
     reports = {}
     for name, (uri, langs) in sets.items():
         log.info("evaluating on %s (%s), languages %s", name, uri, ", ".join(langs))

@@ -5,7 +5,8 @@ config file overrides key by key.
 Your config has the same sections as ``ccrk pretrain``'s (``ccrk_ray.train.config``) plus ``task``;
 ``data.train``/``data.val``/``data.test`` point at the task's data converted with ``ccrk convert``
 (``data.test``: one URI, or ``{language: URI}`` when each language has its own test images, as
-MSCOCO's ja/zh sets and WIT do). The run:
+MSCOCO's ja/zh sets and WIT do; ``data.translate_test`` the same for IGLUE's translate-test files,
+each language's test captions machine-translated into English). The run:
 
 1. starts from the model in CKPT (a saved model or a training checkpoint; its tokenizer and
    preprocessing come with it) or from the pre-trained encoders a model spec names
@@ -15,7 +16,8 @@ MSCOCO's ja/zh sets and WIT do). The run:
 3. validates on ``data.val`` in ``task.val_languages`` after every epoch and keeps the model with
    the best ``r_mean``;
 4. evaluates that model on every test set (``ccrk evaluate``: per-language recall, MRV, two-stage
-   re-ranking with ``task.k_test``) and writes ``output_dir/report.json``.
+   re-ranking with ``task.k_test``), translate-test sets included, and writes
+   ``output_dir/report.json``.
 """
 
 from __future__ import annotations
@@ -74,10 +76,12 @@ class FinetuneConfig(PretrainConfig):
             raise ConfigError(f"task.k_test must be >= 1 or null, got {t.k_test}")
         self.data.languages = t.train_languages
         self.data.image_keys = True
-        if isinstance(self.data.test, dict):
-            unknown = sorted(set(self.data.test) - set(t.test_languages))
-            if unknown:
-                raise ConfigError(f"data.test has sets for {', '.join(unknown)}, not among task.test_languages")
+        for key in ("test", "translate_test"):
+            sets = getattr(self.data, key)
+            if isinstance(sets, dict):
+                unknown = sorted(set(sets) - set(t.test_languages))
+                if unknown:
+                    raise ConfigError(f"data.{key} has sets for {', '.join(unknown)}, not among task.test_languages")
         return super().validate()
 
 
@@ -233,6 +237,8 @@ def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, res
             log.info("best validation r_mean %.2f at step %d: saved to %s", best["score"], best["step"], out / "model")
         tests = evaluate_test_sets(cfg.data.test, out / "model", out / "test", cfg.task.test_languages,
                                    cfg.task.k_test, dataset=task)
+        tests.update(evaluate_test_sets(cfg.data.translate_test, out / "model", out / "test", cfg.task.test_languages,
+                                        cfg.task.k_test, dataset=task, name="translate_test"))
     report = {"task": dataclasses.asdict(cfg.task), "train": metrics, "best": best, "test": tests,
               "seconds": round(time.perf_counter() - t0, 1)}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=list))

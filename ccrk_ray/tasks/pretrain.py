@@ -25,8 +25,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
     check = check_training_data(cfg)
     with ray_session(local_cpus(cfg.cpus_held())):
         metrics = run_training(cfg, tokenizer, caption_tokenizer, resume=resume, check=check)
-        if cfg.data.test:
+        if cfg.data.test or cfg.data.translate_test:
             out = Path(cfg.output_dir).resolve()
-            metrics["test"] = evaluate_test_sets(cfg.data.test, out / "model", out / "test", cfg.data.languages,
-                                                 None, dataset=cfg.name)
+            metrics["test"] = {
+                **evaluate_test_sets(cfg.data.test, out / "model", out / "test", cfg.data.languages, None,
+                                     dataset=cfg.name),
+                **evaluate_test_sets(cfg.data.translate_test, out / "model", out / "test", cfg.data.languages, None,
+                                     dataset=cfg.name, name="translate_test")}
     return metrics

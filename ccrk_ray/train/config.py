@@ -45,6 +45,7 @@ class DataSection:
     train: str = ""                          # parquet file or prefix: local, s3://, any pyarrow URI
     val: str | None = None                   # small split evaluated after every epoch (rank 0)
     test: str | dict[str, str] | None = None # evaluated with the final model: a URI, or {language: URI}
+    translate_test: str | dict[str, str] | None = None   # as test, captions machine-translated to English (IGLUE test_gmt)
     endpoint_url: str | None = None          # S3-compatible endpoint (else AWS_ENDPOINT_URL)
     languages: tuple[str, ...] = CCRK_LANGUAGES
     captions_per_image: int | None = None    # K; default every language

@@ -147,10 +147,15 @@ def test_xflickrco_zero_shot_then_few_shot_from_its_checkpoint(ray_local, base_m
     langs = ("de", "en", "es", "id", "ja", "ru", "tr", "zh")
     data = task_data.iglue(root, {"train": (r["train"], ("en",)), "valid": (r["val"], ("en",)),
                                   "test": (r["test"], langs)})
+    # translate-test: the test images with each language's captions "machine-translated" (here: de and
+    # ja only, like the real files lacking en); reported beside the test set in those languages
+    gmt = task_data.iglue(root, {"test_gmt": (r["test"], ("de", "ja"))}, folder="gmt")
     zero = user_config(tmp_path, tmp_path / "zero", {"train": str(data["train"]), "val": str(data["valid"]),
-                                                     "test": str(data["test"])}, task={"k_test": 3}, epochs=1)
+                                                     "test": str(data["test"]),
+                                                     "translate_test": str(gmt["test_gmt"])},
+                       task={"k_test": 3}, epochs=1)
     run_finetune("xflickrco", zero, base_model)
-    check_report(tmp_path / "zero", {"test": list(langs)}, 3)
+    check_report(tmp_path / "zero", {"test": list(langs), "translate_test": ["de", "ja"]}, 3)
 
     few = task_data.iglue(root, {"train_10": (r["val"], ("de",)), "dev_de": (r["test2"], ("de",))}, folder="fewshot")
     (tmp_path / "few").mkdir()
@@ -177,6 +182,9 @@ def test_wit_per_language_test_sets(ray_local, base_model, rows, tmp_path):
 def test_bad_finetune_configs_are_clear_errors(base_model, tmp_path):
     cfg = user_config(tmp_path, tmp_path / "o", {"train": "x", "test": {"xx": "y"}})
     with pytest.raises(ConfigError, match="data.test has sets for xx, not among task.test_languages"):
+        load_config("multi30k", cfg, base_model)
+    cfg = user_config(tmp_path, tmp_path / "o", {"train": "x", "translate_test": {"de": "y", "xx": "z"}})
+    with pytest.raises(ConfigError, match="data.translate_test has sets for xx, not among task.test_languages"):
         load_config("multi30k", cfg, base_model)
     cfg = user_config(tmp_path, tmp_path / "o", {"train": "x"}, task={"name": "wit"})
     with pytest.raises(ConfigError, match="task.name 'wit' does not match --task multi30k"):
