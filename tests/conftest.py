@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+from ccrk_ray.core.log import ROOT as LOG_ROOT
 from ccrk_ray.core.runtime import LOCAL_TRAIN_ENV, QUIET_ENV
 
 # Quiet, fast Ray on 2 cores, as a ccrk command's own local cluster has it (set before ray is
@@ -21,6 +23,18 @@ from tests.ports import free_port
 # ``./run test`` runs the suite) then runs them one after another on one worker, one Ray cluster at
 # a time as a user has it, while the other tests run beside them on a second worker.
 RAY = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+
+
+@pytest.fixture(autouse=True)
+def package_logger_restored():
+    """An in-process ``main()`` sets the package logger up for a person (its own handler, no
+    propagation): put it back after each test, so a later test's caplog still sees its records
+    whichever tests ran before it in the same process."""
+    logger = logging.getLogger(LOG_ROOT)
+    saved = logger.propagate, logger.level, list(logger.handlers)
+    yield
+    logger.propagate, logger.level = saved[:2]
+    logger.handlers[:] = saved[2]
 
 
 @pytest.fixture(scope="module")
