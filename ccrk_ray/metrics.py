@@ -134,8 +134,7 @@ def _check_scores(scores, owner) -> tuple[np.ndarray, np.ndarray]:
 def caption_ranks(scores: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """Text→image: 1-based rank of each caption's own item among the G items, ties counted against
     the caption (1 + the number of *other* items scoring >= its own)."""
-    true = scores[np.arange(scores.shape[0]), owner][:, None]
-    return (scores >= true).sum(axis=1).astype(np.int64)
+    return ranks_from_scores(scores, owner) + 1
 
 
 def item_ranks(scores: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
