@@ -29,15 +29,6 @@ def ccrk(*args: str, timeout: float = 600, env: dict | None = None, check: bool 
     return res
 
 
-# One kind of Ray line stays: its C++ core worker logs at error level that an actor (Ray Train's own
-# PreemptionWatcher, Ray Data's map workers) "has constructor arguments in the object store and
-# max_restarts > 0". Nothing failed; the only switch (RAY_BACKEND_LOG_LEVEL) prints a line of its
-# own from every process instead, and would hide real errors of Ray's too.
-KNOWN_RAY_LINE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object "
-                            r"store and max_restarts > 0")
-
-
 def noise(res: subprocess.CompletedProcess) -> list[str]:
     """The lines of a run's output that are Ray's chatter, not ours."""
-    return [line for line in (res.stdout + res.stderr).splitlines()
-            if RAY_NOISE.search(line) and not KNOWN_RAY_LINE.search(line)]
+    return [line for line in (res.stdout + res.stderr).splitlines() if RAY_NOISE.search(line)]

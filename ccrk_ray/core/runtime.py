@@ -5,7 +5,8 @@ started) or starts a local one. A local cluster is sized from what the command's
 tasks hold at once (``local_cpus``): a cluster whose CPUs are all held by actors never runs the
 tasks those actors wait for (Ray Data's file listing and reads), and the command hangs.
 
-Ray's own INFO/WARNING chatter is off unless ``--verbose`` (``quiet_ray``); errors still surface as
+Ray's own INFO/WARNING chatter, and error-level lines of normal operation (``RAY_NOISE``), are off
+unless ``--verbose`` (``quiet_ray``, ``filter_worker_output``); errors still surface as
 exceptions with their messages.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -70,6 +72,46 @@ def quiet_ray_loggers(*extra: str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# Error-level lines Ray's C++ core prints during normal operation, which ask nothing of the user.
+# Ray Data always passes its actors' transform as an object-store reference while keeping actor
+# restarts on (its fault tolerance), so every data actor pool logs this one "E" line.
+RAY_NOISE = (
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store "
+               r"and max_restarts > 0"),
+)
+
+
+def without_noise(lines: list[str]) -> list[str]:
+    """``lines`` of a worker's output less the ``RAY_NOISE`` lines."""
+    return [line for line in lines if not any(p.search(line) for p in RAY_NOISE)]
+
+
+def filter_worker_output() -> bool:
+    """Without --verbose, drop ``RAY_NOISE`` lines from the worker output Ray prints in this (the
+    driver's) process; the workers' log files keep them. Ray has no public hook for this: the
+    driver's printing handler is wrapped, and when Ray's internals differ nothing changes
+    (returns False)."""
+    if verbosity() > 0:
+        return False
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        printers = [(n, h) for n, h in dispatcher.handlers if n == "ray_print_logs"]
+    except (ImportError, AttributeError):
+        return False
+    if len(printers) != 1:
+        return False
+    (name, print_logs), = printers
+
+    def print_filtered(data):
+        lines = without_noise(list(data.get("lines") or ()))
+        if lines:
+            print_logs({**data, "lines": lines})
+
+    dispatcher.remove_handler(name)
+    dispatcher.add_handler(name, print_filtered)
+    return True
+
+
 def local_cpus(*holders: float, tasks: int = DATA_TASK_CPUS) -> int:
     """Logical CPUs for a local cluster whose actors and workers hold ``holders`` CPUs at once,
     plus ``tasks`` CPUs that stay free for the tasks they wait on. At least the machine's CPUs,
@@ -107,6 +149,7 @@ def ray_session(num_cpus: int) -> Iterator[None]:
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env},
                  _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **kwargs)
     quiet_ray_loggers()
+    filter_worker_output()
     try:
         yield
     finally:

@@ -1,0 +1,41 @@
+"""The driver's filter of Ray's worker output: error-level lines of normal operation are dropped
+from what a person reads, every other line (errors included) is printed as before."""
+
+from __future__ import annotations
+
+from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+from ccrk_ray.core import log as ccrk_log
+from ccrk_ray.core.runtime import filter_worker_output, without_noise
+
+RESTART_NOTE = ("[2026-12-01 21:27:01,510 E 6367 6575] core_worker.cc:2465: Actor with class name: "
+                "'MapWorker(MapBatches(StreamTransform))' and ID: '5fb1d25d54f41bfe3a3c87bf01000000' has constructor "
+                "arguments in the object store and max_restarts > 0. If the arguments in the object store go out of "
+                "scope or are lost, the actor restart will fail.")
+REAL_ERROR = "[2026-12-01 21:27:02,000 E 6367 6575] core_worker.cc:900: Failed to connect to the raylet"
+
+
+def test_without_noise_drops_only_the_restart_note():
+    lines = ["epoch 1 loss 0.5", RESTART_NOTE, REAL_ERROR, "Traceback (most recent call last):"]
+    assert without_noise(lines) == ["epoch 1 loss 0.5", REAL_ERROR, "Traceback (most recent call last):"]
+
+
+def _with_printer(verbose: int, monkeypatch):
+    printed: list[list[str]] = []
+    saved = list(dispatcher.handlers)
+    dispatcher.handlers = [("ray_print_logs", lambda data: printed.append(data["lines"]))]
+    monkeypatch.setitem(ccrk_log._state, "verbosity", verbose)
+    try:
+        wrapped = filter_worker_output()
+        dispatcher.emit({"pid": 1, "is_err": True, "lines": [RESTART_NOTE, REAL_ERROR]})
+        dispatcher.emit({"pid": 1, "is_err": True, "lines": [RESTART_NOTE]})
+    finally:
+        dispatcher.handlers = saved
+    return wrapped, printed
+
+
+def test_the_driver_prints_worker_output_without_the_noise_unless_verbose(monkeypatch):
+    wrapped, printed = _with_printer(0, monkeypatch)
+    assert wrapped and printed == [[REAL_ERROR]]          # a batch of only noise prints nothing
+    wrapped, printed = _with_printer(1, monkeypatch)
+    assert not wrapped and printed == [[RESTART_NOTE, REAL_ERROR], [RESTART_NOTE]]
