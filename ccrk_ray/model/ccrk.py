@@ -34,6 +34,8 @@ TEMPERATURE_MIN = 0.001
 TEMPERATURE_MAX = 0.5
 TEMPERATURE_INIT = 0.07
 
+TEXT_POSITIONS = ("model", "from_zero")
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -49,7 +51,14 @@ class ModelConfig:
     text_config: dict[str, Any] = field(default_factory=dict)
     text_layers: int | None = None      # text-only layers (None: all but the fusion layers)
     fusion_layers: int = 0              # cross-attention layers taken from the layers above
-    cross_proj: bool = True             # project vision tokens to the text width for fusion
+    text_layers_from: list[int] | None = None   # the text model's layers to keep, by index: text, then fusion
+    cross_proj: bool = True             # project vision tokens to the text width for fusion (False: the
+                                        # cross-attention reads the vision width, as CCLM/X-VLM do)
+    fusion_dropout: float = 0.0
+    text_positions: str = "model"       # "model": the text model's own position ids (XLM-R counts from
+                                        # padding_idx + 1); "from_zero": 0..L-1 on every row (CCLM/X-VLM/CCRK)
+    image_mean: list[float] | None = None   # pixel normalisation (None: the vision model's own)
+    image_std: list[float] | None = None
     embed_dim: int = 256
     temperature: float | None = TEMPERATURE_INIT
     lr_mult: float = 2.0                # LR multiplier of newly initialised parameters
@@ -64,6 +73,18 @@ class ModelConfig:
             raise ValueError(f"lr_mult must be > 0, got {self.lr_mult}")
         if self.fusion_layers < 0:
             raise ValueError(f"fusion_layers must be >= 0, got {self.fusion_layers}")
+        if self.text_positions not in TEXT_POSITIONS:
+            raise ValueError(f"text_positions must be one of {', '.join(TEXT_POSITIONS)}, got {self.text_positions!r}")
+        if not 0.0 <= self.fusion_dropout < 1.0:
+            raise ValueError(f"fusion_dropout must be in [0, 1), got {self.fusion_dropout}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "image_std" and min(value) <= 0)):
+                raise ValueError(f"{name} must be 3 numbers (std > 0), got {value}")
+        if self.text_layers_from is not None:
+            if not self.text_layers_from or len(set(self.text_layers_from)) != len(self.text_layers_from) \
+                    or min(self.text_layers_from) < 0:
+                raise ValueError(f"text_layers_from must be distinct layer indices >= 0, got {self.text_layers_from}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -108,34 +129,38 @@ class CCRKModel(nn.Module):
                                        config=config.text_config)
         text_cfg = self.text.config
         hidden = text_cfg.hidden_size
+        self.vision_to_text = None
         self._split_text_layers(config)
 
         self.vision_proj = nn.Linear(self.vision.num_features, config.embed_dim)
         self.text_proj = nn.Linear(hidden, config.embed_dim)
         self.temp = nn.Parameter(torch.tensor(float(config.temperature)))
         mean, std = vision_mean_std(self.vision)
+        mean, std = config.image_mean or mean, config.image_std or std
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-        self.vision_to_text = None
         if config.fusion_layers:
-            if self.vision.num_features != hidden:
-                if not config.cross_proj:
-                    raise ValueError(f"vision width {self.vision.num_features} != text width {hidden} and "
-                                     "cross_proj is off: fusion needs a projection")
-                self.vision_to_text = nn.Linear(self.vision.num_features, hidden)
             eps = getattr(text_cfg, "layer_norm_eps", 1e-12)
-            self.itm_head = ITMHead(hidden, eps)
+            self.itm_head = ITMHead(hidden)
             self.mlm_head = MLMHead(self.text.get_input_embeddings(), eps)
 
     def _split_text_layers(self, config: ModelConfig) -> None:
+        """Keep the text model's first ``text_layers`` layers (of ``text_layers_from`` when given) for
+        text alone and turn the next ``fusion_layers`` into fusion layers (their self-attention and
+        feed-forward weights carried over, cross-attention fresh)."""
         layers = getattr(getattr(self.text, "encoder", None), "layer", None)
         if layers is None:
-            if config.fusion_layers or config.text_layers:
+            if config.fusion_layers or config.text_layers or config.text_layers_from:
                 raise ValueError(f"{type(self.text).__name__} has no encoder.layer list to split into text and "
                                  "fusion layers")
             self.fusion = nn.ModuleList()
             return
+        if config.text_layers_from is not None:
+            if max(config.text_layers_from) >= len(layers):
+                raise ValueError(f"text_layers_from {config.text_layers_from} names a layer the text encoder's "
+                                 f"{len(layers)} layers do not have")
+            layers = [layers[i] for i in config.text_layers_from]
         total = len(layers)
         n_fusion = config.fusion_layers
         n_text = config.text_layers if config.text_layers is not None else total - n_fusion
@@ -143,10 +168,17 @@ class CCRKModel(nn.Module):
             raise ValueError(f"text_layers={n_text} + fusion_layers={n_fusion} do not fit the text encoder's "
                              f"{total} layers")
         cfg = self.text.config
+        hidden, vision_width = cfg.hidden_size, self.vision.num_features
+        kv_dim = hidden
+        if n_fusion and vision_width != hidden:
+            if config.cross_proj:
+                self.vision_to_text = nn.Linear(vision_width, hidden)
+            else:
+                kv_dim = vision_width
         fusion = []
         for layer in layers[n_text:n_text + n_fusion]:
-            f = FusionLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
-                            getattr(cfg, "layer_norm_eps", 1e-12))
+            f = FusionLayer(hidden, cfg.num_attention_heads, cfg.intermediate_size,
+                            getattr(cfg, "layer_norm_eps", 1e-12), dropout=config.fusion_dropout, kv_dim=kv_dim)
             f.load_hf_layer(layer)
             fusion.append(f)
         self.fusion = nn.ModuleList(fusion)
@@ -186,7 +218,10 @@ class CCRKModel(nn.Module):
 
     def text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """B×L×h from the text-only layers."""
-        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        kwargs = {}
+        if self.config.text_positions == "from_zero":
+            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.text(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
     def text_feature(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
@@ -203,6 +238,18 @@ class CCRKModel(nn.Module):
         for layer in self.fusion:
             h = layer(h, text_mask, image)
         return h
+
+    def match_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> torch.Tensor:
+        """P image–caption pairs (row i of each input) → P×2 ITM logits (column 1: they match)."""
+        hidden = self.text_hidden(input_ids, attention_mask)
+        return self.itm_head(self.fuse(hidden, attention_mask, self.image_tokens(pixel_values)))
+
+    def mlm_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """P pairs → P×L×V masked-token logits of each caption position, conditioned on its image."""
+        hidden = self.text_hidden(input_ids, attention_mask)
+        return self.mlm_head(self.fuse(hidden, attention_mask, self.image_tokens(pixel_values)))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(image features N×d, text features (N·K)×d image-major, temperature) of a 1-to-K batch.
@@ -268,7 +315,7 @@ class CCRKModel(nn.Module):
             text_cfg.pop(k, None)
         n_text = self.text.config.num_hidden_layers
         text_cfg["num_hidden_layers"] = n_text + len(self.fusion)
-        d.update(vision_pretrained=False, vision_checkpoint=None, text_name_or_path=None,
+        d.update(vision_pretrained=False, vision_checkpoint=None, text_name_or_path=None, text_layers_from=None,
                  text_pretrained=False, text_config=text_cfg, text_layers=n_text)
         return d
 

@@ -17,13 +17,17 @@ FRESH_PREFIXES = ("cross_attn.", "cross_norm.")
 
 
 class FusionLayer(nn.Module):
-    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float = 1e-12, dropout: float = 0.0):
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float = 1e-12, dropout: float = 0.0,
+                 kv_dim: int | None = None):
+        """``kv_dim``: width of the image tokens the cross-attention reads (default ``hidden``)."""
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden size {hidden} is not divisible by {heads} attention heads")
         self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
         self.self_norm = nn.LayerNorm(hidden, eps=eps)
-        self.cross_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        kv_dim = kv_dim or hidden
+        self.cross_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True,
+                                                kdim=kv_dim, vdim=kv_dim)
         self.cross_norm = nn.LayerNorm(hidden, eps=eps)
         self.ffn_in = nn.Linear(hidden, intermediate)
         self.ffn_out = nn.Linear(intermediate, hidden)
@@ -63,11 +67,12 @@ class FusionLayer(nn.Module):
 
 
 class ITMHead(nn.Module):
-    """2-way image–text matching head on the fused first token (X-VLM's MLP)."""
+    """2-way image–text matching head on the fused first token (X-VLM's MLP: its LayerNorm keeps
+    PyTorch's default eps 1e-5 whatever the text model's)."""
 
-    def __init__(self, hidden: int, eps: float = 1e-12):
+    def __init__(self, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden, eps=eps), nn.GELU(),
+        self.net = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.LayerNorm(2 * hidden), nn.GELU(),
                                  nn.Linear(2 * hidden, 2))
 
     def forward(self, fused: torch.Tensor) -> torch.Tensor:

@@ -179,7 +179,49 @@ def test_fusion_config_errors(tmp_path):
     text_dir, _ = hf_text_dir(tmp_path)
     with pytest.raises(ValueError, match="text_layers=2 \\+ fusion_layers=2 do not fit the text encoder's 3 layers"):
         CCRKModel(ModelConfig(text_name_or_path=str(text_dir), text_layers=2, fusion_layers=2))
-    with pytest.raises(ValueError, match="vision width 512 != text width 32 and cross_proj is off"):
-        fusion_model(text_dir, cross_proj=False)
+    with pytest.raises(ValueError, match="text_layers_from \\[0, 5\\] names a layer"):
+        fusion_model(text_dir, text_layers_from=[0, 5])
+    with pytest.raises(ValueError, match="text_positions must be one of model, from_zero"):
+        ModelConfig(text_positions="absolute")
     with pytest.raises(ValueError, match="no fusion layers"):
         tiny_model().fuse(torch.zeros(1, 2, 32), torch.ones(1, 2), torch.zeros(1, 2, 512))
+
+
+def test_without_cross_proj_the_cross_attention_reads_the_vision_width(tmp_path):
+    """CCLM/X-VLM: key/value projections take the 512-wide image tokens; no projection layer."""
+    text_dir, _ = hf_text_dir(tmp_path)
+    model = fusion_model(text_dir, cross_proj=False).eval()
+    attn = model.fusion[0].cross_attn
+    assert model.vision_to_text is None
+    assert attn.k_proj_weight.shape == (32, 512) and attn.v_proj_weight.shape == (32, 512)
+    pixels, ids, mask = batch(n=2, k=1)
+    assert model.match_logits(pixels, ids[:, 0], mask[:, 0]).shape == (2, 2)
+    assert model.mlm_logits(pixels, ids[:, 0], mask[:, 0]).shape == (2, 7, 100)
+
+
+def test_text_layers_from_keeps_the_named_layers_in_order(tmp_path):
+    text_dir, src = hf_text_dir(tmp_path, layers=4)
+    model = fusion_model(text_dir, text_layers_from=[1, 3, 2])      # 2 text layers, 1 fusion layer
+    for ours, index in zip(model.text.encoder.layer, [1, 3]):
+        assert torch.equal(ours.attention.self.query.weight, src.encoder.layer[index].attention.self.query.weight)
+    assert torch.equal(model.fusion[0].ffn_in.weight, src.encoder.layer[2].intermediate.dense.weight)
+    saved = CCRKModel.from_pretrained(model.save_pretrained(tmp_path / "m"))     # the kept layers only
+    assert saved.config.text_layers_from is None and len(saved.text.encoder.layer) == 2
+
+
+def test_from_zero_positions_differ_from_xlmr_offsets_and_match_explicit_position_ids():
+    model = tiny_model(text_positions="from_zero").eval()
+    ids, mask = torch.randint(4, 100, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    ours = model.text_hidden(ids, mask)
+    explicit = model.text(input_ids=ids, attention_mask=mask,
+                          position_ids=torch.arange(6).expand(2, 6)).last_hidden_state
+    assert torch.equal(ours, explicit)
+    assert not torch.allclose(ours, model.text(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_image_mean_std_override_the_vision_models_own():
+    clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    model = tiny_model(image_mean=clip_mean, image_std=clip_std)
+    pixels = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    expected = (1.0 - torch.tensor(clip_mean)) / torch.tensor(clip_std)
+    assert torch.allclose(model.normalize_pixels(pixels)[0, :, 0, 0], expected)
