@@ -30,13 +30,14 @@ COMMANDS = {
     "tune": "Ray Tune sweep of a task's fine-tuning hyperparameters; results table, best config and model",
     "evaluate": "per-language recall and MRV of a saved model on a parquet split",
     "convert": "convert a real data set into ccrk-ray parquet shards",
+    "import-checkpoint": "a checkpoint of the CCRK reference code (pre-trained or fine-tuned) as a saved model",
     "validate": "check parquet data (file or prefix, local or s3://) row by row",
     "mrv": "MRV over the rank files (ccrk evaluate --save-ranks) of several runs",
 }
 
 
 def _command_module(name: str):
-    return importlib.import_module(f"ccrk_ray.commands.{name}")
+    return importlib.import_module(f"ccrk_ray.commands.{name.replace('-', '_')}")
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:

@@ -54,3 +54,23 @@ def test_bad_arguments(tmp_path):
         train_tokenizer(CAPTIONS, tmp_path, vocab_size=10)
     with pytest.raises(ConfigError, match=f"tokenizer {tmp_path / 'does-not-exist'}: cannot be loaded"):
         load_tokenizer(tmp_path / "does-not-exist")
+
+
+def test_pre_caption_normalises_as_the_reference_code():
+    from ccrk_ray.data.tokenizer import pre_caption
+
+    assert pre_caption("A <person> on a red-and-white bike, riding/walking... (quickly)!", 30) == \
+        "a person on a red and white bike riding walking quickly"
+    assert pre_caption("Zwei  Hunde; spielen: im ~Schnee~", 3) == "zwei hunde spielen"
+    assert pre_caption("一只狗在草地上奔跑。", 5) == "一只狗在草地上奔跑。"        # only ASCII punctuation goes
+
+
+def test_caption_tokenizer_with_pre_caption_gives_the_ids_of_the_normalised_caption(tmp_path):
+    from ccrk_ray.data.tokenizer import CaptionTokenizer, train_tokenizer
+
+    path = train_tokenizer(["a dog runs on the grass", "A DOG, running!"] * 20, tmp_path / "tok", vocab_size=200)
+    plain, normalised = CaptionTokenizer(path, 16), CaptionTokenizer(path, 16, pre_caption=2)
+    ids, mask = normalised(["A DOG, running!"])
+    expected_ids, expected_mask = plain(["a dog"])
+    assert (ids == expected_ids).all() and (mask == expected_mask).all()
+    assert not (plain(["A DOG, running!"])[0] == ids).all()

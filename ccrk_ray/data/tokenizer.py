@@ -10,6 +10,7 @@ does, so that pieces never straddle Chinese/Japanese words) with XLM-R's special
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -64,6 +65,20 @@ def load_tokenizer(name_or_path: str | Path):
         raise ConfigError(f"tokenizer {name_or_path}: cannot be loaded ({first_line(exc)})") from None
 
 
+# CCLM/X-VLM caption normalisation (``pre_caption``): these characters become spaces
+CAPTION_PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~\-/]")
+SPACES = re.compile(r"\s{2,}")
+
+
+def pre_caption(text: str, max_words: int) -> str:
+    """A caption as the CCLM / X-VLM / CCRK reference code feeds it to the tokenizer: lowercased,
+    ``,.'!?"()*#:;~-/`` turned into spaces, ``<person>`` into ``person``, runs of whitespace
+    collapsed, trimmed, and cut to its first ``max_words`` space-separated words."""
+    text = CAPTION_PUNCTUATION.sub(" ", text.lower().replace("<person>", "person"))
+    words = SPACES.sub(" ", text).rstrip("\n").strip(" ").split(" ")
+    return " ".join(words[:max_words])
+
+
 class CaptionTokenizer:
     """Fixed-length batch tokenisation for the data path: ``(input_ids, attention_mask)`` T×L int64.
 
@@ -72,13 +87,19 @@ class CaptionTokenizer:
     truncation=True`` at a fraction of the Python overhead; slow (Python) tokenizers go through
     the HF call. Build it once in the driver and ship it to data workers: with a fast tokenizer
     it pickles without ``transformers``, so workers start quickly.
+
+    ``pre_caption`` (a word count): normalise each caption first as the reference code does
+    (``pre_caption``).
     """
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, pre_caption: int | None = None):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if pre_caption is not None and pre_caption < 1:
+            raise ValueError(f"pre_caption must be a word count >= 1, got {pre_caption}")
         hf = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self.max_length = max_length
+        self.pre_caption = pre_caption
         self.vocab_size = len(hf)
         self.special_tokens = {k: v for k, v in hf.special_tokens_map.items() if isinstance(v, str)}
         backend = getattr(hf, "backend_tokenizer", None)
@@ -104,6 +125,8 @@ class CaptionTokenizer:
         return Path(directory)
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.pre_caption is not None:
+            texts = [pre_caption(t, self.pre_caption) for t in texts]
         if self.backend is None:
             enc = self.hf(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
                           return_tensors="np")

@@ -84,7 +84,7 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     missing = [lang for lang in langs if lang not in in_data]
     if missing:
         raise ConfigError(f"{data} has no caption column for {', '.join(missing)} (it has {', '.join(in_data)})")
-    caption_tokenizer = CaptionTokenizer(tokenizer or model_path, max_length)
+    caption_tokenizer = CaptionTokenizer(tokenizer or model_path, max_length, pre.pre_caption)
     if k_test is None and not itc_only and model_config(model_path).get("fusion_layers"):
         # the paper's protocol for a model with an ITM head: re-rank the top 128 (at most the gallery)
         if storage.is_remote(data):

@@ -328,9 +328,10 @@ class CCRKModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "CCRKModel":
+        """The saved model, in eval mode (as Hugging Face's ``from_pretrained``); ``.train()`` to train."""
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"{d} is not a saved CCRK model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         model = cls(ModelConfig.from_dict(json.loads((d / CONFIG_NAME).read_text())))
         load_model(model, str(d / WEIGHTS_NAME), device=map_location)
-        return model
+        return model.eval()

@@ -30,6 +30,12 @@ class Preprocess:
     image_size: int | None = None
     max_length: int | None = None
     languages: tuple[str, ...] = ()
+    pre_caption: int | None = None      # caption normalisation word count (``data.tokenizer.pre_caption``)
+
+    @classmethod
+    def of(cls, data) -> "Preprocess":
+        """The preprocessing of a training config's data section."""
+        return cls(data.image_size, data.max_length, tuple(data.languages), data.pre_caption)
 
     @classmethod
     def read(cls, directory: str | Path) -> "Preprocess":
@@ -37,7 +43,7 @@ class Preprocess:
         if not path.is_file():
             return cls()
         d = json.loads(path.read_text())
-        return cls(d.get("image_size"), d.get("max_length"), tuple(d.get("languages") or ()))
+        return cls(d.get("image_size"), d.get("max_length"), tuple(d.get("languages") or ()), d.get("pre_caption"))
 
     def write(self, directory: str | Path) -> None:
         d = asdict(self)

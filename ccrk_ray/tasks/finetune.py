@@ -145,7 +145,7 @@ class StartingPoint:
         """Preprocessing (and tokenizer) that come with the starting point; the user's config wins."""
         if self.model_dir is not None:
             pre = Preprocess.read(self.model_dir)
-            sizes = {"image_size": pre.image_size, "max_length": pre.max_length}
+            sizes = {"image_size": pre.image_size, "max_length": pre.max_length, "pre_caption": pre.pre_caption}
             return {**{k: v for k, v in sizes.items() if v is not None}, "tokenizer": str(self.model_dir)}
         data = self.spec.get("data") or {}
         out = {k: data[k] for k in ("image_size", "max_length", "tokenizer") if data.get(k) is not None}
@@ -220,7 +220,7 @@ def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, res
     cfg, start = load_config(task, config_path, checkpoint)
     out = prepare_run(cfg, resume)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length)
+    caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length, cfg.data.pre_caption)
     best_store = BestStore(f"{cfg.run_storage.rstrip('/')}/{cfg.name}/best")
     check = check_training_data(cfg)
     with ray_session(local_cpus(cfg.cpus_held())):

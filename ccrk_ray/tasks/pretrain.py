@@ -21,7 +21,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
         raise ConfigError("data.tokenizer: a tokenizer name or path is needed when the text model is built from "
                           "a config")
     tokenizer = load_tokenizer(source)
-    caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length)
+    caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length, cfg.data.pre_caption)
     check = check_training_data(cfg)
     with ray_session(local_cpus(cfg.cpus_held())):
         metrics = run_training(cfg, tokenizer, caption_tokenizer, resume=resume, check=check)

@@ -52,6 +52,8 @@ class DataSection:
     image_size: int = 224
     max_length: int = 40
     tokenizer: str | None = None             # HF name/path; default the model's text_name_or_path
+    pre_caption: int | None = None           # normalise captions as CCLM/X-VLM (lowercase, punctuation
+                                             # to spaces), keeping this many words; null: as written
     on_bad_row: str = "skip"                 # skip (counted) | raise
     chunk_rows: int = 256                    # shuffle granularity (row-group slices)
     image_keys: bool = False                 # batches carry image ids: captions of one image are all positives

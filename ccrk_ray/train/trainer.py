@@ -138,7 +138,7 @@ def run_training(cfg: PretrainConfig, tokenizer, caption_tokenizer, *, resume: b
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt:
         save_model_dir(out / "model", load_model(ckpt), caption_tokenizer,
-                       Preprocess(cfg.data.image_size, cfg.data.max_length, tuple(cfg.data.languages)))
+                       Preprocess.of(cfg.data))
     metrics = dict(result.metrics or {})
     (out / RESULT_FILE).write_text(json.dumps({"metrics": metrics, "checkpoint": result.checkpoint.path}, indent=2))
     log.info("training done: %s steps, final loss %.4f; model saved to %s", metrics.get("step"),

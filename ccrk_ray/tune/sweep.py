@@ -227,7 +227,7 @@ def export_best(sweep: dict[str, Any], cfg, trial: str, params: dict[str, Any], 
     if best is None:
         raise RuntimeError(f"trial {trial} has no best model in {best_dir}")
     CaptionTokenizer(load_tokenizer(cfg.data.tokenizer), cfg.data.max_length).save_pretrained(dest)
-    Preprocess(cfg.data.image_size, cfg.data.max_length, tuple(cfg.data.languages)).write(dest)
+    Preprocess.of(cfg.data).write(dest)
     return {"trial": trial, **best}
 
 

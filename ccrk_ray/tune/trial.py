@@ -157,7 +157,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
         return
     setup_logging(sweep.get("verbosity", 0))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length)
+    caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length, cfg.data.pre_caption)
     log.info("trial %s: %s", trial_id, json.dumps(params))
     run_training(cfg, tokenizer, caption_tokenizer, resume=run_exists(cfg.run_storage, cfg.name),
                  init_from=start.init_from, val_languages=cfg.task.val_languages,
