@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ccrk_ray.objectives.collectives import gather_with_grad
+from ccrk_ray.objectives.collectives import gather_local_grad, gather_with_grad
 from ccrk_ray.objectives.losses import one_to_k_contrastive, one_to_k_contrastive_local
 from tests.ports import free_port
 
@@ -37,6 +37,11 @@ def worker(rank, port, out_dir):
                                       gather_with_grad(local_txt), rank, 0.1)
     part.backward()
     result.update(part=part.detach(), li=local_img.grad, lt=local_txt.grad)
+    # itc_gradient "reference": the CCRK code's gather (each rank's own slice of its own gradient)
+    ref_img, ref_txt = local_img.detach().clone().requires_grad_(), local_txt.detach().clone().requires_grad_()
+    ref = one_to_k_contrastive(gather_local_grad(ref_img), gather_local_grad(ref_txt), 0.1)
+    ref.backward()
+    result.update(ref=ref.detach(), ri=ref_img.grad, rt=ref_txt.grad)
     torch.save(result, f"{out_dir}/{rank}.pt")
     dist.destroy_process_group()
     # torch 2.14's gloo backend leaves a joinable thread behind that aborts ~1 in 4 interpreter
@@ -63,5 +68,11 @@ def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
         # (summed over ranks by the gather's backward) / WORLD is the global gradient, as with DDP
         torch.testing.assert_close(got["li"] / WORLD, img.grad[rank * n:(rank + 1) * n], atol=1e-5, rtol=0)
         torch.testing.assert_close(got["lt"] / WORLD, txt.grad[rank * n * K:(rank + 1) * n * K], atol=1e-5, rtol=0)
+        # the reference gather: the same loss, and the slice's gradient of the global loss with no sum
+        # over ranks, so DDP's average leaves 1/WORLD of the exact gradient
+        torch.testing.assert_close(got["ref"], loss.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["ri"], img.grad[rank * n:(rank + 1) * n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["rt"], txt.grad[rank * n * K:(rank + 1) * n * K], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["ri"] * WORLD, got["gi"], atol=1e-5, rtol=0)
     parts = [torch.load(tmp_path / f"{r}.pt", weights_only=True)["part"] for r in range(WORLD)]
     torch.testing.assert_close(torch.stack(parts).mean(), loss.detach(), atol=1e-5, rtol=0)

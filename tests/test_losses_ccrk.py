@@ -449,3 +449,52 @@ def test_triplet_ranking_loss_matches_loop_and_has_gradients():
     assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"\(5, 4\).*\(4, 4\)"):
         triplet_ranking_loss(img, txt[:4])
+
+
+def _count_rule_batch():
+    """Rows of 10, 5, 3 and 24 attended tokens (<s> ... </s>, then padding) out of 24."""
+    ids = torch.full((4, 24), 1)
+    mask = torch.zeros(4, 24, dtype=torch.long)
+    for row, length in enumerate((10, 5, 3, 24)):
+        ids[row, :length] = torch.arange(10, 10 + length)
+        ids[row, 0], ids[row, length - 1] = 0, 2
+        mask[row, :length] = 1
+    return ids, mask
+
+
+def test_the_count_rule_masks_round_p_times_length_tokens_capped_by_max_masks():
+    ids, mask = _count_rule_batch()
+    for seed in range(20):
+        masked, labels = mask_tokens(ids, mask, mask_token_id=MASK, vocab_size=60, special_ids=SPECIALS,
+                                     mask_prob=0.4, max_masks=6, rule="count",
+                                     generator=torch.Generator().manual_seed(seed))
+        counts = (labels != -100).sum(dim=1).tolist()
+        # round(0.4·10) = 4, round(0.4·5) = 2, round(0.4·3) = 1, min(6, round(0.4·24) = 10) = 6
+        assert counts == [4, 2, 1, 6]
+        targets = labels != -100
+        assert not (targets & ((mask == 0) | (ids == 0) | (ids == 2))).any()     # never specials or padding
+        assert torch.equal(labels[targets], ids[targets])
+
+
+def test_count_rule_spans_make_runs_of_neighbouring_targets():
+    ids, mask = _count_rule_batch()
+
+    def mean_run(span_prob):
+        runs = targets = 0
+        for seed in range(50):
+            _, labels = mask_tokens(ids[3:], mask[3:], mask_token_id=MASK, vocab_size=60, special_ids=SPECIALS,
+                                    mask_prob=0.4, max_masks=6, rule="count", span_prob=span_prob, max_span=3,
+                                    generator=torch.Generator().manual_seed(seed))
+            t = (labels[0] != -100).int()
+            targets += int(t.sum())
+            runs += int((t[1:] - t[:-1] == 1).sum() + t[0])
+        return targets / runs
+
+    alone, spans = mean_run(0.0), mean_run(1.0)
+    assert spans > 1.8 and alone < 1.5, (alone, spans)
+
+
+def test_unknown_mask_rule_is_refused():
+    ids, mask = _count_rule_batch()
+    with pytest.raises(ValueError, match="mask rule must be one of bernoulli, count"):
+        mask_tokens(ids, mask, mask_token_id=MASK, vocab_size=60, special_ids=SPECIALS, rule="whole_word")

@@ -35,6 +35,35 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return torch.cat(all_gather(x), dim=0)
 
 
+class _GatherLocalGrad(torch.autograd.Function):
+    """All-gather whose backward keeps only this rank's slice of its own gradient (no sum over ranks)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.start, ctx.stop = rank() * x.shape[0], (rank() + 1) * x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad[ctx.start:ctx.stop]
+
+
+def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """The gather of the CCLM / X-VLM / CCRK reference code (its ``AllGather``): each rank's
+    gradient reaches only its own slice from its own loss, so after DDP's averaging the encoders
+    get 1/world_size of the global-batch ITC gradient (MITM and CMLM, computed locally, keep
+    theirs). ``ITC_GRADIENTS["reference"]``, to reproduce the paper's loss balance."""
+    if world_size() == 1:
+        return x
+    return _GatherLocalGrad.apply(x)
+
+
+# How ITC features cross ranks: "exact" (the global-batch gradient) or "reference" (the CCRK code's)
+ITC_GRADIENTS = {"exact": gather_with_grad, "reference": gather_local_grad}
+
+
 def _int_tensor(value: int) -> torch.Tensor | None:
     """``value`` as a 1-element tensor on the device the process group communicates on (NCCL
     needs CUDA tensors), or None when there is no group of more than one process."""

@@ -152,19 +152,62 @@ def matching_loss(itm_logits: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 IGNORE_INDEX = -100
+MASK_RULES = ("bernoulli", "count")
+
+
+def count_rule_targets(candidates: torch.Tensor, lengths: torch.Tensor, mask_prob: float, max_masks: int,
+                       span_prob: float, max_span: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """B×L bool: the targets of ``mask_tokens``'s ``count`` rule (a loop per row: B×L is at most a
+    few thousand positions per step)."""
+    out = torch.zeros_like(candidates)
+    cand = candidates.cpu()
+    for row in range(cand.shape[0]):
+        positions = cand[row].nonzero().squeeze(1).tolist()
+        if not positions:
+            continue
+        want = min(max_masks, max(1, int(round(float(lengths[row]) * mask_prob))))
+        allowed, taken = set(positions), []
+        order = torch.randperm(len(positions), generator=generator).tolist()
+        draws = torch.rand(len(positions), generator=generator).tolist()
+        sizes = torch.randint(2, max_span + 1, (len(positions),), generator=generator).tolist()
+        for i, d, size in zip(order, draws, sizes):
+            if len(taken) >= want:
+                break
+            start = positions[i]
+            if start in taken:
+                continue
+            for p in range(start, start + (size if d < span_prob else 1)):
+                if p not in allowed:
+                    break
+                if p not in taken:
+                    taken.append(p)
+        if len(taken) > want:
+            keep = torch.randperm(len(taken), generator=generator)[:want].tolist()
+            taken = [taken[j] for j in keep]
+        out[row, taken] = True
+    return out.to(candidates.device)
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mask_token_id: int,
                 vocab_size: int, special_ids: Sequence[int], mask_prob: float = 0.4,
-                max_masks: int = 10,
+                max_masks: int = 10, rule: str = "bernoulli", span_prob: float = 0.0, max_span: int = 3,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-style masking of B×L token ids for MLM; returns ``(masked_ids, labels)``.
 
     Candidates are attended (``attention_mask == 1``) positions whose id is not in
-    ``special_ids``. With one uniform score u per position, a candidate is selected when
-    u < ``mask_prob``; per row only the ``max_masks`` selected candidates with the lowest u are kept
-    (a uniformly random subset), and a row with ≥ 1 candidate but none selected gets its
-    lowest-u candidate, so every caption with a candidate has exactly 1..max_masks targets.
+    ``special_ids``. Which of them become targets:
+
+    - ``rule="bernoulli"``: with one uniform score u per position, a candidate is selected when
+      u < ``mask_prob``; per row only the ``max_masks`` selected candidates with the lowest u are
+      kept (a uniformly random subset), and a row with ≥ 1 candidate but none selected gets its
+      lowest-u candidate, so every caption with a candidate has exactly 1..max_masks targets.
+    - ``rule="count"`` (the CCLM / X-VLM / CCRK reference): exactly
+      n = min(``max_masks``, max(1, round(``mask_prob`` · attended length))) targets per row (fewer
+      only when the row has fewer candidates). Candidates are visited in random order; with
+      probability ``span_prob`` a visited position starts a span of 2..``max_span`` consecutive
+      candidates (cut at the first non-candidate), else it is taken alone, until n are taken; an
+      overshoot is cut back to a random n of them.
+
     A selected position becomes ``mask_token_id`` with probability 0.8, a token id drawn
     uniformly from the non-special ids in [0, ``vocab_size``) with probability 0.1, and keeps its
     id with probability 0.1. ``labels`` = original id at selected positions, −100 elsewhere.
@@ -177,6 +220,10 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mask_t
         raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
     if isinstance(max_masks, bool) or not isinstance(max_masks, int) or max_masks < 1:
         raise ValueError(f"max_masks must be an int >= 1, got {max_masks!r}")
+    if rule not in MASK_RULES:
+        raise ValueError(f"mask rule must be one of {', '.join(MASK_RULES)}, got {rule!r}")
+    if not 0.0 <= span_prob <= 1.0 or max_span < 2:
+        raise ValueError(f"need 0 <= span_prob <= 1 and max_span >= 2, got {span_prob}, {max_span}")
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     if not 0 <= mask_token_id < vocab_size:
@@ -200,6 +247,9 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mask_t
     # Selected candidates hold the lowest scores of their row, so "rank < max_masks" keeps a
     # random subset of them; rank 0 is the fallback target of a row with nothing selected.
     selected = candidates & (rank < max_masks) & ((scores < mask_prob) | (rank == 0))
+    if rule == "count":
+        selected = count_rule_targets(candidates, attention_mask.sum(dim=1), mask_prob, max_masks, span_prob,
+                                      max_span, generator)
 
     action = torch.rand(input_ids.shape, generator=generator, device=device)
     pick = torch.randint(0, replacement_ids.numel(), input_ids.shape, generator=generator,

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ccrk_ray.objectives.collectives import gather_with_grad, rank, world_size
+from ccrk_ray.objectives.collectives import ITC_GRADIENTS, gather_with_grad, rank, world_size
 from ccrk_ray.objectives.losses import (contrastive_with_ids, mask_tokens, matching_loss, mlm_loss, one_to_k_contrastive,
                              one_to_k_contrastive_local, sample_mitm, vicreg_terms)
 
@@ -41,6 +41,10 @@ class ObjectiveConfig:
                                                                       "covariance": 0.0})
     mask_prob: float = 0.4
     max_masks: int = 10
+    mask_rule: str = "bernoulli"           # bernoulli | count (the reference: round(p·len) tokens): losses.mask_tokens
+    mask_span_prob: float = 0.0            # count rule: a chosen position starts a 2..mask_max_span span
+    mask_max_span: int = 3
+    itc_gradient: str = "exact"            # exact | reference: collectives.ITC_GRADIENTS
     mask_token_id: int | None = None
     vocab_size: int | None = None
     special_ids: Sequence[int] = ()
@@ -54,6 +58,8 @@ class ObjectiveConfig:
         unknown = set(self.vicreg_weights) - {"invariance", "variance", "covariance"}
         if unknown:
             raise ValueError(f"unknown VICReg term(s): {', '.join(sorted(unknown))}")
+        if self.itc_gradient not in ITC_GRADIENTS:
+            raise ValueError(f"itc_gradient must be one of {', '.join(ITC_GRADIENTS)}, got {self.itc_gradient!r}")
         if self.mlm_weight > 0 and (self.mask_token_id is None or self.vocab_size is None):
             raise ValueError("mlm_weight > 0 needs mask_token_id and vocab_size (from the tokenizer)")
 
@@ -91,7 +97,8 @@ class Objective:
         if c.mlm_weight > 0:
             masked, labels = mask_tokens(input_ids[pos], attention_mask[pos], mask_token_id=c.mask_token_id,
                                          vocab_size=c.vocab_size, special_ids=c.special_ids,
-                                         mask_prob=c.mask_prob, max_masks=c.max_masks)
+                                         mask_prob=c.mask_prob, max_masks=c.max_masks, rule=c.mask_rule,
+                                         span_prob=c.mask_span_prob, max_span=c.mask_max_span)
             fused = model.fuse(model.text_hidden(masked, attention_mask[pos]), attention_mask[pos], image_tokens)
             out["mlm"] = mlm_loss(model.mlm_head(fused), labels)
         return out
@@ -111,6 +118,10 @@ class Objective:
             terms[f"vicreg_{name}"] = value if weight > 0 else value.detach()
         return {"loss": loss, **terms}
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """ITC features of every rank (``itc_gradient``: how their gradient flows back)."""
+        return ITC_GRADIENTS[self.config.itc_gradient](x)
+
     def encode(self, model, pixel_values, input_ids, attention_mask):
         image_tokens = model.image_tokens(pixel_values)
         text_hidden = model.text_hidden(input_ids, attention_mask)
@@ -129,7 +140,7 @@ class OneToK(Objective):
         ids, mask = ids.flatten(0, 1), mask.flatten(0, 1)
         image_tokens, image_feat, text_hidden, text_feat = self.encode(model, batch["pixel_values"], ids, mask)
         temperature = model.temperature
-        all_image, all_text = gather_with_grad(image_feat), gather_with_grad(text_feat)
+        all_image, all_text = self.gather(image_feat), self.gather(text_feat)
         keys = batch.get("image_key")
         if keys is not None:        # fine-tuning: every caption of the same image id is a positive
             if self.config.local_loss and world_size() > 1:
@@ -159,7 +170,7 @@ class OneToOne(Objective):
         ids, mask = ids[rows, pick], mask[rows, pick]
         image_tokens, image_feat, text_hidden, text_feat = self.encode(model, batch["pixel_values"], ids, mask)
         temperature = model.temperature
-        terms = {"itc": one_to_k_contrastive(gather_with_grad(image_feat), gather_with_grad(text_feat), temperature)}
+        terms = {"itc": one_to_k_contrastive(self.gather(image_feat), self.gather(text_feat), temperature)}
         terms.update(self.matching_and_mlm(model, image_tokens, image_feat, text_hidden, text_feat, ids, mask,
                                            1, temperature))
         terms["temperature"] = temperature.detach()
@@ -189,10 +200,10 @@ class CrossLingual(Objective):
         temperature = model.temperature
         per_image = text_feat.view(n, k, -1)
         en_feat = per_image[:, self.en]
-        en_all = gather_with_grad(en_feat)
-        itc = one_to_k_contrastive(gather_with_grad(image_feat), en_all, temperature)
+        en_all = self.gather(en_feat)
+        itc = one_to_k_contrastive(self.gather(image_feat), en_all, temperature)
         others = [j for j in range(k) if j != self.en]
-        ttc = (torch.stack([one_to_k_contrastive(en_all, gather_with_grad(per_image[:, j]), temperature)
+        ttc = (torch.stack([one_to_k_contrastive(en_all, self.gather(per_image[:, j]), temperature)
                             for j in others]).mean() if others else itc.new_zeros(()))
         terms = {"itc": itc + ttc, "itc_image_en": itc.detach(), "ttc_en_other": ttc.detach()}
         en_rows = torch.arange(n, device=ids.device) * k + self.en

@@ -72,6 +72,7 @@ class TrainSection:
     global_batch_size: int | None = None     # images per optimiser step; default batch_size x max workers
     lr: float = 1e-4
     weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)   # AdamW's
     warmup: float = 0.1                      # optimiser steps, or a fraction of them when < 1
     schedule: str = "cosine"                 # cosine | linear decay after warm-up
     grad_clip: float = 0.0
@@ -157,6 +158,11 @@ class PretrainConfig:
             raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
         check_range("train.grad_clip", t.grad_clip, 0)
         check_range("train.weight_decay", t.weight_decay, 0)
+        t.betas = tuple(t.betas)
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)}")
+        if d.pre_caption is not None:
+            check_range("data.pre_caption", d.pre_caption, 1)
         check_range("train.log_every", t.log_every, 1)
         if (t.pause_after_epoch is None) != (t.pause_until is None):
             raise ConfigError("train.pause_after_epoch and train.pause_until go together")

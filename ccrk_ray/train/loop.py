@@ -143,7 +143,8 @@ class WorkerLoop:
         self.model = build_model(self.cfg)
         if self.t.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(self.t.lr, self.t.weight_decay))
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(self.t.lr, self.t.weight_decay),
+                                           betas=tuple(self.t.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(
             warmup_steps(self.t.warmup, self.steps_total), self.steps_total, self.t.schedule))
         checkpoint = ray.train.get_checkpoint()
