@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,6 +261,46 @@ class CCRKModel(nn.Module):
         if input_ids.dim() == 3:
             input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
         return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), self.temperature
+
+    def input_size(self) -> int | None:
+        """The image side the vision encoder is built for, or None when it takes any size (CNNs)."""
+        embed = getattr(self.vision, "patch_embed", None)
+        size = getattr(embed, "img_size", None)
+        if size is None or not getattr(embed, "strict_img_size", True):
+            return None
+        return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+
+    def with_image_size(self, image_size: int) -> "CCRKModel":
+        """This model for ``image_size`` inputs. A vision encoder built for one size (Swin, ViT) is
+        rebuilt for the new one, its resolution-dependent weights resized by timm's own checkpoint
+        filter (Swin: the window scaled with the image, 7 at 224 → 12 at 384 as the reference's
+        384 configs, relative-position tables interpolated; ViT: position embeddings resampled).
+        Same size, or an encoder that takes any size: the model itself, unchanged."""
+        old = self.input_size()
+        if old is None or old == image_size:
+            return self
+        kwargs = dict(self.config.vision_kwargs, img_size=image_size)
+        window = getattr(getattr(self.vision, "layers", [None])[0], "blocks", [None])[0]
+        window = getattr(getattr(window, "attn", None), "window_size", None)
+        if window is not None:
+            new_window = image_size * int(window[0]) / old
+            if new_window != int(new_window):
+                raise ValueError(f"{image_size} px does not scale the {old} px model's window {window[0]} to a whole "
+                                 "number of patches (Swin: use a multiple of 32 whose window divides the feature maps)")
+            kwargs["window_size"] = int(new_window)
+        filter_fn = getattr(sys.modules[type(self.vision).__module__], "checkpoint_filter_fn", None)
+        vision = build_vision_encoder(self.config.vision_name, **kwargs)
+        state = self.vision.state_dict()
+        with warnings.catch_warnings():     # timm's interpolation notes internal tensor layouts
+            warnings.simplefilter("ignore", UserWarning)
+            state = filter_fn(state, vision) if filter_fn is not None else state
+        missing, unexpected = vision.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.endswith(("relative_position_index", "attn_mask"))]:
+            raise ValueError(f"cannot move {self.config.vision_name} from {old} to {image_size} px: missing {missing}, "
+                             f"unexpected {unexpected}")
+        self.vision = vision.to(self.vision_proj.weight.device)
+        self.config.vision_kwargs = kwargs
+        return self
 
     # --- optimisation -----------------------------------------------------------------------
     def new_parameter_names(self) -> set[str]:

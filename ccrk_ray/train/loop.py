@@ -97,7 +97,7 @@ def build_model(cfg: LoopConfig) -> CCRKModel:
     """Fine-tuning starts from a saved model (a directory every worker reads); pre-training fresh."""
     if not cfg.init_from:
         return CCRKModel(ModelConfig.from_dict(cfg.model))
-    model = load_model(cfg.init_from)
+    model = load_model(cfg.init_from).with_image_size(cfg.data.image_size)
     temperature = cfg.model.get("temperature")
     if temperature is not None:      # fine-tuning may restart the learned temperature (a resume loads its own)
         with torch.no_grad():

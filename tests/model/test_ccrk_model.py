@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ccrk_ray.model import CCRKModel, ModelConfig
+from ccrk_ray.objectives.losses import one_to_k_contrastive
 from ccrk_ray.model.encoders import build_text_encoder, build_vision_encoder
 from tests.conftest import tiny_text_config
 
@@ -225,3 +226,38 @@ def test_image_mean_std_override_the_vision_models_own():
     pixels = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     expected = (1.0 - torch.tensor(clip_mean)) / torch.tensor(clip_std)
     assert torch.allclose(model.normalize_pixels(pixels)[0, :, 0, 0], expected)
+
+
+TINY_SWIN = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1))
+
+
+def test_a_224_swin_checkpoint_fine_tunes_a_step_at_384_with_window_12(tmp_path):
+    torch.manual_seed(0)
+    model = CCRKModel(ModelConfig(vision_name="swin_base_patch4_window7_224", vision_kwargs=TINY_SWIN,
+                                  text_config=tiny_text_config(100), embed_dim=16))
+    saved = model.save_pretrained(tmp_path / "224")
+    _, ids, mask = batch(n=2, k=2)
+    pixels224 = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    before = CCRKModel.from_pretrained(saved)
+    with torch.no_grad():
+        reference = before.encode_image(pixels224)
+    assert before.with_image_size(224) is before                    # same size: untouched
+    assert torch.equal(before.encode_image(pixels224), reference)
+
+    big = CCRKModel.from_pretrained(saved).with_image_size(384)
+    attn = big.vision.layers[0].blocks[0].attn
+    assert big.input_size() == 384 and tuple(attn.window_size) == (12, 12)
+    assert attn.relative_position_bias_table.shape == ((2 * 12 - 1) ** 2, 1)
+    assert torch.equal(big.vision.layers[2].blocks[1].mlp.fc1.weight, before.vision.layers[2].blocks[1].mlp.fc1.weight)
+    big.train()
+    optimizer = torch.optim.AdamW(big.parameters(), lr=1e-3)
+    pixels384 = torch.randint(0, 256, (2, 3, 384, 384), dtype=torch.uint8)
+    image, text, temp = big(pixels384, ids, mask)
+    loss = one_to_k_contrastive(image, text, temp)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(attn.relative_position_bias_table,
+                                                    before.vision.layers[0].blocks[0].attn.relative_position_bias_table)
+    resaved = CCRKModel.from_pretrained(big.save_pretrained(tmp_path / "384"))    # the 384 architecture
+    assert resaved.input_size() == 384 and resaved.config.vision_kwargs["window_size"] == 12
+    assert tiny_model().with_image_size(384).input_size() is None                # a CNN takes any size
