@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
-
 import pyarrow.parquet as pq
+import torch
+from PIL import Image
 
 from ccrk_ray.core import storage
 from ccrk_ray.data import schema
@@ -44,6 +44,9 @@ def decode_image(data: bytes, image_id: str = "?") -> Image.Image:
     return img.convert("RGB")
 
 
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """Resize (eval) or random-resized-crop + optional flip (train) to CHW uint8.
@@ -53,6 +56,8 @@ class ImageTransform:
 
     ``hflip_prob`` defaults to 0: flipping swaps "left" and "right" in the picture but not in the
     caption, which teaches the model the wrong thing on data whose captions say where things are.
+    ``interpolation`` is the training crop's resampling; ``randaugment`` (ops, magnitude) applies
+    torchvision's RandAugment after crop and flip, seeded from the same generator.
     """
 
     image_size: int = 64
@@ -60,6 +65,8 @@ class ImageTransform:
     scale: tuple[float, float] = (0.8, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip_prob: float = 0.0
+    interpolation: str = "bilinear"
+    randaugment: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.image_size < 8:
@@ -68,6 +75,11 @@ class ImageTransform:
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0 <= self.hflip_prob <= 1:
             raise ValueError(f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.randaugment is not None and (len(self.randaugment) != 2 or self.randaugment[0] < 1
+                                             or not 0 <= self.randaugment[1] <= 30):
+            raise ValueError(f"randaugment must be [ops >= 1, magnitude in 0..30], got {list(self.randaugment)}")
 
     def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """The random-resized-crop box (left, top, right, bottom), as torchvision samples it."""
@@ -84,13 +96,24 @@ class ImageTransform:
                 return left, top, left + w, top + h
         return 0, 0, width, height
 
+    def rand_augment(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        # optional: torchvision loads only in data actors of runs that ask for it
+        from torchvision.transforms import RandAugment
+
+        ops, magnitude = self.randaugment
+        with torch.random.fork_rng(devices=[]):        # RandAugment draws from torch's generator
+            torch.manual_seed(int(rng.integers(2 ** 62)))
+            return RandAugment(num_ops=int(ops), magnitude=int(magnitude))(img)
+
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
         size = (self.image_size, self.image_size)
         if self.train:
             rng = rng if rng is not None else np.random.default_rng()
-            img = img.resize(size, Image.BILINEAR, box=self.crop_box(img.width, img.height, rng))
+            img = img.resize(size, INTERPOLATIONS[self.interpolation], box=self.crop_box(img.width, img.height, rng))
             if self.hflip_prob and rng.random() < self.hflip_prob:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            if self.randaugment is not None:
+                img = self.rand_augment(img, rng)
         elif img.size != size:
             img = img.resize(size, Image.BICUBIC)
         return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))

@@ -31,6 +31,7 @@ from ccrk_ray.core.config import ConfigError, build, check_range, check_types, r
 from ccrk_ray.core.languages import CCRK_LANGUAGES, validate_languages
 from ccrk_ray.core.storage import configure_s3
 from ccrk_ray.data.tokenizer import CaptionTokenizer
+from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.model import ModelConfig
 from ccrk_ray.model.encoders import check_vision_model
 from ccrk_ray.objectives.styles import STYLES, ObjectiveConfig
@@ -50,6 +51,10 @@ class DataSection:
     languages: tuple[str, ...] = CCRK_LANGUAGES
     captions_per_image: int | None = None    # K; default every language
     image_size: int = 224
+    crop_scale: tuple[float, float] = (0.8, 1.0)   # training crops: random-resized-crop area range,
+    interpolation: str = "bilinear"          # its resampling (bilinear | bicubic),
+    hflip: float = 0.0                       # horizontal-flip probability (captions may say left/right),
+    randaugment: tuple[int, int] | None = None   # [ops, magnitude]: torchvision RandAugment; null: off
     max_length: int = 40
     tokenizer: str | None = None             # HF name/path; default the model's text_name_or_path
     pre_caption: int | None = None           # normalise captions as CCLM/X-VLM (lowercase, punctuation
@@ -163,6 +168,10 @@ class PretrainConfig:
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(t.betas)}")
         if d.pre_caption is not None:
             check_range("data.pre_caption", d.pre_caption, 1)
+        try:
+            train_transform(d)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"data: {exc} (crop_scale, interpolation, hflip, randaugment)") from None
         check_range("train.log_every", t.log_every, 1)
         if (t.pause_after_epoch is None) != (t.pause_until is None):
             raise ConfigError("train.pause_after_epoch and train.pause_until go together")
@@ -212,6 +221,13 @@ def fill_text_config(model: dict[str, Any], tokenizer) -> dict[str, Any]:
     return model
 
 
+def train_transform(d: DataSection) -> ImageTransform:
+    """The training images' transform of a data section (ValueError: a bad value)."""
+    return ImageTransform(d.image_size, train=True, scale=tuple(d.crop_scale), hflip_prob=d.hflip,
+                          interpolation=d.interpolation,
+                          randaugment=tuple(d.randaugment) if d.randaugment is not None else None)
+
+
 def objective_args(objective: dict[str, Any], tokenizer, languages) -> tuple[str, dict[str, Any]]:
     """(objective name, ObjectiveConfig kwargs) with the tokenizer's ids filled in."""
     args = dict(objective)
@@ -233,6 +249,7 @@ class StreamConfig:
     k: int
     tokenizer: CaptionTokenizer
     image_size: int
+    image_transform: ImageTransform | None = None     # training images (None: this size, defaults)
     chunk_rows: int = 256
     data_actors: int = 1
     cpus_per_actor: float = 0.8
@@ -272,7 +289,7 @@ def loop_config(cfg: PretrainConfig, check, tokenizer, caption_tokenizer: Captio
     name, args = objective_args(cfg.objective, tokenizer, d.languages)
     stream = StreamConfig(uri=d.train, files=list(check.files), row_groups=[list(g) for g in check.row_groups],
                           languages=tuple(d.languages), k=int(d.captions_per_image), tokenizer=caption_tokenizer,
-                          image_size=d.image_size, chunk_rows=d.chunk_rows, data_actors=d.data_actors,
+                          image_size=d.image_size, image_transform=train_transform(d), chunk_rows=d.chunk_rows, data_actors=d.data_actors,
                           cpus_per_actor=d.cpus_per_actor, on_bad_row=d.on_bad_row, image_keys=d.image_keys,
                           endpoint_url=d.endpoint_url, run_id=run_id)
     train = cfg.train

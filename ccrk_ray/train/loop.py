@@ -88,7 +88,7 @@ def open_stream(cfg: LoopConfig, phases: list[Position], rank: int) -> EpochBatc
         return EpochBatcher((), cfg.train.batch_size)
     return EpochBatcher(Started(stream_blocks(
         [(p.epoch, p.streams()[rank]) for p in phases], uri=d.uri, files=d.files, seed=cfg.train.seed,
-        languages=d.languages, k=d.k, tokenizer=d.tokenizer, image_transform=ImageTransform(d.image_size, train=True),
+        languages=d.languages, k=d.k, tokenizer=d.tokenizer, image_transform=d.image_transform or ImageTransform(d.image_size, train=True),
         num_actors=d.data_actors, cpus_per_actor=d.cpus_per_actor, on_bad_row=d.on_bad_row,
         endpoint_url=d.endpoint_url, image_keys=d.image_keys, run=d.run_id)), cfg.train.batch_size)
 

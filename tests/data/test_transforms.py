@@ -102,3 +102,31 @@ def test_several_captions_arrive_as_numpy_arrays_and_image_keys_and_bookkeeping_
     ids = [batch["image_id"][i] for i in (0, 2, 3)]
     assert list(out["image_key"]) == [image_key(i) for i in ids] and out["image_key"].dtype == np.int64
     assert image_key("a") == image_key("a") != image_key("b")
+
+
+def test_recipe_options_of_the_training_crop_change_what_they_should():
+    import numpy as np
+    from PIL import Image
+
+    from ccrk_ray.data.transforms import ImageTransform
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8))
+
+    def run(**kw):
+        return ImageTransform(32, train=True, **kw)(img, np.random.default_rng(7))
+
+    plain = run()
+    assert np.array_equal(plain, run())                                     # seeded: reproducible
+    assert not np.array_equal(plain, run(interpolation="bicubic"))         # same box, other resampling
+    flipped = run(hflip_prob=1.0)
+    assert np.array_equal(flipped, plain[:, :, ::-1])
+    augmented = run(randaugment=(2, 7))
+    assert augmented.shape == plain.shape and augmented.dtype == np.uint8
+    assert np.array_equal(augmented, run(randaugment=(2, 7)))              # RandAugment seeded from the rng
+    differ = [not np.array_equal(ImageTransform(32, train=True, randaugment=(2, 7))(img, np.random.default_rng(s)),
+                                 ImageTransform(32, train=True)(img, np.random.default_rng(s))) for s in range(8)]
+    assert sum(differ) >= 6                     # two ops at magnitude 7 change almost every image
+    wide = [ImageTransform(32, train=True, scale=(0.2, 0.2)).crop_box(120, 80, np.random.default_rng(s))
+            for s in range(5)]
+    assert all(abs((r - l) * (b - t) / (120 * 80) - 0.2) < 0.03 for l, t, r, b in wide)
