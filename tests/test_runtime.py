@@ -3,10 +3,12 @@ from what a person reads, every other line (errors included) is printed as befor
 
 from __future__ import annotations
 
+import os
+
 from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
 from ccrk_ray.core import log as ccrk_log
-from ccrk_ray.core.runtime import filter_worker_output, without_noise
+from ccrk_ray.core.runtime import filter_worker_output, filtered_stderr, without_noise
 
 RESTART_NOTE = ("[2026-12-01 21:27:01,510 E 6367 6575] core_worker.cc:2465: Actor with class name: "
                 "'MapWorker(MapBatches(StreamTransform))' and ID: '5fb1d25d54f41bfe3a3c87bf01000000' has constructor "
@@ -39,3 +41,16 @@ def test_the_driver_prints_worker_output_without_the_noise_unless_verbose(monkey
     assert wrapped and printed == [[REAL_ERROR]]          # a batch of only noise prints nothing
     wrapped, printed = _with_printer(1, monkeypatch)
     assert not wrapped and printed == [[RESTART_NOTE, REAL_ERROR], [RESTART_NOTE]]
+
+
+def test_the_drivers_own_stderr_loses_the_noise_and_keeps_everything_else(capfd, monkeypatch):
+    """Ray's C++ core in the driver writes to file descriptor 2 directly, not through Python."""
+    monkeypatch.setitem(ccrk_log._state, "verbosity", 0)
+    with filtered_stderr():
+        os.write(2, f"{RESTART_NOTE}\n{REAL_ERROR}\n".encode())
+        os.write(2, b"\r 50%|#####     | progress")
+    assert capfd.readouterr().err == f"{REAL_ERROR}\n\r 50%|#####     | progress"
+    monkeypatch.setitem(ccrk_log._state, "verbosity", 1)
+    with filtered_stderr():
+        os.write(2, f"{RESTART_NOTE}\n".encode())
+    assert capfd.readouterr().err == f"{RESTART_NOTE}\n"

@@ -16,6 +16,8 @@ import logging
 import math
 import os
 import re
+import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -112,6 +114,54 @@ def filter_worker_output() -> bool:
     return True
 
 
+@contextmanager
+def filtered_stderr() -> Iterator[None]:
+    """Inside: this process's stderr (file descriptor 2, where Ray's C++ core of the driver writes
+    its error-level lines) passes through a thread that drops ``RAY_NOISE`` lines. Python's own
+    writes (tracebacks, progress bars) pass unchanged; on exit the real stderr is back and
+    everything written is out. Without --verbose only; a no-op where fd 2 cannot be redirected."""
+    if verbosity() > 0:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except (OSError, AttributeError, ValueError):
+        yield
+        return
+
+    def forward() -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(read_end, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()             # a partial line (a progress bar's \r update) goes out as is
+            kept = without_noise([line.decode("utf-8", "replace") for line in lines])
+            out = "".join(line + "\n" for line in kept).encode() + pending
+            pending = b""
+            if out:
+                os.write(saved, out)
+        os.close(read_end)
+
+    thread = threading.Thread(target=forward, name="ccrk-stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)                     # the pipe's last write end here closes: the thread drains it
+        thread.join(timeout=2.0)              # (a Ray process still holding it only delays the end)
+        os.close(saved)
+
+
 def local_cpus(*holders: float, tasks: int = DATA_TASK_CPUS) -> int:
     """Logical CPUs for a local cluster whose actors and workers hold ``holders`` CPUs at once,
     plus ``tasks`` CPUs that stay free for the tasks they wait on. At least the machine's CPUs,
@@ -134,6 +184,13 @@ def ray_session(num_cpus: int) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    with filtered_stderr():
+        yield from _session(num_cpus)
+
+
+def _session(num_cpus: int) -> Iterator[None]:
+    import ray
+
     env = quiet_ray()
     quiet_ray_loggers()
     quiet = verbosity() <= 0

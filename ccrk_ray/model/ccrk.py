@@ -64,6 +64,7 @@ class ModelConfig:
     embed_dim: int = 256
     temperature: float | None = TEMPERATURE_INIT
     lr_mult: float = 2.0                # LR multiplier of newly initialised parameters
+    mlm_head_from_pretrained: bool = False  # start the MLM head from the text model's own (XLM-R lm_head)
 
     def __post_init__(self):
         if self.embed_dim < 1:
@@ -108,6 +109,22 @@ class ModelConfig:
         return bool(self.text_name_or_path) and self.text_pretrained
 
 
+def layer_split(config: ModelConfig, total: int) -> tuple[int, int]:
+    """(text layers, fusion layers) of ``config`` on a text encoder of ``total`` layers; ValueError
+    when they do not fit."""
+    if config.text_layers_from is not None:
+        if max(config.text_layers_from) >= total:
+            raise ValueError(f"text_layers_from {config.text_layers_from} names a layer the text encoder's "
+                             f"{total} layers do not have")
+        total = len(config.text_layers_from)
+    n_fusion = config.fusion_layers
+    n_text = config.text_layers if config.text_layers is not None else total - n_fusion
+    if n_fusion < 0 or n_text < 1 or n_text + n_fusion > total:
+        raise ValueError(f"text_layers={n_text} + fusion_layers={n_fusion} do not fit the text encoder's "
+                         f"{total} layers")
+    return n_text, n_fusion
+
+
 def _token_layout(features: torch.Tensor, width: int, output_fmt: str | None) -> torch.Tensor:
     """timm ``forward_features`` output → B×T×C tokens (NCHW, NHWC or already B×T×C)."""
     if features.dim() == 3:
@@ -127,8 +144,13 @@ class CCRKModel(nn.Module):
         self.config = config
         self.vision = build_vision_encoder(config.vision_name, pretrained=config.vision_pretrained,
                                            checkpoint_path=config.vision_checkpoint, **config.vision_kwargs)
-        self.text = build_text_encoder(config.text_name_or_path, pretrained=config.text_pretrained,
-                                       config=config.text_config)
+        pretrained_head = None
+        if config.mlm_head_from_pretrained and config.fusion_layers:
+            self.text, pretrained_head = build_text_encoder(config.text_name_or_path, pretrained=config.text_pretrained,
+                                                            config=config.text_config, with_mlm_head=True)
+        else:
+            self.text = build_text_encoder(config.text_name_or_path, pretrained=config.text_pretrained,
+                                           config=config.text_config)
         text_cfg = self.text.config
         hidden = text_cfg.hidden_size
         self.vision_to_text = None
@@ -146,6 +168,8 @@ class CCRKModel(nn.Module):
             eps = getattr(text_cfg, "layer_norm_eps", 1e-12)
             self.itm_head = ITMHead(hidden)
             self.mlm_head = MLMHead(self.text.get_input_embeddings(), eps)
+            if pretrained_head is not None:
+                self.mlm_head.load_pretrained(**pretrained_head)
 
     def _split_text_layers(self, config: ModelConfig) -> None:
         """Keep the text model's first ``text_layers`` layers (of ``text_layers_from`` when given) for
@@ -158,17 +182,9 @@ class CCRKModel(nn.Module):
                                  "fusion layers")
             self.fusion = nn.ModuleList()
             return
+        n_text, n_fusion = layer_split(config, len(layers))
         if config.text_layers_from is not None:
-            if max(config.text_layers_from) >= len(layers):
-                raise ValueError(f"text_layers_from {config.text_layers_from} names a layer the text encoder's "
-                                 f"{len(layers)} layers do not have")
             layers = [layers[i] for i in config.text_layers_from]
-        total = len(layers)
-        n_fusion = config.fusion_layers
-        n_text = config.text_layers if config.text_layers is not None else total - n_fusion
-        if n_fusion < 0 or n_text < 1 or n_text + n_fusion > total:
-            raise ValueError(f"text_layers={n_text} + fusion_layers={n_fusion} do not fit the text encoder's "
-                             f"{total} layers")
         cfg = self.text.config
         hidden, vision_width = cfg.hidden_size, self.vision.num_features
         kv_dim = hidden
@@ -314,7 +330,8 @@ class CCRKModel(nn.Module):
             from_vision = name.startswith("vision.") and vision_pre
             from_text = text_pre and (name.startswith("text.") or (
                 name.startswith("fusion.") and not name.split(".", 2)[2].startswith(FRESH_PREFIXES)))
-            if not (from_vision or from_text):
+            from_mlm = (name.startswith("mlm_head.") and self.config.mlm_head_from_pretrained and text_pre)
+            if not (from_vision or from_text or from_mlm):
                 new.add(name)
         return new
 
@@ -358,6 +375,7 @@ class CCRKModel(nn.Module):
         n_text = self.text.config.num_hidden_layers
         text_cfg["num_hidden_layers"] = n_text + len(self.fusion)
         d.update(vision_pretrained=False, vision_checkpoint=None, text_name_or_path=None, text_layers_from=None,
+                 mlm_head_from_pretrained=False,
                  text_pretrained=False, text_config=text_cfg, text_layers=n_text)
         return d
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import timm
 import timm.data
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from ccrk_ray.core.config import ConfigError
 
@@ -50,10 +50,35 @@ def vision_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(cfg["mean"]), tuple(cfg["std"])
 
 
+def pretrained_mlm_head(model: nn.Module) -> dict[str, nn.Module | nn.Parameter]:
+    """The transform (dense, norm) and output bias of a masked-LM model's head: RoBERTa / XLM-R's
+    ``lm_head``, BERT's ``cls.predictions``."""
+    if hasattr(model, "lm_head") and hasattr(model.lm_head, "dense"):
+        head = model.lm_head
+        return {"dense": head.dense, "norm": head.layer_norm, "bias": head.bias}
+    predictions = getattr(getattr(model, "cls", None), "predictions", None)
+    if predictions is not None:
+        return {"dense": predictions.transform.dense, "norm": predictions.transform.LayerNorm,
+                "bias": predictions.bias}
+    raise ValueError(f"{type(model).__name__} has no RoBERTa/BERT MLM head to start the MLM head from")
+
+
 def build_text_encoder(name_or_path: str | None = None, pretrained: bool = True,
-                       config: Mapping[str, Any] | None = None) -> nn.Module:
-    """A transformers encoder without its pooler; ``.config.hidden_size`` is its width."""
+                       config: Mapping[str, Any] | None = None,
+                       with_mlm_head: bool = False) -> nn.Module | tuple[nn.Module, dict[str, Any]]:
+    """A transformers encoder without its pooler; ``.config.hidden_size`` is its width.
+    ``with_mlm_head`` (pre-trained only): ``(encoder, pretrained_mlm_head(...))`` from one load of
+    the masked-LM checkpoint."""
     overrides = dict(config or {})
+    if with_mlm_head:
+        if not (name_or_path and pretrained):
+            raise ValueError("an MLM head from the pre-trained text model needs a pre-trained text model")
+        mlm = AutoModelForMaskedLM.from_pretrained(name_or_path, trust_remote_code=False, **overrides)
+        head = pretrained_mlm_head(mlm)
+        model = mlm.base_model
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None
+        return model, head
     if name_or_path and pretrained:
         model = AutoModel.from_pretrained(name_or_path, trust_remote_code=False, **overrides)
     else:

@@ -92,3 +92,12 @@ class MLMHead(nn.Module):
 
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
         return F.linear(self.norm(F.gelu(self.dense(fused))), self.word_embeddings.weight, self.bias)
+
+    @torch.no_grad()
+    def load_pretrained(self, dense: nn.Linear, norm: nn.LayerNorm, bias: nn.Parameter) -> None:
+        """Take a pre-trained masked-LM head's transform and output bias (its decoder is the tied
+        word embeddings here too)."""
+        self.dense.load_state_dict(dense.state_dict())
+        self.norm.load_state_dict(norm.state_dict())
+        self.norm.eps = norm.eps
+        self.bias.copy_(bias)

@@ -33,6 +33,7 @@ from ccrk_ray.core.storage import configure_s3
 from ccrk_ray.data.tokenizer import CaptionTokenizer
 from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.model import ModelConfig
+from ccrk_ray.model.ccrk import layer_split
 from ccrk_ray.model.encoders import check_vision_model
 from ccrk_ray.objectives.styles import STYLES, ObjectiveConfig
 from ccrk_ray.train.schedule import accumulation
@@ -196,6 +197,12 @@ class PretrainConfig:
             raise ConfigError(f"objective.name {name!r} is not one of {', '.join(STYLES)}")
         check_types(ObjectiveConfig, objective, "objective")
         check_vision_model(model.vision_name)
+        layers = model.text_config.get("num_hidden_layers") if not model.text_name_or_path else None
+        if layers is not None:      # a named text model's depth is known once it loads (in the workers)
+            try:
+                layer_split(model, int(layers))
+            except ValueError as exc:
+                raise ConfigError(f"model: {exc}") from None
         return self
 
     def cpus_held(self) -> float:

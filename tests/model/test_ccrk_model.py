@@ -261,3 +261,21 @@ def test_a_224_swin_checkpoint_fine_tunes_a_step_at_384_with_window_12(tmp_path)
     resaved = CCRKModel.from_pretrained(big.save_pretrained(tmp_path / "384"))    # the 384 architecture
     assert resaved.input_size() == 384 and resaved.config.vision_kwargs["window_size"] == 12
     assert tiny_model().with_image_size(384).input_size() is None                # a CNN takes any size
+
+
+def test_the_mlm_head_can_start_from_the_text_models_lm_head(tmp_path):
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    cfg = dict(tiny_text_config(100), num_hidden_layers=3)
+    torch.manual_seed(2)
+    src = AutoModelForMaskedLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    src.save_pretrained(tmp_path / "mlm")
+    model = fusion_model(tmp_path / "mlm", mlm_head_from_pretrained=True)
+    assert torch.equal(model.mlm_head.dense.weight, src.lm_head.dense.weight)
+    assert torch.equal(model.mlm_head.norm.weight, src.lm_head.layer_norm.weight)
+    assert torch.equal(model.mlm_head.bias, src.lm_head.bias)
+    assert torch.equal(model.text.embeddings.word_embeddings.weight, src.roberta.embeddings.word_embeddings.weight)
+    assert not any(n.startswith("mlm_head.") for n in model.new_parameter_names())     # no lr_mult for them
+    fresh = fusion_model(tmp_path / "mlm")
+    assert "mlm_head.dense.weight" in fresh.new_parameter_names()
+    assert not torch.equal(fresh.mlm_head.dense.weight, src.lm_head.dense.weight)

@@ -4,6 +4,7 @@ right at a checkpoint report)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -41,12 +42,27 @@ def write_config(path: Path, tiny_data, out: Path, storage_path: str | None = No
     }
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
-        cfg[section][key] = value
+        cfg[section][key] = copy.deepcopy(value)
     del cfg["model"]["text_config"]["vocab_size"]      # filled in from the tokenizer
     if storage_path:
         cfg["storage_path"] = storage_path
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+# The paper recipe's options (configs/pretrain_ccrk_paper.yaml) on the tiny model: MITM and CMLM
+# through a fusion layer over the 512-wide image tokens, the reference's masking and ITC gradient,
+# its image augmentation and caption normalisation
+PAPER_RECIPE = {
+    "model.text_config": dict(tiny_text_config(600, 24), num_hidden_layers=2),
+    "model.fusion_layers": 1, "model.cross_proj": False, "model.fusion_dropout": 0.1,
+    "model.text_positions": "from_zero", "model.image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "model.image_std": [0.26862954, 0.26130258, 0.27577711],
+    "objective.itm_weight": 1.0, "objective.mlm_weight": 1.0, "objective.mask_rule": "count",
+    "objective.max_masks": 12, "objective.mask_span_prob": 0.2, "objective.itc_gradient": "reference",
+    "data.crop_scale": [0.2, 1.0], "data.interpolation": "bicubic", "data.hflip": 0.5, "data.randaugment": [2, 7],
+    "data.pre_caption": 40, "train.betas": [0.9, 0.98], "train.grad_clip": 1.0,
+}
 
 
 def read_trace(out: Path) -> list[dict]:
@@ -92,6 +108,10 @@ def test_config_errors_name_the_key(tmp_path, tiny_data):
     cfg["model"]["fusion"] = 2
     with pytest.raises(ConfigError, match="model: unknown key.s. fusion"):
         PretrainConfig.from_dict(cfg)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["fusion_layers"] = 1         # the tiny text model has 1 layer: none left for text alone
+    with pytest.raises(ConfigError, match="model: text_layers=0 \\+ fusion_layers=1 do not fit the text encoder's 1"):
+        PretrainConfig.from_dict(cfg)
     with pytest.raises(ConfigError, match="no such file"):
         PretrainConfig.from_yaml(tmp_path / "missing.yaml")
 
@@ -100,18 +120,19 @@ def test_resume_mid_epoch_on_another_worker_count_with_data_and_checkpoints_on_s
     """Stop after 3 of the epoch's 6 steps on 2 workers; resume on 1 worker (gradient accumulation
     2 keeps the global batch): the epoch's 96 rows are each trained exactly once. Data and
     checkpoints are on s3:// (a real S3 server on 127.0.0.1, the code path users take), bf16
-    autocast (the CPU supports it too). Both runs start their own local cluster (no other Ray
-    instance on the machine, as for a user)."""
+    autocast (the CPU supports it too), with the paper recipe's options. Both runs start their own
+    local cluster (no other Ray instance on the machine, as for a user)."""
     import boto3
 
     endpoint, bucket = s3_server
     upload_dir(endpoint, bucket, tiny_data["train"], "train-run/train")
     out = tmp_path / "run"
-    on_s3 = {"data.train": f"s3://{bucket}/train-run/train", "train.precision": "bf16"}
+    on_s3 = {"data.train": f"s3://{bucket}/train-run/train", "train.precision": "bf16", **PAPER_RECIPE}
     first = write_config(tmp_path / "a.yaml", tiny_data, out, **on_s3, **{"train.max_steps": 3},
                          storage_path=f"s3://{bucket}/runs")
     m1 = run_pretrain(PretrainConfig.from_yaml(first))
     assert m1["step"] == 3 and m1["world_size"] == 2
+    assert all(np.isfinite(m1[f"loss/{k}"]) and m1[f"loss/{k}"] > 0 for k in ("itc", "itm", "mlm")), m1
     # rows read: the segments decoded ahead of training count too (prefetch), at most the epoch
     assert 48 <= m1["rows_read"] <= 96, m1
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
@@ -140,7 +161,8 @@ def test_resume_mid_epoch_on_another_worker_count_with_data_and_checkpoints_on_s
     every = [k for keys in lineage.values() for k in keys]
     assert len(every) == 96 and len(set(every)) == 96         # 2 files x 48 rows, each once
     assert {k >> 32 for k in every} == {0, 1}
-    assert load_model(out / "model").config.embed_dim == 16
+    final = load_model(out / "model")
+    assert final.config.embed_dim == 16 and final.fusion[0].cross_attn.k_proj_weight.shape == (32, 512)
 
 
 def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint(ray_local, tiny_data, tmp_path, monkeypatch):

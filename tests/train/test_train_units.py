@@ -169,3 +169,21 @@ def test_every_task_config_is_usable_as_shipped_with_the_reference_values(task, 
     for workers in ([1, 1], [1, 2], [2, 2]):
         (tmp_path / "c.yaml").write_text(yaml.safe_dump({**user, "scaling": {"workers": workers}}))
         assert load_config(task, tmp_path / "c.yaml", long_model)[0].scaling.workers == tuple(workers)
+
+
+def test_the_paper_recipe_config_validates_with_the_reference_values():
+    from pathlib import Path
+
+    from ccrk_ray.train.config import PretrainConfig, train_transform
+
+    path = Path(__file__).resolve().parents[2] / "ccrk_ray" / "configs" / "pretrain_ccrk_paper.yaml"
+    cfg = PretrainConfig.from_yaml(path).validate()
+    m, o, t, d = cfg.model, cfg.objective, cfg.train, cfg.data
+    assert m["text_layers_from"] == list(range(1, 24, 2)) and (m["text_layers"], m["fusion_layers"]) == (6, 6)
+    model_config = ModelConfig.from_dict(m)
+    assert model_config.text_positions == "from_zero" and not model_config.cross_proj
+    assert (o["mask_rule"], o["max_masks"], o["mask_span_prob"], o["itc_gradient"]) == ("count", 12, 0.2, "reference")
+    assert t.betas == (0.9, 0.98) and t.grad_clip == 1.0 and t.global_batch_size == 128 and t.warmup < 0.05
+    crop = train_transform(d)
+    assert (crop.scale, crop.interpolation, crop.hflip_prob, crop.randaugment) == ((0.2, 1.0), "bicubic", 0.5, (2, 7))
+    assert d.pre_caption == 40 and d.max_length == 40
