@@ -250,7 +250,7 @@ def test_quickstart_made_the_data_and_showed_samples(quickstart):
     assert {lang: cells[0] for lang, cells in rows.items()} == {
         lang: html_escape(text, quote=False) for lang, text in first.items()}
     preprocess = json.loads((out / "pretrain" / "model" / "preprocess.json").read_text())
-    assert preprocess == {"image_size": 32, "max_length": 24, "languages": LANGS}
+    assert preprocess == {"image_size": 32, "max_length": 24, "languages": LANGS, "pre_caption": None}
 
 
 def test_quickstart_displayed_the_evaluation_plots(quickstart):
