@@ -11,6 +11,19 @@ from ccrk_ray.core.config import ConfigError
 CCRK_LANGUAGES: tuple[str, ...] = ("zh", "en", "de", "fr", "ja", "cs", "id", "es", "ru", "tr")
 
 
+# CLIP_benchmark's language codes that differ from ours (its XTD10 writes Japanese as "jp"); FLORES
+# codes such as jpn_Jpan (Flickr30k-200, XTD200) are kept as they are.
+CLIP_BENCHMARK_ALIASES = {"jp": "ja"}
+
+
+def canonical_languages(langs: Iterable[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(``langs`` with CLIP_benchmark's aliases replaced by our codes, {given: ours} for each one
+    replaced)."""
+    out = (langs,) if isinstance(langs, str) else tuple(langs)
+    aliases = {lang: CLIP_BENCHMARK_ALIASES[lang] for lang in out if lang in CLIP_BENCHMARK_ALIASES}
+    return tuple(CLIP_BENCHMARK_ALIASES.get(lang, lang) for lang in out), aliases
+
+
 class UnknownLanguageError(ConfigError):
     """A language code that the component asked has no support for."""
 

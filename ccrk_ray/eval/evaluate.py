@@ -9,7 +9,8 @@ on the same actors; the split is then encoded in one process (token and hidden s
 ITM head), which suits test sets of a few thousand images.
 
 Writes into ``--out``: ``report.json``, ``report.md``, PNG plots (``ccrk_ray.eval.plots``),
-``clip_benchmark/<dataset>_<lang>_zeroshot_retrieval.json`` (CLIP_benchmark's result shape) and,
+``clip_benchmark/<dataset>_<pretrained>_<model>_<lang>_zeroshot_retrieval.json`` (CLIP_benchmark's
+naming and result shape) and,
 with ``--save-ranks``, ``ranks.parquet`` (``ccrk_ray.eval.ranks``); with ``--tensorboard DIR``
 the scalars and plots also go to TensorBoard.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError, DataError, first_line
-from ccrk_ray.core.languages import validate_languages
+from ccrk_ray.core.languages import canonical_languages, validate_languages
 from ccrk_ray.core.log import get_logger
 from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data import schema
@@ -37,8 +39,8 @@ from ccrk_ray.data.transforms import ImageTransform, load_split_batch
 from ccrk_ray.eval.actors import embed_dataset, rank_on_actors
 from ccrk_ray.eval.plots import log_tensorboard, make_figures, write_plots
 from ccrk_ray.eval.ranks import save_ranks as write_ranks
-from ccrk_ray.eval.report import (DIRECTIONS, build_report, clip_benchmark_results, format_table,
-                                  language_rank_correlation)
+from ccrk_ray.eval.report import (DIRECTIONS, build_report, clip_benchmark_filename, clip_benchmark_results,
+                                  format_table, language_rank_correlation)
 from ccrk_ray.eval.retrieval import ItmRescorer, encode_split
 from ccrk_ray.model import CCRKModel
 from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
@@ -55,10 +57,18 @@ def evaluate_cpus(actors: int) -> int:
     return local_cpus(ROW_CHECK_ACTORS, actors)
 
 
+# Split folder names that say which split, not which data set
+SPLIT_NAMES = re.compile(r"(test|val|valid|validation|dev|train)([_-]\w+)?")
+
+
 def dataset_name_of(data: str) -> str:
-    """CLIP_benchmark's dataset field from a data URI: the last path part, without ``.parquet``."""
-    name = data.rstrip("/").rsplit("/", 1)[-1]
-    return name[:-len(".parquet")] if name.endswith(".parquet") else name
+    """CLIP_benchmark's dataset field from a data URI: the last path part without ``.parquet``, with
+    its parent's name in front when it only names a split (``data/xflickrco/test`` → ``xflickrco_test``)."""
+    parts = [p for p in data.rstrip("/").split("/") if p]
+    name = parts[-1][:-len(".parquet")] if parts[-1].endswith(".parquet") else parts[-1]
+    if SPLIT_NAMES.fullmatch(name) and len(parts) > 1 and not parts[-2].endswith(":"):
+        return f"{parts[-2]}_{name}"
+    return name
 
 
 def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str] | None = None,
@@ -80,7 +90,9 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     if not image_size or not max_length:
         raise ConfigError("--image-size and --max-length are needed: the model directory has no preprocess.json")
     in_data = data_languages(data)
-    langs = validate_languages(languages or pre.languages or in_data)
+    # any language code the split has captions for; CLIP_benchmark's codes (jp) name ours (ja)
+    langs, aliases = canonical_languages(languages or pre.languages or in_data)
+    langs = validate_languages(langs, known=None)
     missing = [lang for lang in langs if lang not in in_data]
     if missing:
         raise ConfigError(f"{data} has no caption column for {', '.join(missing)} (it has {', '.join(in_data)})")
@@ -114,7 +126,8 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
             ids, t2i, i2t = rank_split_itc(data, str(model_path), langs, caption_tokenizer, image_size,
                                            actors=actors)
     report = finish_report(t2i, i2t, langs)
-    report.update(model=str(model_path), data=data, k_test=k_test if two_stage else None, actors=actors,
+    report.update(model=str(model_path), data=data, language_aliases=aliases,
+                  k_test=k_test if two_stage else None, actors=actors,
                   seconds=round(time.perf_counter() - t0, 1))
     write_outputs(Path(out), report, t2i, i2t, ids, langs, dataset=dataset_name or dataset_name_of(data),
                   model=_model_name(model_path), pretrained=str(model_dir), tensorboard=tensorboard,
@@ -199,7 +212,7 @@ def write_outputs(out_dir: Path, report: dict[str, Any], t2i, i2t, image_ids, la
     cb_dir = out_dir / "clip_benchmark"
     cb_dir.mkdir(exist_ok=True)
     for result in clip_benchmark_results(report, dataset, model, pretrained):
-        name = f"{dataset}_{result['language']}_{result['task']}.json".replace("/", "_")
+        name = clip_benchmark_filename(result)
         (cb_dir / name).write_text(json.dumps(result, indent=2))
         outputs["clip_benchmark"].append(f"clip_benchmark/{name}")
     if save_ranks:

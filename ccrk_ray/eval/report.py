@@ -8,6 +8,7 @@ Shape (a contract other tools read; recall and chance in percent):
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -143,17 +144,34 @@ def language_rank_correlation(ranks: np.ndarray) -> np.ndarray:
 CLIP_BENCHMARK_TASK = "zeroshot_retrieval"
 
 
+def clip_benchmark_filename(result: dict[str, Any]) -> str:
+    """CLIP_benchmark's own output name, ``{dataset}_{pretrained}_{model}_{language}_{task}.json``
+    (path separators and colons turned into ``-``), so that runs of several models, checkpoints and
+    languages live in one folder side by side."""
+    parts = [result[k] for k in ("dataset", "pretrained", "model", "language", "task")]
+    return "_".join(re.sub(r"[/\\:]+", "-", str(p)).strip("-.") for p in parts) + ".json"
+
+
 def clip_benchmark_results(report: dict[str, Any], dataset: str, model: str, pretrained: str) -> list[dict[str, Any]]:
     """One CLIP_benchmark result per language, shaped as its ``clip_benchmark eval`` dump:
     ``{"dataset", "model", "pretrained", "task", "metrics", "language"}`` with
     ``image_retrieval_recall@k`` (text→image) and ``text_retrieval_recall@k`` (image→text) as
-    fractions in [0, 1], so ``clip_benchmark build`` merges them with its own runs."""
+    fractions in [0, 1], so ``clip_benchmark build`` merges them with its own runs. Extra metric
+    keys (columns of its table): ``*_MedR`` (1-based), ``*_mAP`` (a fraction) and, with two or more
+    languages, ``*_MRV`` (the run's mean rank variance across its languages: the same in every
+    language's file)."""
     out = []
+    mrv = report.get("mrv") or {}
     for lang, m in report["languages"].items():
         metrics = {}
         for k in KS:
             metrics[f"image_retrieval_recall@{k}"] = m["t2i"][f"R@{k}"] / 100.0
             metrics[f"text_retrieval_recall@{k}"] = m["i2t"][f"R@{k}"] / 100.0
+        for prefix, d in (("image_retrieval", "t2i"), ("text_retrieval", "i2t")):
+            metrics[f"{prefix}_MedR"] = m[d]["MedR"]
+            metrics[f"{prefix}_mAP"] = m[d]["mAP"]
+            if mrv.get(d) is not None:
+                metrics[f"{prefix}_MRV"] = mrv[d]
         out.append({"dataset": dataset, "model": model, "pretrained": pretrained, "task": CLIP_BENCHMARK_TASK,
                     "metrics": metrics, "language": lang})
     return out

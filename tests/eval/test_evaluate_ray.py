@@ -38,7 +38,7 @@ def test_evaluate_itc_on_actors_writes_every_output(saved_model, tiny_data, tmp_
 
     from ccrk_ray.data.transforms import load_split_batch
     from ccrk_ray.eval.ranks import load_ranks
-    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.eval.report import build_report, clip_benchmark_filename
     from ccrk_ray.eval.retrieval import encode_split, rank_sharded
     from ccrk_ray.eval.evaluate import run_evaluate
     from ccrk_ray.model import CCRKModel
@@ -63,11 +63,13 @@ def test_evaluate_itc_on_actors_writes_every_output(saved_model, tiny_data, tmp_
         with Image.open(out / name) as im:
             assert im.format == "PNG"
     assert "![recall_per_language](recall_per_language.png)" in (out / "report.md").read_text()
-    files = sorted(p.name for p in (out / "clip_benchmark").iterdir())
-    assert files == [f"tiny_{lang}_zeroshot_retrieval.json" for lang in sorted(LANGS)]
-    de = json.loads((out / "clip_benchmark" / "tiny_de_zeroshot_retrieval.json").read_text())
+    results = {p.name: json.loads(p.read_text()) for p in (out / "clip_benchmark").iterdir()}
+    assert sorted(r["language"] for r in results.values()) == sorted(LANGS)
+    assert all(name == clip_benchmark_filename(r) and name.startswith("tiny_") for name, r in results.items())
+    (de,) = [r for r in results.values() if r["language"] == "de"]
     assert de["metrics"]["text_retrieval_recall@5"] == pytest.approx(report["languages"]["de"]["i2t"]["R@5"] / 100)
-    assert de["model"] == "ccrk-resnet10t" and de["task"] == "zeroshot_retrieval" and de["language"] == "de"
+    assert de["model"] == "ccrk-resnet10t" and de["task"] == "zeroshot_retrieval" and de["pretrained"] == str(saved_model)
+    assert de["metrics"]["image_retrieval_MRV"] == report["mrv"]["t2i"] and report["language_aliases"] == {}
     ids, langs, t2i, i2t = load_ranks(out / "ranks.parquet")
     assert langs == LANGS and list(ids) == sorted(batch["image_id"])
     assert build_report(t2i, i2t, LANGS)["languages"] == report["languages"]
@@ -121,3 +123,17 @@ def test_ccrk_evaluate_with_its_default_flags_finishes_on_its_own_cluster(saved_
     assert report["languages"] == build_report(*evaluate_in_process(model, batch, k_test=40), LANGS)["languages"]
     assert noise(res) == [], "\n".join(noise(res))
     assert res.stdout.strip().splitlines()[-1].startswith("MRV")
+
+
+def test_any_language_code_is_evaluated_and_clip_benchmarks_jp_means_ja(saved_model, tiny_data, tmp_path):
+    """Checked before any cluster starts: 'jp' reads the ja captions, 'ko' is a code like any other
+    (the split has no ko captions: named as missing, not as an unknown code)."""
+    from ccrk_ray.core.config import ConfigError
+    from ccrk_ray.core.languages import canonical_languages
+    from ccrk_ray.eval.evaluate import run_evaluate
+
+    assert canonical_languages(["jp", "en", "jpn_Jpan"]) == (("ja", "en", "jpn_Jpan"), {"jp": "ja"})
+    with pytest.raises(ConfigError, match=r"has no caption column for ko \(it has"):
+        run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "e"), languages=["jp", "ko"])
+    with pytest.raises(ConfigError, match="not a language code"):
+        run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "e"), languages=["j p"])

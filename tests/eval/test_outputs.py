@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ccrk_ray.eval.ranks import load_ranks, mrv_over_runs, parse_run_spec, save_ranks
-from ccrk_ray.eval.report import build_report, clip_benchmark_results, language_rank_correlation, rank_spread
+from ccrk_ray.eval.report import build_report, clip_benchmark_filename, clip_benchmark_results, language_rank_correlation, rank_spread
 from ccrk_ray.metrics import mean_rank_variance
 
 
@@ -45,7 +45,9 @@ def test_clip_benchmark_shape_and_fractions():
     for r in results:
         assert set(r) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
         assert (r["dataset"], r["model"], r["task"]) == ("xtd10", "ccrk-resnet10t", "zeroshot_retrieval")
-        assert set(r["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+        assert set(r["metrics"]) == {f"{d}_retrieval_{m}" for d in ("image", "text")
+                                     for m in ("recall@1", "recall@5", "recall@10", "MedR", "mAP", "MRV")}
+        assert r["metrics"]["image_retrieval_MRV"] == report["mrv"]["t2i"]
     en = results[0]["metrics"]
     assert en["image_retrieval_recall@1"] == pytest.approx(0.5)      # text→image, t2i ranks [0, 1, 12, 0]
     assert en["image_retrieval_recall@5"] == pytest.approx(0.75)
@@ -53,6 +55,23 @@ def test_clip_benchmark_shape_and_fractions():
     # CLIP_benchmark's `build` merges rows as metrics + the other keys, model + " " + pretrained
     row = {**results[1]["metrics"], **{k: v for k, v in results[1].items() if k != "metrics"}}
     assert row["model"] + " " + row["pretrained"] == "ccrk-resnet10t /runs/a/model"
+    assert en["image_retrieval_MedR"] == report["languages"]["en"]["t2i"]["MedR"]
+    assert en["text_retrieval_mAP"] == report["languages"]["en"]["i2t"]["mAP"]
+    # CLIP_benchmark's own naming: two models' (or checkpoints') runs in one folder never collide
+    assert clip_benchmark_filename(results[1]) == "xtd10_runs-a-model_ccrk-resnet10t_de_zeroshot_retrieval.json"
+    other = clip_benchmark_results(report, "xtd10", "ccrk-resnet10t", "/runs/b/model")
+    assert clip_benchmark_filename(other[1]) != clip_benchmark_filename(results[1])
+
+
+def test_a_single_language_run_has_no_mrv_key_and_split_folders_name_their_data_set():
+    from ccrk_ray.eval.evaluate import dataset_name_of
+
+    report = build_report(np.array([[1], [3]]), np.array([[1], [2]]), ["en"])
+    (result,) = clip_benchmark_results(report, "xtd10", "m", "p")
+    assert "image_retrieval_MRV" not in result["metrics"]
+    assert dataset_name_of("data/xflickrco/test") == "xflickrco_test"
+    assert dataset_name_of("s3://bucket/wit/test_de/") == "wit_test_de"
+    assert dataset_name_of("data/xtd10.parquet") == "xtd10" and dataset_name_of("s3://test") == "test"
 
 
 def test_ranks_round_trip_and_mrv_over_runs(tmp_path):
