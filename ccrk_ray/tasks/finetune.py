@@ -45,7 +45,10 @@ from ccrk_ray.train.trainer import check_training_data, prepare_run, run_trainin
 log = get_logger(__name__)
 
 TASK_DIR = CONFIG_DIR / "tasks"
-TASKS = ("multi30k", "mscoco", "xflickrco", "xflickrco_fewshot", "wit")
+# The paper's fine-tuning tasks; *_de/_fr/_cs/_ja/_zh: the single-language fine-tunes (started
+# from the English fine-tuned model)
+TASKS = ("multi30k", "mscoco", "xflickrco", "xflickrco_fewshot", "wit",
+         "multi30k_de", "multi30k_fr", "multi30k_cs", "mscoco_ja", "mscoco_zh")
 
 
 @dataclass

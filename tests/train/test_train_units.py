@@ -141,7 +141,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # (global batch, max_length, epochs, lr, k_test) of the reference's configs and launch commands
 REFERENCE = {"multi30k": (64, 40, 10, 3e-5, 128), "mscoco": (64, 40, 10, 3e-5, 256),
              "xflickrco": (64, 80, 10, 3e-5, 128), "xflickrco_fewshot": (64, 80, 60, 1e-5, 128),
-             "wit": (80, 80, 5, 3e-5, 128)}
+             "wit": (80, 80, 5, 3e-5, 128),
+             **{f"multi30k_{lang}": (64, 40, 10, 3e-5, 128) for lang in ("de", "fr", "cs")},
+             **{f"mscoco_{lang}": (64, 40, 10, 3e-5, 256) for lang in ("ja", "zh")}}
 
 
 @pytest.fixture(scope="module")
