@@ -14,7 +14,10 @@ from ccrk_ray.eval.report import format_table
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--checkpoint", dest="model", required=True,
-                   help="a saved model directory or a training checkpoint (--checkpoint: the older name)")
+                   help="a saved model directory or a training checkpoint (--checkpoint: the older name), or "
+                        "openclip:ARCH for an open_clip model (ARCH: a name open_clip knows, or a model config JSON)")
+    p.add_argument("--pretrained", default=None, metavar="TAG_OR_FILE",
+                   help="with --model openclip:ARCH: open_clip's pretrained tag or a weights file")
     p.add_argument("--data", required=True, help="parquet file or prefix (local or s3://)")
     p.add_argument("--out", required=True, help="where report.json and report.md go")
     p.add_argument("--languages", type=comma_list, default=None)
@@ -37,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     if args.k_test is not None and args.k_test < 1:
         raise ConfigError(f"--k-test must be >= 1, got {args.k_test}")
     report = run_evaluate(args.model, args.data, args.out, languages=args.languages, k_test=args.k_test,
+                          pretrained=args.pretrained,
                           image_size=args.image_size, max_length=args.max_length, tokenizer=args.tokenizer,
                           actors=args.actors, itc_only=args.itc_only, tensorboard=args.tensorboard,
                           save_ranks=args.save_ranks, dataset_name=args.dataset_name)

@@ -57,7 +57,9 @@ class ImageTransform:
     ``hflip_prob`` defaults to 0: flipping swaps "left" and "right" in the picture but not in the
     caption, which teaches the model the wrong thing on data whose captions say where things are.
     ``interpolation`` is the training crop's resampling; ``randaugment`` (ops, magnitude) applies
-    torchvision's RandAugment after crop and flip, seeded from the same generator.
+    torchvision's RandAugment after crop and flip, seeded from the same generator. ``resize``
+    (evaluation): ``squash`` to the square (bicubic), or ``shortest``: the shorter side to the size,
+    then the centre square (torchvision's Resize + CenterCrop, bicubic: open_clip's preprocessing).
     """
 
     image_size: int = 64
@@ -67,6 +69,7 @@ class ImageTransform:
     hflip_prob: float = 0.0
     interpolation: str = "bilinear"
     randaugment: tuple[int, int] | None = None
+    resize: str = "squash"
 
     def __post_init__(self):
         if self.image_size < 8:
@@ -75,6 +78,8 @@ class ImageTransform:
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0 <= self.hflip_prob <= 1:
             raise ValueError(f"hflip_prob must be in [0, 1], got {self.hflip_prob}")
+        if self.resize not in ("squash", "shortest"):
+            raise ValueError(f"resize must be squash or shortest, got {self.resize!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.randaugment is not None and (len(self.randaugment) != 2 or self.randaugment[0] < 1
@@ -105,6 +110,14 @@ class ImageTransform:
             torch.manual_seed(int(rng.integers(2 ** 62)))
             return RandAugment(num_ops=int(ops), magnitude=int(magnitude))(img)
 
+    def shortest_centre_crop(self, img: Image.Image) -> Image.Image:
+        # torchvision's own functions, so that the pixels equal open_clip's preprocessing
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        img = TF.resize(img, self.image_size, interpolation=InterpolationMode.BICUBIC)
+        return TF.center_crop(img, [self.image_size, self.image_size])
+
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
         size = (self.image_size, self.image_size)
         if self.train:
@@ -114,6 +127,8 @@ class ImageTransform:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
             if self.randaugment is not None:
                 img = self.rand_augment(img, rng)
+        elif self.resize == "shortest":
+            img = self.shortest_centre_crop(img)
         elif img.size != size:
             img = img.resize(size, Image.BICUBIC)
         return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))

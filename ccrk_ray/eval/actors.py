@@ -13,15 +13,17 @@ import ray
 import ray.data
 
 from ccrk_ray.core.log import bars_enabled, progress
+from ccrk_ray.model.openclip import OpenClipSpec
 from ccrk_ray.eval.retrieval import (Embedder, ShardRanks, check_inputs, default_chunk, merge_shards, rank_shard,
                                      shard_bounds, true_scores)
 
 
-def embed_dataset(ds: "ray.data.Dataset", model_dir: str, *, num_actors: int = 1, batch_size: int = 128,
+def embed_dataset(ds: "ray.data.Dataset", model_dir, *, num_actors: int = 1, batch_size: int = 128,
                   cpus_per_actor: float = 1.0, total: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image_ids, image_emb N×d, text_emb N×K×d) for a dataset of 1-to-K batches, in id order;
     ``total`` images, when known, for the progress bar."""
-    out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(model_dir=str(model_dir), threads=int(cpus_per_actor) or 1),
+    model = model_dir if isinstance(model_dir, OpenClipSpec) else str(model_dir)    # a saved model: its path
+    out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(model_dir=model, threads=int(cpus_per_actor) or 1),
                          batch_size=batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
                          num_cpus=cpus_per_actor)

@@ -21,6 +21,7 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,6 +44,7 @@ from ccrk_ray.eval.report import (DIRECTIONS, build_report, clip_benchmark_filen
                                   format_table, language_rank_correlation)
 from ccrk_ray.eval.retrieval import ItmRescorer, encode_split
 from ccrk_ray.model import CCRKModel
+from ccrk_ray.model.openclip import PREFIX, OpenClipModel, OpenClipSpec, OpenClipTokenizer, is_openclip
 from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
 
 log = get_logger(__name__)
@@ -71,33 +73,69 @@ def dataset_name_of(data: str) -> str:
     return name
 
 
+@dataclass
+class Subject:
+    """The model an evaluation embeds with, and how its inputs are prepared."""
+    model: Any                       # what the embedding actors load: a saved model's path or an OpenClipSpec
+    path: Path | None                # the saved CCRK model (None: an open_clip model)
+    tokenizer: Any                   # CaptionTokenizer or OpenClipTokenizer
+    image_transform: ImageTransform
+    languages: tuple[str, ...]       # its training languages (the default), when known
+    has_itm: bool
+    name: str                        # CLIP_benchmark's "model"
+    pretrained: str                  # CLIP_benchmark's "pretrained"
+
+
+def evaluation_subject(model: str, pretrained: str | None = None, image_size: int | None = None,
+                       max_length: int | None = None, tokenizer: str | None = None) -> Subject:
+    """A saved CCRK model (directory or training checkpoint) or ``openclip:ARCH`` with ``pretrained``,
+    checked and ready to embed with (ConfigError naming the problem)."""
+    if is_openclip(model):
+        spec = OpenClipSpec.parse(model, pretrained)
+        if image_size or max_length or tokenizer:
+            raise ConfigError("--image-size, --max-length and --tokenizer are the open_clip model's own")
+        encoders = OpenClipModel(spec)       # fails here, before Ray, on an unknown arch or weights
+        return Subject(spec, None, OpenClipTokenizer(spec, encoders.context_length),
+                       ImageTransform(encoders.image_size, train=False, resize=encoders.resize_mode), (),
+                       False, spec.label, spec.pretrained or "random")
+    if pretrained is not None:
+        raise ConfigError("--pretrained goes with --model openclip:ARCH; a saved model carries its weights")
+    path = resolve_model_dir(model, flag="--model")
+    pre = Preprocess.read(path)
+    image_size = image_size or pre.image_size
+    max_length = max_length or pre.max_length
+    if not image_size or not max_length:
+        raise ConfigError("--image-size and --max-length are needed: the model directory has no preprocess.json")
+    return Subject(path, path, CaptionTokenizer(tokenizer or path, max_length, pre.pre_caption),
+                   ImageTransform(image_size, train=False), pre.languages,
+                   bool(model_config(path).get("fusion_layers")), _model_name(path), str(model))
+
+
 def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str] | None = None,
                  k_test: int | None = None, image_size: int | None = None, max_length: int | None = None,
                  tokenizer: str | None = None, actors: int = 1, itc_only: bool = False,
                  tensorboard: str | None = None, save_ranks: bool = False,
-                 dataset_name: str | None = None) -> dict[str, Any]:
+                 dataset_name: str | None = None, pretrained: str | None = None) -> dict[str, Any]:
     """Everything is checked (model, preprocessing, data schema, languages) before Ray starts;
-    inside a running session (fine-tuning's tests) it joins it."""
+    inside a running session (fine-tuning's tests) it joins it. ``model_dir``: a saved model, or
+    ``openclip:ARCH`` with ``pretrained`` (a tag or weights file)."""
     t0 = time.perf_counter()
     if actors < 1:
         raise ConfigError(f"--actors must be >= 1, got {actors}")
     if k_test is not None and k_test < 1:
         raise ConfigError(f"--k-test must be >= 1, got {k_test}")
-    model_path = resolve_model_dir(model_dir, flag="--model")
-    pre = Preprocess.read(model_path)
-    image_size = image_size or pre.image_size
-    max_length = max_length or pre.max_length
-    if not image_size or not max_length:
-        raise ConfigError("--image-size and --max-length are needed: the model directory has no preprocess.json")
+    subject = evaluation_subject(model_dir, pretrained, image_size, max_length, tokenizer)
     in_data = data_languages(data)
     # any language code the split has captions for; CLIP_benchmark's codes (jp) name ours (ja)
-    langs, aliases = canonical_languages(languages or pre.languages or in_data)
+    langs, aliases = canonical_languages(languages or subject.languages or in_data)
     langs = validate_languages(langs, known=None)
     missing = [lang for lang in langs if lang not in in_data]
     if missing:
         raise ConfigError(f"{data} has no caption column for {', '.join(missing)} (it has {', '.join(in_data)})")
-    caption_tokenizer = CaptionTokenizer(tokenizer or model_path, max_length, pre.pre_caption)
-    if k_test is None and not itc_only and model_config(model_path).get("fusion_layers"):
+    if k_test is not None and not itc_only and not subject.has_itm:
+        raise ConfigError(f"--k-test needs a model with fusion layers (ITM head); {model_dir} is a dual "
+                          "encoder: leave --k-test out or pass --itc-only")
+    if k_test is None and not itc_only and subject.has_itm:
         # the paper's protocol for a model with an ITM head: re-rank the top 128 (at most the gallery)
         if storage.is_remote(data):
             log.warning("%s is remote: ranking by ITC (two-stage reads a local split; copy it locally, or pass "
@@ -108,29 +146,28 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     if two_stage:
         if storage.is_remote(data):
             raise ConfigError("two-stage evaluation reads a local split; use --itc-only for s3:// data")
-        model = CCRKModel.from_pretrained(model_path)
-        if not model.has_fusion:
-            raise ConfigError(f"--k-test needs a model with fusion layers (ITM head); {model_path} is a dual "
-                              "encoder: leave --k-test out or pass --itc-only")
-        batch = load_split_batch(data, langs, caption_tokenizer, image_size)
+        model = CCRKModel.from_pretrained(subject.path)
+        batch = load_split_batch(data, langs, subject.tokenizer, subject.image_transform.image_size)
         if k_test > len(batch["input_ids"]):
             raise ConfigError(f"--k-test {k_test} is larger than the gallery of {len(batch['input_ids'])} images")
         log.info("encoding %d images for two-stage ranking (ITC top %d re-ranked by ITM)", len(batch["input_ids"]), k_test)
         feats = encode_split(model, batch)
         ids, image_emb, text_emb = batch["image_id"], feats["image_emb"], feats["text_emb"]
-        rescore = ItmRescorer(str(model_path), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
+        rescore = ItmRescorer(str(subject.path), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
     with ray_session(evaluate_cpus(actors)):
         if two_stage:
             t2i, i2t = _rank(data, image_emb, text_emb, langs, actors, k_test=k_test, rescore=rescore)
         else:
-            ids, t2i, i2t = rank_split_itc(data, str(model_path), langs, caption_tokenizer, image_size,
-                                           actors=actors)
+            ids, t2i, i2t = rank_split_itc(data, subject.model, langs, subject.tokenizer,
+                                           subject.image_transform.image_size, actors=actors,
+                                           image_transform=subject.image_transform)
     report = finish_report(t2i, i2t, langs)
-    report.update(model=str(model_path), data=data, language_aliases=aliases,
+    report.update(model=str(subject.path) if subject.path else f"{PREFIX}{subject.model.arch}",
+                  pretrained=subject.pretrained, data=data, language_aliases=aliases,
                   k_test=k_test if two_stage else None, actors=actors,
                   seconds=round(time.perf_counter() - t0, 1))
     write_outputs(Path(out), report, t2i, i2t, ids, langs, dataset=dataset_name or dataset_name_of(data),
-                  model=_model_name(model_path), pretrained=str(model_dir), tensorboard=tensorboard,
+                  model=subject.name, pretrained=subject.pretrained, tensorboard=tensorboard,
                   save_ranks=save_ranks)
     return report
 
@@ -175,13 +212,14 @@ def evaluate_test_sets(tests: str | dict[str, str] | None, model_dir: Path, out:
     return reports
 
 
-def rank_split_itc(data: str, model_dir: str, languages: Sequence[str], tokenizer, image_size: int, *,
-                   actors: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rank_split_itc(data: str, model_dir, languages: Sequence[str], tokenizer, image_size: int, *,
+                   actors: int = 1, image_transform: ImageTransform | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image ids, t2i, i2t) of a saved model on a parquet split by ITC: embedding on Ray actors
     (``embed_dataset``) and ranking on eval actors (``rank_on_actors``, the documented tie
     policy). Ray must be running. ``ccrk evaluate`` and the demo both rank through here."""
     ds = one_to_k_dataset(data, languages=languages, k=len(languages), tokenizer=tokenizer,
-                          image_transform=ImageTransform(image_size, train=False), batch_size=128,
+                          image_transform=image_transform or ImageTransform(image_size, train=False), batch_size=128,
                           shuffle_files=False)
     ids, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=actors, total=storage.count_rows(data))
     return (ids, *_rank(data, image_emb, text_emb, languages, actors))

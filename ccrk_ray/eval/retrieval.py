@@ -37,15 +37,16 @@ def _no_grad(fn):
 class Embedder:
     """1-to-K batch (see OneToKBatchTransform) → ``image_emb`` N×d and ``text_emb`` N×K×d."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, device: str | None = None):
+    def __init__(self, model_dir, threads: int | None = None, device: str | None = None):
+        """``model_dir``: a saved model (directory or training checkpoint) or an ``OpenClipSpec``."""
         import torch
 
-        from ccrk_ray.model.saved import load_model
+        from ccrk_ray.model.openclip import load_encoders
 
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(model_dir).eval().to(self.device)
+        self.model = load_encoders(model_dir).to(self.device)
 
     @_no_grad
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
