@@ -9,6 +9,7 @@ from ccrk_ray.commands._args import comma_list
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.eval.evaluate import run_evaluate
 from ccrk_ray.eval.report import format_table
+from ccrk_ray.eval.retrieval import PRECISIONS
 
 
 
@@ -27,7 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="default: the model's preprocess.json")
     p.add_argument("--max-length", type=int, default=None, help="default: the model's preprocess.json")
     p.add_argument("--tokenizer", default=None, help="default: the tokenizer saved with the model")
-    p.add_argument("--actors", type=int, default=1, help="Ray actors for embedding and for ranking")
+    p.add_argument("--actors", type=int, default=1,
+                   help="Ray actors for embedding (on a cluster with GPUs: one GPU each) and for ranking")
+    p.add_argument("--batch-size", type=int, default=128, help="images per embedding batch")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="embedding under autocast: amp_bf16 (= bf16), amp / amp_fp16 (= fp16), or fp32")
     p.add_argument("--itc-only", action="store_true", help="rank by ITC similarity alone (ignore --k-test)")
     p.add_argument("--tensorboard", default=None, metavar="DIR", help="also log metrics and plots here")
     p.add_argument("--save-ranks", action="store_true",
@@ -40,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     if args.k_test is not None and args.k_test < 1:
         raise ConfigError(f"--k-test must be >= 1, got {args.k_test}")
     report = run_evaluate(args.model, args.data, args.out, languages=args.languages, k_test=args.k_test,
-                          pretrained=args.pretrained,
+                          pretrained=args.pretrained, batch_size=args.batch_size, precision=args.precision,
                           image_size=args.image_size, max_length=args.max_length, tokenizer=args.tokenizer,
                           actors=args.actors, itc_only=args.itc_only, tensorboard=args.tensorboard,
                           save_ranks=args.save_ranks, dataset_name=args.dataset_name)

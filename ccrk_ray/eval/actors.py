@@ -12,21 +12,31 @@ import numpy as np
 import ray
 import ray.data
 
-from ccrk_ray.core.log import bars_enabled, progress
+from ccrk_ray.core.log import bars_enabled, get_logger, progress
 from ccrk_ray.model.openclip import OpenClipSpec
 from ccrk_ray.eval.retrieval import (Embedder, ShardRanks, check_inputs, default_chunk, merge_shards, rank_shard,
                                      shard_bounds, true_scores)
 
 
+log = get_logger(__name__)
+
+
 def embed_dataset(ds: "ray.data.Dataset", model_dir, *, num_actors: int = 1, batch_size: int = 128,
-                  cpus_per_actor: float = 1.0, total: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  cpus_per_actor: float = 1.0, total: int | None = None, precision: str = "fp32"
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image_ids, image_emb N×d, text_emb N×K×d) for a dataset of 1-to-K batches, in id order;
-    ``total`` images, when known, for the progress bar."""
+    ``total`` images, when known, for the progress bar. On a cluster with GPUs each embedding
+    actor reserves one (at most one actor per GPU) and computes on it; else on CPUs."""
     model = model_dir if isinstance(model_dir, OpenClipSpec) else str(model_dir)    # a saved model: its path
-    out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(model_dir=model, threads=int(cpus_per_actor) or 1),
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        num_actors = min(num_actors, gpus)
+    out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(model_dir=model, threads=int(cpus_per_actor) or 1,
+                                                              device="cuda" if gpus else "cpu", precision=precision),
                          batch_size=batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
-                         num_cpus=cpus_per_actor)
+                         num_cpus=cpus_per_actor, num_gpus=1 if gpus else 0)
+    t0 = time.perf_counter()
     ids, img, txt = [], [], []
     bar = progress(total=total, desc="embedding", unit="image", disable=not bars_enabled())
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
@@ -36,6 +46,9 @@ def embed_dataset(ds: "ray.data.Dataset", model_dir, *, num_actors: int = 1, bat
         txt.append(batch["text_emb"])
     bar.close()
     ids_arr = np.concatenate(ids)
+    seconds = time.perf_counter() - t0
+    log.info("embedded %d images on %d %s actor(s) in %.1f s (%.1f images/s, %s)", len(ids_arr), num_actors,
+             "GPU" if gpus else "CPU", seconds, len(ids_arr) / max(seconds, 1e-9), precision)
     order = np.argsort(ids_arr, kind="stable")
     return ids_arr[order], np.concatenate(img)[order], np.concatenate(txt)[order]
 

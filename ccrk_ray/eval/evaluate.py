@@ -42,7 +42,7 @@ from ccrk_ray.eval.plots import log_tensorboard, make_figures, write_plots
 from ccrk_ray.eval.ranks import save_ranks as write_ranks
 from ccrk_ray.eval.report import (DIRECTIONS, build_report, clip_benchmark_filename, clip_benchmark_results,
                                   format_table, language_rank_correlation)
-from ccrk_ray.eval.retrieval import ItmRescorer, encode_split
+from ccrk_ray.eval.retrieval import PRECISIONS, ItmRescorer, encode_split
 from ccrk_ray.model import CCRKModel
 from ccrk_ray.model.openclip import PREFIX, OpenClipModel, OpenClipSpec, OpenClipTokenizer, is_openclip
 from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
@@ -115,13 +115,19 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
                  k_test: int | None = None, image_size: int | None = None, max_length: int | None = None,
                  tokenizer: str | None = None, actors: int = 1, itc_only: bool = False,
                  tensorboard: str | None = None, save_ranks: bool = False,
-                 dataset_name: str | None = None, pretrained: str | None = None) -> dict[str, Any]:
+                 dataset_name: str | None = None, pretrained: str | None = None, batch_size: int = 128,
+                 precision: str = "fp32") -> dict[str, Any]:
     """Everything is checked (model, preprocessing, data schema, languages) before Ray starts;
     inside a running session (fine-tuning's tests) it joins it. ``model_dir``: a saved model, or
-    ``openclip:ARCH`` with ``pretrained`` (a tag or weights file)."""
+    ``openclip:ARCH`` with ``pretrained`` (a tag or weights file). ``batch_size`` and ``precision``
+    are the embedding actors' (two-stage's ITM pass runs in fp32)."""
     t0 = time.perf_counter()
     if actors < 1:
         raise ConfigError(f"--actors must be >= 1, got {actors}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if k_test is not None and k_test < 1:
         raise ConfigError(f"--k-test must be >= 1, got {k_test}")
     subject = evaluation_subject(model_dir, pretrained, image_size, max_length, tokenizer)
@@ -160,10 +166,11 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         else:
             ids, t2i, i2t = rank_split_itc(data, subject.model, langs, subject.tokenizer,
                                            subject.image_transform.image_size, actors=actors,
-                                           image_transform=subject.image_transform)
+                                           image_transform=subject.image_transform, batch_size=batch_size,
+                                           precision=precision)
     report = finish_report(t2i, i2t, langs)
     report.update(model=str(subject.path) if subject.path else f"{PREFIX}{subject.model.arch}",
-                  pretrained=subject.pretrained, data=data, language_aliases=aliases,
+                  pretrained=subject.pretrained, data=data, language_aliases=aliases, precision=precision,
                   k_test=k_test if two_stage else None, actors=actors,
                   seconds=round(time.perf_counter() - t0, 1))
     write_outputs(Path(out), report, t2i, i2t, ids, langs, dataset=dataset_name or dataset_name_of(data),
@@ -213,15 +220,17 @@ def evaluate_test_sets(tests: str | dict[str, str] | None, model_dir: Path, out:
 
 
 def rank_split_itc(data: str, model_dir, languages: Sequence[str], tokenizer, image_size: int, *,
-                   actors: int = 1, image_transform: ImageTransform | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   actors: int = 1, image_transform: ImageTransform | None = None, batch_size: int = 128,
+                   precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image ids, t2i, i2t) of a saved model on a parquet split by ITC: embedding on Ray actors
     (``embed_dataset``) and ranking on eval actors (``rank_on_actors``, the documented tie
     policy). Ray must be running. ``ccrk evaluate`` and the demo both rank through here."""
     ds = one_to_k_dataset(data, languages=languages, k=len(languages), tokenizer=tokenizer,
-                          image_transform=image_transform or ImageTransform(image_size, train=False), batch_size=128,
+                          image_transform=image_transform or ImageTransform(image_size, train=False),
+                          batch_size=batch_size,
                           shuffle_files=False)
-    ids, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=actors, total=storage.count_rows(data))
+    ids, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=actors, total=storage.count_rows(data),
+                                             batch_size=batch_size, precision=precision)
     return (ids, *_rank(data, image_emb, text_emb, languages, actors))
 
 

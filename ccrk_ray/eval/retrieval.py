@@ -34,19 +34,31 @@ def _no_grad(fn):
     return wrapper
 
 
-class Embedder:
-    """1-to-K batch (see OneToKBatchTransform) → ``image_emb`` N×d and ``text_emb`` N×K×d."""
+# Embedding precision: open_clip's names (amp_bf16, amp / amp_fp16) and ours (bf16, fp16) -> autocast dtype
+PRECISIONS = {"fp32": None, "amp_bf16": "bfloat16", "bf16": "bfloat16", "amp": "float16", "amp_fp16": "float16",
+              "fp16": "float16"}
 
-    def __init__(self, model_dir, threads: int | None = None, device: str | None = None):
-        """``model_dir``: a saved model (directory or training checkpoint) or an ``OpenClipSpec``."""
+
+class Embedder:
+    """1-to-K batch (see OneToKBatchTransform) → ``image_emb`` N×d and ``text_emb`` N×K×d (float32;
+    computed under autocast for a ``precision`` other than fp32)."""
+
+    def __init__(self, model_dir, threads: int | None = None, device: str | None = None, precision: str = "fp32"):
+        """``model_dir``: a saved model (directory or training checkpoint) or an ``OpenClipSpec``;
+        ``device`` None: CUDA when this process sees a GPU (a GPU actor sees only its own)."""
         import torch
 
         from ccrk_ray.model.openclip import load_encoders
 
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_encoders(model_dir).to(self.device)
+        dtype = PRECISIONS[precision]
+        self.autocast = torch.autocast(self.device.type, dtype=getattr(torch, dtype or "float32"),
+                                       enabled=dtype is not None)
 
     @_no_grad
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -55,9 +67,10 @@ class Embedder:
         # Ray Data hands read-only arrays (object-store memory); torch wants writable ones
         ids = torch.as_tensor(np.array(batch["input_ids"]), device=self.device)
         n, k, length = ids.shape
-        img = self.model.encode_image(torch.as_tensor(np.array(batch["pixel_values"]), device=self.device))
         mask = torch.as_tensor(np.array(batch["attention_mask"]), device=self.device)
-        txt = self.model.encode_text(ids.view(n * k, length), mask.view(n * k, length))
+        with self.autocast:
+            img = self.model.encode_image(torch.as_tensor(np.array(batch["pixel_values"]), device=self.device))
+            txt = self.model.encode_text(ids.view(n * k, length), mask.view(n * k, length))
         return {"image_id": np.asarray(batch["image_id"], dtype=object), "image_emb": img.float().cpu().numpy(),
                 "text_emb": txt.view(n, k, -1).float().cpu().numpy()}
 

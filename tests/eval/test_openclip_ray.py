@@ -64,8 +64,10 @@ def test_an_open_clip_model_is_evaluated_with_its_own_preprocessing_and_tokenize
     config, weights = tiny_clip
     out = tmp_path / "eval"
     res = ccrk("evaluate", "--model", f"openclip:{config}", "--pretrained", weights, "--data", tiny_data["test"],
-               "--out", out, "--languages", ",".join(LANGS), "--dataset-name", "tiny", timeout=600)
+               "--out", out, "--languages", ",".join(LANGS), "--dataset-name", "tiny", "--batch-size", "16",
+               timeout=600)
     assert noise(res) == [], "\n".join(noise(res))
+    assert "embedded 40 images on 1 CPU actor(s)" in res.stdout and "images/s, fp32)" in res.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == f"openclip:{config}" and report["pretrained"] == str(weights)
     assert report["k_test"] is None and report["num_images"] == 40

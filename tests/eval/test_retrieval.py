@@ -143,3 +143,28 @@ def test_several_captions_per_image_best_rank_and_chance():
     # MRV: t2i ranks per image = mean over its captions: A -> [1, 0, nan], B -> [0, 2, 0]
     expected = np.mean([np.std([1, 0]), np.std([0, 2])])     # image 2 has one language only: left out
     assert rep["mrv"]["t2i"] == pytest.approx(expected)
+
+
+def test_embedding_under_autocast_stays_close_to_fp32_and_names_are_checked(tmp_path):
+    import torch
+
+    from ccrk_ray.eval.retrieval import Embedder
+    from ccrk_ray.model import CCRKModel, ModelConfig
+    from tests.conftest import tiny_text_config
+
+    torch.manual_seed(0)
+    model_dir = CCRKModel(ModelConfig(vision_name="resnet10t", text_config=tiny_text_config(100),
+                                      embed_dim=16)).save_pretrained(tmp_path / "m")
+    g = torch.Generator().manual_seed(1)
+    batch = {"pixel_values": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g).numpy(),
+             "input_ids": torch.randint(3, 100, (4, 2, 8), generator=g).numpy(),
+             "attention_mask": np.ones((4, 2, 8), dtype=np.int64), "image_id": np.array(list("abcd"), dtype=object)}
+    exact = Embedder(model_dir, device="cpu")(batch)
+    for precision in ("amp_bf16", "bf16"):
+        low = Embedder(model_dir, device="cpu", precision=precision)(batch)
+        assert low["image_emb"].dtype == np.float32
+        for key in ("image_emb", "text_emb"):
+            cosine = (low[key] * exact[key]).sum(-1)
+            assert cosine.min() > 0.98 and not np.array_equal(low[key], exact[key]), (precision, key)
+    with pytest.raises(ValueError, match="precision must be one of fp32, amp_bf16"):
+        Embedder(model_dir, device="cpu", precision="half")
