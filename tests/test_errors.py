@@ -82,6 +82,20 @@ def test_a_config_value_of_the_wrong_type_as_a_user_sees_it(tmp_path, tiny_data)
     one_line(res, 2, "config.yaml: train.epochs: expected an integer, got 'two'")
 
 
+def test_a_set_value_of_the_wrong_type_as_a_user_sees_it(tmp_path, tiny_data, capsys):
+    """--set goes through the same checks as the file: in-process for finetune and tune (the same
+    main), as a subprocess for pretrain."""
+    from ccrk_ray.cli import main
+
+    res = ccrk(tmp_path, "pretrain", "--config", pretrain_config(tmp_path, tiny_data), "--set", "train.epochs=two")
+    one_line(res, 2, "train.epochs: expected an integer, got 'two'")
+    for command in (["finetune"], ["tune", "--num-samples", "1"]):
+        argv = [*command, "--task", "multi30k", "--config", str(pretrain_config(tmp_path, tiny_data)),
+                "--start-from", str(tmp_path / "none"), "--set", "train.lr"]
+        assert main(argv) == 2
+        assert "argument --set: expected section.key=value, e.g. train.lr=1e-4" in capsys.readouterr().err
+
+
 def test_a_tokenizer_that_does_not_exist(tmp_path, tiny_data):
     res = ccrk(tmp_path, "pretrain", "--config",
                pretrain_config(tmp_path, tiny_data, data={"tokenizer": str(tmp_path / "no_tokenizer")}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ccrk_ray.core.config import ConfigError
+from ccrk_ray.core.config import ConfigError, parse_sets
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,6 +25,22 @@ def add_task_flags(p: argparse.ArgumentParser, tasks, config_help: str) -> None:
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--start-from", "--checkpoint", dest="start_from", required=True, metavar="MODEL",
                    help=START_HELP + " (--checkpoint: the older name)")
+
+
+def set_item(text: str) -> str:
+    """A --set item whose form is checked at once (its key and value are checked with the config)."""
+    try:
+        parse_sets([text])
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--set {text!r}: ")) from None
+    return text
+
+
+def add_set_flag(p: argparse.ArgumentParser) -> None:
+    """--set section.key=value (repeatable): a config value from the command line, on top of the file."""
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE", type=set_item,
+                   help="override a config value (repeatable; YAML values: train.lr=1e-4, "
+                        "data.languages=[en,de], scaling.workers=[2,4]); checked like the file's")
 
 
 def int_pair(text: str) -> tuple[int, int]:

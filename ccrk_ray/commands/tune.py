@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ccrk_ray.commands._args import add_task_flags
+from ccrk_ray.commands._args import add_set_flag, add_task_flags
 from ccrk_ray.tasks.finetune import TASKS
 from ccrk_ray.tune.sweep import run_tune
 
@@ -16,9 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at a time (default: as many as the cluster's CPUs/GPUs hold)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep (finished trials are kept)")
+    add_set_flag(p)
 
 
 def main(args: argparse.Namespace) -> int:
     report = run_tune(args.task, args.config, args.start_from, args.num_samples,
-                      max_concurrent=args.max_concurrent, resume=args.resume)
+                      max_concurrent=args.max_concurrent, resume=args.resume, sets=args.sets)
     return 0 if report["best"] else 1      # 1: no trial reported a validation result

@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -83,6 +83,38 @@ def read_yaml(path: str | Path, flag: str = "--config") -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{flag} {path}: expected a mapping at the top level")
     return expand_vars(d, where=str(path))
+
+
+def parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--set section.key=value`` items as a nested mapping (values read as YAML: ``3``, ``1e-4``,
+    ``true``, ``[en, de]``, ``null``); the config's typed checks then name a bad key or value."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=1e-4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
+        if isinstance(value, str):
+            try:
+                value = float(value) if text.strip().lower() not in ("nan", "inf", "-inf") else value
+            except ValueError:
+                pass                    # a string value (YAML reads 1e-4 as a string; a number here)
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p.strip(), {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is set to a value above")
+        node[parts[-1].strip()] = value
+    return out
+
+
+def read_config(path: str | Path, sets: Sequence[str] | None = None) -> dict[str, Any]:
+    """The YAML file ``path`` with the command line's ``--set`` items on top."""
+    return deep_merge(read_yaml(path), parse_sets(sets))
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -28,9 +28,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from ccrk_ray.core.config import ConfigError, build, check_range, deep_merge, read_yaml
+from ccrk_ray.core.config import ConfigError, build, check_range, deep_merge, read_config, read_yaml
 from ccrk_ray.core.languages import validate_languages
 from ccrk_ray.core.log import get_logger
 from ccrk_ray.core.runtime import local_cpus, ray_session
@@ -175,9 +175,10 @@ def _text_positions(model: dict[str, Any]) -> int | None:
     return positions
 
 
-def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> tuple[FinetuneConfig, StartingPoint]:
+def load_config(task: str, config_path: str | Path, checkpoint: str | Path,
+                sets: Sequence[str] | None = None) -> tuple[FinetuneConfig, StartingPoint]:
     """What comes with the starting point (tokenizer, preprocessing), then the task's shipped
-    defaults (the paper's fine-tuning resolution), then the user's file."""
+    defaults (the paper's fine-tuning resolution), then the user's file and its ``--set`` items."""
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}")
     start = StartingPoint.of(checkpoint)
@@ -185,7 +186,7 @@ def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> t
     merged = deep_merge({"data": start.data_defaults()}, read_yaml(TASK_DIR / f"{task}.yaml"))
     if not saved.get("fusion_layers"):      # a dual encoder: the task's ITM/MLM weights do not apply to it
         merged.setdefault("objective", {}).update(itm_weight=0.0, mlm_weight=0.0)
-    user = read_yaml(config_path)
+    user = read_config(config_path, sets)
     if user.get("task", {}).get("name", task) != task:
         raise ConfigError(f"{config_path}: task.name {user['task']['name']!r} does not match --task {task}")
     merged = deep_merge(merged, user)
@@ -218,9 +219,10 @@ def load_config(task: str, config_path: str | Path, checkpoint: str | Path) -> t
     return FinetuneConfig.from_dict(merged, where=str(config_path)), start
 
 
-def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, resume: bool = False) -> dict[str, Any]:
+def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, resume: bool = False,
+                 sets: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    cfg, start = load_config(task, config_path, checkpoint)
+    cfg, start = load_config(task, config_path, checkpoint, sets)
     out = prepare_run(cfg, resume)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length, cfg.data.pre_caption)

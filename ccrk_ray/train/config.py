@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from ccrk_ray.core.config import ConfigError, build, check_range, check_types, read_yaml
+from ccrk_ray.core.config import ConfigError, build, check_range, check_types, read_config
 from ccrk_ray.core.languages import CCRK_LANGUAGES, validate_languages
 from ccrk_ray.core.storage import configure_s3
 from ccrk_ray.data.tokenizer import CaptionTokenizer
@@ -130,8 +130,9 @@ class PretrainConfig:
         return build(cls, d, where).validate()
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "PretrainConfig":
-        return cls.from_dict(read_yaml(path), where=str(path))
+    def from_yaml(cls, path: str | Path, sets: Sequence[str] | None = None) -> "PretrainConfig":
+        """The config file, with ``--set section.key=value`` items on top."""
+        return cls.from_dict(read_config(path, sets), where=str(path))
 
     def validate(self) -> "PretrainConfig":
         d, t, s = self.data, self.train, self.scaling

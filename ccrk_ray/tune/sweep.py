@@ -73,7 +73,7 @@ import time
 import csv
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 from ray import tune
@@ -81,7 +81,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ccrk_ray.core import storage
-from ccrk_ray.core.config import ConfigError, deep_merge, read_yaml
+from ccrk_ray.core.config import ConfigError, deep_merge, read_config
 from ccrk_ray.core.log import get_logger, verbosity
 from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data.ingest import check_dataset, stats_actor
@@ -110,11 +110,12 @@ def default_concurrency(cluster: dict[str, float], cpus: float, gpus: int, trial
     return max(1, min(trials, *fits))
 
 
-def prepare_sweep(task: str, config_path: str | Path, checkpoint: str | Path, num_samples: int) -> tuple[dict[str, Any], Any]:
+def prepare_sweep(task: str, config_path: str | Path, checkpoint: str | Path, num_samples: int,
+                  sets: Sequence[str] | None = None) -> tuple[dict[str, Any], Any]:
     """Everything checked before Ray starts: (the sweep's settings, the base FinetuneConfig)."""
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
-    user = read_yaml(config_path)
+    user = read_config(config_path, sets)
     settings = TuneSection.from_dict(user.pop("tune", None))
     start = StartingPoint.of(checkpoint)
     base = absolute_paths(user)
@@ -232,11 +233,11 @@ def export_best(sweep: dict[str, Any], cfg, trial: str, params: dict[str, Any], 
 
 
 def run_tune(task: str, config_path: str | Path, checkpoint: str | Path, num_samples: int,
-             max_concurrent: int | None = None, resume: bool = False) -> dict[str, Any]:
+             max_concurrent: int | None = None, resume: bool = False, sets: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {max_concurrent}")
-    sweep, cfg = prepare_sweep(task, config_path, checkpoint, num_samples)
+    sweep, cfg = prepare_sweep(task, config_path, checkpoint, num_samples, sets)
     out = Path(sweep["output_dir"])
     storage_path, fs, exp_path = _experiment(sweep)
     restoring = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)

@@ -189,3 +189,25 @@ def test_the_paper_recipe_config_validates_with_the_reference_values():
     crop = train_transform(d)
     assert (crop.scale, crop.interpolation, crop.hflip_prob, crop.randaugment) == ((0.2, 1.0), "bicubic", 0.5, (2, 7))
     assert d.pre_caption == 40 and d.max_length == 40
+
+
+def test_set_items_override_the_file_and_are_checked_like_it(tmp_path):
+    from ccrk_ray.core.config import parse_sets
+    from ccrk_ray.train.config import PretrainConfig
+
+    assert parse_sets(["train.lr=1e-4", "data.languages=[en, de]", "scaling.workers=[2,4]", "train.max_steps=null",
+                       "model.text_config.num_hidden_layers=2"]) == {
+        "train": {"lr": 1e-4, "max_steps": None}, "data": {"languages": ["en", "de"]}, "scaling": {"workers": [2, 4]},
+        "model": {"text_config": {"num_hidden_layers": 2}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "data": {"train": "t"},
+                                    "train": {"lr": 3e-4, "epochs": 2, "batch_size": 8}}))
+    cfg = PretrainConfig.from_yaml(path, ["train.lr=1e-5", "train.epochs=5", "data.tokenizer=xlm-roberta-large"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size, cfg.data.tokenizer) == (1e-5, 5, 8,
+                                                                                            "xlm-roberta-large")
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer, got 'two'"):
+        PretrainConfig.from_yaml(path, ["train.epochs=two"])
+    with pytest.raises(ConfigError, match="train: unknown key.*lrr"):
+        PretrainConfig.from_yaml(path, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="--set 'train.lr': expected section.key=value"):
+        PretrainConfig.from_yaml(path, ["train.lr"])
