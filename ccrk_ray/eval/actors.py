@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -13,7 +14,6 @@ import ray
 import ray.data
 
 from ccrk_ray.core.log import bars_enabled, get_logger, progress
-from ccrk_ray.model.openclip import OpenClipSpec
 from ccrk_ray.eval.retrieval import (Embedder, ShardRanks, check_inputs, default_chunk, merge_shards, rank_shard,
                                      shard_bounds, true_scores)
 
@@ -27,7 +27,9 @@ def embed_dataset(ds: "ray.data.Dataset", model_dir, *, num_actors: int = 1, bat
     """(image_ids, image_emb N×d, text_emb N×K×d) for a dataset of 1-to-K batches, in id order;
     ``total`` images, when known, for the progress bar. On a cluster with GPUs each embedding
     actor reserves one (at most one actor per GPU) and computes on it; else on CPUs."""
-    model = model_dir if isinstance(model_dir, OpenClipSpec) else str(model_dir)    # a saved model: its path
+    # a saved model goes as its path; an OpenClipSpec as itself (not imported here: the eval actors
+    # import this module to rank, with numpy alone)
+    model = str(model_dir) if isinstance(model_dir, (str, Path)) else model_dir
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         num_actors = min(num_actors, gpus)
