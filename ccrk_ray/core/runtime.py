@@ -134,7 +134,6 @@ def filtered_stderr() -> Iterator[None]:
         return
 
     def forward() -> None:
-        pending = b""
         while True:
             try:
                 chunk = os.read(read_end, 65536)
@@ -142,11 +141,9 @@ def filtered_stderr() -> Iterator[None]:
                 break
             if not chunk:
                 break
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()             # a partial line (a progress bar's \r update) goes out as is
+            *lines, partial = chunk.split(b"\n")    # a partial line (a progress bar's \r update) goes out as is
             kept = without_noise([line.decode("utf-8", "replace") for line in lines])
-            out = "".join(line + "\n" for line in kept).encode() + pending
-            pending = b""
+            out = "".join(line + "\n" for line in kept).encode() + partial
             if out:
                 os.write(saved, out)
         os.close(read_end)

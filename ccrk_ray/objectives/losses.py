@@ -157,8 +157,9 @@ MASK_RULES = ("bernoulli", "count")
 
 def count_rule_targets(candidates: torch.Tensor, lengths: torch.Tensor, mask_prob: float, max_masks: int,
                        span_prob: float, max_span: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """B×L bool: the targets of ``mask_tokens``'s ``count`` rule (a loop per row: B×L is at most a
-    few thousand positions per step)."""
+    """B×L bool: the targets of ``mask_tokens``'s ``count`` rule with spans (a loop per row on the
+    host: B×L is at most a few thousand positions per step; without spans ``mask_tokens`` selects
+    on the device)."""
     out = torch.zeros_like(candidates)
     cand = candidates.cpu()
     for row in range(cand.shape[0]):
@@ -246,10 +247,14 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mask_t
     rank = torch.empty_like(order).scatter_(1, order, positions)
     # Selected candidates hold the lowest scores of their row, so "rank < max_masks" keeps a
     # random subset of them; rank 0 is the fallback target of a row with nothing selected.
-    selected = candidates & (rank < max_masks) & ((scores < mask_prob) | (rank == 0))
-    if rule == "count":
+    if rule == "count" and span_prob > 0:
         selected = count_rule_targets(candidates, attention_mask.sum(dim=1), mask_prob, max_masks, span_prob,
                                       max_span, generator)
+    elif rule == "count":       # no spans: the n lowest-score candidates of a row, on the device
+        want = (attention_mask.sum(dim=1) * mask_prob).round().clamp(min=1, max=max_masks)
+        selected = candidates & (rank < want.unsqueeze(1))
+    else:
+        selected = candidates & (rank < max_masks) & ((scores < mask_prob) | (rank == 0))
 
     action = torch.rand(input_ids.shape, generator=generator, device=device)
     pick = torch.randint(0, replacement_ids.numel(), input_ids.shape, generator=generator,
