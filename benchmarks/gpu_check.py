@@ -14,7 +14,8 @@ import time
 import numpy as np
 import torch
 
-from ccrk_ray.eval.report import build_report
+from ccrk_ray.data.transforms import split_from_batch
+from ccrk_ray.eval.report import report_from_ranks
 from ccrk_ray.eval.retrieval import evaluate_in_process
 from ccrk_ray.model import CCRKModel, ModelConfig
 from ccrk_ray.objectives.styles import ObjectiveModule, build_objective
@@ -63,10 +64,10 @@ def main():
         assert all(torch.isfinite(v).all() for v in out.values()), out
         terms = {key: round(float(v.detach()), 4) for key, v in out.items()}
         print(f"{name:14s} bf16 step {1000 * np.median(times[2:]):7.1f} ms (N={n}, K={k}, L={length}) {terms}")
-    eval_batch = {key: v[:64].cpu().numpy() for key, v in batch.items()}
+    eval_batch = split_from_batch({key: v[:64].cpu().numpy() for key, v in batch.items()}, LANGS)
     for k_test in (None, 16):
         t = time.perf_counter()
-        report = build_report(*evaluate_in_process(model, eval_batch, k_test=k_test), LANGS)
+        report = report_from_ranks(evaluate_in_process(model, eval_batch, k_test=k_test))
         print(f"evaluate_in_process on cuda, k_test={k_test}: {time.perf_counter() - t:.2f} s, "
               f"mean t2i R@10 {report['mean']['t2i']['R@10']:.1f} (untrained, chance 15.6)")
     print("GPU check passed")

@@ -131,31 +131,67 @@ def _check_scores(scores, owner) -> tuple[np.ndarray, np.ndarray]:
     return scores, owner.astype(np.int64)
 
 
-def caption_ranks(scores: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """Text→image: 1-based rank of each caption's own item among the G items, ties counted against
-    the caption (1 + the number of *other* items scoring >= its own)."""
-    return ranks_from_scores(scores, owner) + 1
+def own_at_or_above(values, owner) -> np.ndarray:
+    """Per caption, how many *other* captions of the same item have a value >= its own (ties count:
+    a tied caption of the same item is ranked with it)."""
+    values = np.asarray(values, dtype=np.float64)
+    owner = np.asarray(owner, dtype=np.int64)
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((values, owner))                 # by item, then value ascending
+    so, sv = owner[order], values[order]
+    pos = np.arange(len(order))
+    run_start = np.maximum.accumulate(np.where(np.r_[True, (so[1:] != so[:-1]) | (sv[1:] != sv[:-1])], pos, 0))
+    group_end = np.searchsorted(so, so, side="right")
+    out = np.empty(len(order), dtype=np.int64)
+    out[order] = group_end - run_start - 1
+    return out
 
 
-def item_ranks(scores: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image→text for every item with at least one caption: (items, best rank, average precision).
+def caption_rivals(scores, owner) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three per-caption counts every report is reduced from (``metrics_from_rivals``), from a
+    dense Q×G score matrix. For caption c of item o(c) with score s = scores[c, o(c)]:
 
-    An item's query ranks all Q captions by ``scores[:, item]``. Its best rank is 1 + the number of
-    other items' captions scoring >= its best own caption. Each own caption ``c`` sits at rank
-    #{captions scoring >= c} (ties against the query), with precision #{own captions scoring >= c}
-    over that rank; AP is the mean of those precisions over the item's captions."""
-    items = np.unique(owner)
-    best = np.empty(len(items), dtype=np.int64)
-    ap = np.empty(len(items), dtype=np.float64)
-    q = scores.shape[0]
-    for n, item in enumerate(items):
-        col = scores[:, item]
-        own = np.sort(col[owner == item])                     # ascending
-        at_or_above = q - np.searchsorted(np.sort(col), own, side="left")
-        own_at_or_above = len(own) - np.searchsorted(own, own, side="left")
-        best[n] = at_or_above[-1] - own_at_or_above[-1] + 1
-        ap[n] = float(np.mean(own_at_or_above / at_or_above))
-    return items, best, ap
+    - ``t2i``: other items scoring >= s for c (its 0-based text→image rank, ties against it);
+    - ``i2t``: captions of *other* items scoring >= s in item o(c)'s image→text list;
+    - ``own``: other captions of o(c) scoring >= s there.
+
+    Caption c then sits at place i2t + own + 1 of o(c)'s list, own + 1 of them relevant."""
+    scores, owner = _check_scores(scores, owner)
+    true = scores[np.arange(len(owner)), owner]
+    t2i = (scores >= true[:, None]).sum(axis=1) - 1
+    own = own_at_or_above(true, owner)
+    i2t = np.empty(len(owner), dtype=np.int64)
+    for item in np.unique(owner):
+        mine = np.flatnonzero(owner == item)
+        col = np.sort(scores[:, item])
+        i2t[mine] = len(col) - np.searchsorted(col, true[mine], side="left") - own[mine] - 1
+    return t2i.astype(np.int64), i2t, own
+
+
+def item_best_and_ap(i2t, own, owner) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image→text per item with captions: (items, best 1-based rank, average precision). The best
+    rank is 1 + the fewest other items' captions at or above one of its captions; AP the mean over
+    its captions of (own + 1) / (i2t + own + 1), the precision at each caption's place."""
+    i2t, own, owner = (np.asarray(a, dtype=np.int64) for a in (i2t, own, owner))
+    items, inverse = np.unique(owner, return_inverse=True)
+    best = np.full(len(items), np.iinfo(np.int64).max)
+    np.minimum.at(best, inverse, i2t)
+    precision = (own + 1.0) / (i2t + own + 1.0)
+    ap = np.bincount(inverse, weights=precision) / np.bincount(inverse)
+    return items, best + 1, ap
+
+
+def metrics_from_rivals(t2i, i2t, own, owner) -> dict:
+    """``retrieval_metrics`` from the per-caption counts of ``caption_rivals`` (or of the sharded
+    eval actors, which compute the same counts without the score matrix)."""
+    t2i = np.asarray(t2i, dtype=np.int64) + 1
+    if len(t2i) == 0:
+        raise ValueError("no captions to rank")
+    _, best, ap = item_best_and_ap(i2t, own, owner)
+    out = {"t2i": _direction(t2i, float(np.mean(1.0 / t2i))), "i2t": _direction(best, float(np.mean(ap)))}
+    out["SumR"] = float(sum(out[d][f"R@{k}"] for d in ("t2i", "i2t") for k in RECALL_KS))
+    return out
 
 
 def retrieval_metrics(scores, owner) -> dict:
@@ -170,11 +206,7 @@ def retrieval_metrics(scores, owner) -> dict:
     six recalls. With one caption per item this is the usual one-to-one protocol.
     """
     scores, owner = _check_scores(scores, owner)
-    t2i = caption_ranks(scores, owner)
-    _, i2t, ap = item_ranks(scores, owner)
-    out = {"t2i": _direction(t2i, float(np.mean(1.0 / t2i))), "i2t": _direction(i2t, float(np.mean(ap)))}
-    out["SumR"] = float(sum(out[d][f"R@{k}"] for d in ("t2i", "i2t") for k in RECALL_KS))
-    return out
+    return metrics_from_rivals(*caption_rivals(scores, owner), owner)
 
 
 def _direction(ranks: np.ndarray, m_ap: float) -> dict[str, float]:
@@ -183,18 +215,23 @@ def _direction(ranks: np.ndarray, m_ap: float) -> dict[str, float]:
     return out
 
 
+def item_ranks_from_rivals(t2i, i2t, own, owner, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per item (``num_items``), for one language: (text→image rank, image→text rank), 0-based,
+    NaN for an item without a caption in the language. Text→image is the mean rank of the item's
+    captions, image→text the best (see the module docstring)."""
+    owner = np.asarray(owner, dtype=np.int64)
+    counts = np.bincount(owner, minlength=num_items)
+    sums = np.bincount(owner, weights=np.asarray(t2i, dtype=np.float64), minlength=num_items)
+    t2i_item = np.full(num_items, np.nan)
+    t2i_item[counts > 0] = sums[counts > 0] / counts[counts > 0]
+    items, best, _ = item_best_and_ap(i2t, own, owner)
+    i2t_item = np.full(num_items, np.nan)
+    i2t_item[items] = best - 1.0
+    return t2i_item, i2t_item
+
+
 def item_ranks_for_mrv(scores, owner) -> tuple[np.ndarray, np.ndarray]:
-    """Per item, for one language's captions: (text→image rank, image→text rank), 0-based, NaN for
-    an item without a caption in the language. Text→image is the mean rank of the item's captions,
-    image→text the best (see the module docstring). Stack languages as columns and pass each
-    N×L matrix to ``mean_rank_variance``."""
+    """``item_ranks_from_rivals`` of a dense Q×G score matrix. Stack languages as columns and pass
+    each N×L matrix to ``mean_rank_variance``."""
     scores, owner = _check_scores(scores, owner)
-    g = scores.shape[1]
-    counts = np.bincount(owner, minlength=g)
-    sums = np.bincount(owner, weights=caption_ranks(scores, owner) - 1.0, minlength=g)
-    t2i = np.full(g, np.nan)
-    t2i[counts > 0] = sums[counts > 0] / counts[counts > 0]
-    items, best, _ = item_ranks(scores, owner)
-    i2t = np.full(g, np.nan)
-    i2t[items] = best - 1.0
-    return t2i, i2t
+    return item_ranks_from_rivals(*caption_rivals(scores, owner), owner, scores.shape[1])

@@ -86,15 +86,15 @@ def test_mrv_over_rank_files_of_two_runs(tmp_path):
 
     import numpy as np
 
-    from ccrk_ray.eval.ranks import save_ranks
+    from ccrk_ray.eval.ranks import RankSet, save_ranks
     from ccrk_ray.metrics import mean_rank_variance
 
     rng = np.random.default_rng(0)
     ids = [f"i{n}" for n in range(12)]
     a_t2i, a_i2t = rng.integers(0, 12, (12, 2)), rng.integers(0, 12, (12, 2))
     b_t2i, b_i2t = rng.integers(0, 12, (12, 1)), rng.integers(0, 12, (12, 1))
-    save_ranks(tmp_path / "a.parquet", ids, ["en", "de"], a_t2i, a_i2t)
-    save_ranks(tmp_path / "b.parquet", ids, ["fr"], b_t2i, b_i2t)
+    save_ranks(tmp_path / "a.parquet", ids, RankSet.from_matrices(a_t2i, a_i2t, ["en", "de"]))
+    save_ranks(tmp_path / "b.parquet", ids, RankSet.from_matrices(b_t2i, b_i2t, ["fr"]))
     res = ccrk("mrv", f"{tmp_path}/a.parquet:de", f"{tmp_path}/b.parquet", "--out", str(tmp_path / "mrv.json"))
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)

@@ -6,7 +6,7 @@ import pytest
 
 from ccrk_ray.experiments.compare import STYLES, CompareConfig
 from tests.commands import ccrk, noise
-from ccrk_ray.data.transforms import load_split_batch
+from ccrk_ray.data.transforms import load_split
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.core.languages import CCRK_LANGUAGES
 from tests.conftest import RAY
@@ -52,18 +52,18 @@ def test_every_style_is_trained_evaluated_and_tabled(compare_run):
 
 def test_two_stage_report_is_reproducible_from_the_saved_model(compare_run):
     out, cfg, summary = compare_run
-    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.eval.report import report_from_ranks
     from ccrk_ray.eval.retrieval import evaluate_in_process
     from ccrk_ray.model import CCRKModel
     from ccrk_ray.data.tokenizer import CaptionTokenizer
 
     model = CCRKModel.from_pretrained(out / "runs" / "one_to_k" / "model")
     assert len(model.fusion) == 1 and model.has_fusion
-    batch = load_split_batch(str(out / "data" / "test"), LANGS, CaptionTokenizer(out / "tokenizer", cfg.max_length),
-                            cfg.image_size)
-    again = build_report(*evaluate_in_process(model, batch, k_test=6), LANGS)
+    batch = load_split(str(out / "data" / "test"), LANGS, CaptionTokenizer(out / "tokenizer", cfg.max_length),
+                      cfg.image_size)
+    again = report_from_ranks(evaluate_in_process(model, batch, k_test=6))
     assert again["languages"] == summary["results_two_stage"]["one_to_k"]["languages"]
-    itc = build_report(*evaluate_in_process(model, batch, k_test=None), LANGS)
+    itc = report_from_ranks(evaluate_in_process(model, batch, k_test=None))
     assert itc["languages"] == summary["results"]["one_to_k"]["languages"]
 
 

@@ -88,7 +88,7 @@ def test_report_equals_single_process_evaluation_of_the_saved_model(demo_run):
     """The Ray evaluation path (actors) gives exactly what one process computes from the model."""
     out, cfg, report = demo_run
     from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
-    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.eval.report import report_from_ranks
     from ccrk_ray.eval.retrieval import Embedder, rank_sharded
     from ccrk_ray.data.tokenizer import CaptionTokenizer
 
@@ -97,7 +97,7 @@ def test_report_equals_single_process_evaluation_of_the_saved_model(demo_run):
     rows = OneToKBatchTransform(CaptionTokenizer(out / "tokenizer", cfg.max_length), CCRK_LANGUAGES, 10,
                                 ImageTransform(cfg.image_size, train=False))(batch)
     emb = Embedder(out / "model")(rows)
-    expected = build_report(*rank_sharded(emb["image_emb"], emb["text_emb"]), CCRK_LANGUAGES)
+    expected = report_from_ranks(rank_sharded(emb["image_emb"], emb["text_emb"], languages=CCRK_LANGUAGES))
     assert report["languages"] == expected["languages"]
     assert report["mrv"] == pytest.approx(expected["mrv"], abs=1e-9)
 

@@ -318,8 +318,8 @@ def test_convert_and_evaluate_jobs(head, xflickrco, tmp_path):
     assert report["data"] == str(out) and report["model"] == str(model_dir)
 
     # the same numbers as evaluating this model on these shards in this process
-    from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
-    from ccrk_ray.eval.report import build_report
+    from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform, split_from_batch
+    from ccrk_ray.eval.report import report_from_ranks
     from ccrk_ray.eval.retrieval import evaluate_in_process
     from ccrk_ray.model import CCRKModel
     from ccrk_ray.data.tokenizer import CaptionTokenizer
@@ -328,7 +328,7 @@ def test_convert_and_evaluate_jobs(head, xflickrco, tmp_path):
     columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     batch = OneToKBatchTransform(CaptionTokenizer(model_dir, MAX_LENGTH), LANGS, len(LANGS),
                                  ImageTransform(IMAGE_SIZE, train=False))(columns)
-    ref = build_report(*evaluate_in_process(CCRKModel.from_pretrained(model_dir), batch), LANGS)
+    ref = report_from_ranks(evaluate_in_process(CCRKModel.from_pretrained(model_dir), split_from_batch(batch, LANGS)))
     one_image = 100 / 39
     for lang in LANGS:
         for d in ("t2i", "i2t"):

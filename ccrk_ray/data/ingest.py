@@ -20,7 +20,7 @@ from ccrk_ray.core.log import get_logger
 from ccrk_ray.data import schema
 from ccrk_ray.data.plan import CALL_FIELDS, Segment, plan_calls, read_segment, stream_items
 from ccrk_ray.data.rows import SkipCounter
-from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
+from ccrk_ray.data.transforms import EvalCaptionsTransform, ImageTransform, OneToKBatchTransform
 from ccrk_ray.data.tokenizer import CaptionTokenizer
 
 STATS_NAMESPACE = "ccrk"
@@ -113,10 +113,10 @@ def stats_actor(create: bool = False):
         return handle
 
 
-class CountingTransform(OneToKBatchTransform):
-    """OneToKBatchTransform that reports rows read and skipped to the DataStats actor. Runs in data
-    actors: tokenisation stays on the actor's thread (an actor is one of several on a node; its
-    parallelism is the actor count, not Rayon threads over every core)."""
+class _Counting:
+    """Mixin for a row transform that reports rows read and skipped to the DataStats actor. Runs in
+    data actors: tokenisation stays on the actor's thread (an actor is one of several on a node;
+    its parallelism is the actor count, not Rayon threads over every core)."""
 
     def __init__(self, **kwargs):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,6 +134,14 @@ class CountingTransform(OneToKBatchTransform):
             examples = {r: self.skipped.example_ids.get(r, []) for r in delta}
             actor.add.remote(self.rows_seen - before_rows, delta, examples, epoch, run)
         return out
+
+
+class CountingTransform(_Counting, OneToKBatchTransform):
+    """OneToKBatchTransform that counts rows read and skipped in the DataStats actor."""
+
+
+class CountingEvalTransform(_Counting, EvalCaptionsTransform):
+    """EvalCaptionsTransform that counts rows read and skipped in the DataStats actor."""
 
 
 def read_captions(uri: str, languages: Sequence[str], shuffle_files: bool = True, endpoint_url: str | None = None,
@@ -173,6 +181,20 @@ def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: C
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
         num_cpus=cpus_per_actor,
     )
+
+
+def eval_dataset(uri: str, *, languages: Sequence[str], tokenizer: CaptionTokenizer, image_transform: ImageTransform,
+                 slots: int, batch_size: int = 64, endpoint_url: str | None = None) -> ray.data.Dataset:
+    """A dataset of evaluation batches where every caption counts (``EvalCaptionsTransform``, ``slots``
+    from ``caption_slots``) streamed from ``uri`` in file order; unusable rows are skipped and
+    counted in the DataStats actor (when the driver created one)."""
+    ds = read_captions(uri, languages, shuffle_files=False, endpoint_url=endpoint_url, override_num_blocks=8)
+    return ds.map_batches(
+        CountingEvalTransform,
+        fn_constructor_kwargs=dict(tokenizer=tokenizer, languages=tuple(languages), image_transform=image_transform,
+                                   slots=slots, on_bad_row="skip"),
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+        num_cpus=1)
 
 
 def read_call(call_segments, epoch: int, open_file, seed: int, columns: Sequence[str]) -> dict[str, np.ndarray]:

@@ -235,12 +235,140 @@ class OneToKBatchTransform:
         return out
 
 
-def load_split_batch(uri: str, languages: Sequence[str], tokenizer: CaptionTokenizer, image_size: int,
-                     endpoint_url: str | None = None) -> dict[str, np.ndarray]:
-    """A whole (small) split — local or ``s3://`` — as one eval-mode 1-to-K batch in image_id order
-    (validation during training, two-stage evaluation). Bad rows raise, naming the row."""
+class EvalCaptionsTransform:
+    """Rows → an evaluation batch where every caption counts: ``pixel_values`` N×3×H×W uint8,
+    ``input_ids`` / ``attention_mask`` N×S×L (all of a row's captions in ``languages``, language by
+    language, in ``slots`` S places), ``caption_language`` N×S (the language's index, −1 for an
+    empty slot) and ``image_id``. ``slots`` must hold the most captions any row has
+    (``caption_slots``). A row with no caption in any of the languages, a bad image or a bad
+    caption raises BadRowError naming the row (``on_bad_row="skip"``: skipped and counted)."""
+
+    def __init__(self, tokenizer: CaptionTokenizer, languages: Sequence[str], image_transform: ImageTransform,
+                 slots: int, on_bad_row: str = "raise"):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if on_bad_row not in ("raise", "skip"):
+            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
+        self.tokenize, self.languages, self.image_transform = tokenizer, tuple(languages), image_transform
+        self.slots, self.on_bad_row = slots, on_bad_row
+        self.skipped = SkipCounter()
+        self.rows_seen = 0
+
+    def row_captions(self, row: Mapping[str, Any]) -> list[tuple[int, str]]:
+        """(language index, caption) of every caption of a row in ``languages``."""
+        out = []
+        for j, lang in enumerate(self.languages):
+            caps = row.get(schema.caption_column(lang))
+            reason = captions_problem(caps)
+            if reason:
+                raise BadRowError(f"row {row.get(schema.IMAGE_ID)!r}: field {schema.caption_column(lang)!r} has a bad "
+                                  f"caption ({reason})", reason)
+            out += [(j, c.decode("utf-8") if isinstance(c, bytes) else str(c)) for c in (() if caps is None else caps)]
+        if not out:
+            raise BadRowError(f"row {row.get(schema.IMAGE_ID)!r}: no caption in any of "
+                              + ", ".join(schema.caption_column(lang) for lang in self.languages), "missing_language")
+        if len(out) > self.slots:
+            raise ValueError(f"row {row.get(schema.IMAGE_ID)!r} has {len(out)} captions, more than the {self.slots} "
+                             "slots (see caption_slots)")
+        return out
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch[schema.IMAGE_ID]
+        cap_cols = [c for c in batch if c.startswith(schema.CAPTION_PREFIX)]
+        self.rows_seen += len(ids)
+        pixels, kept_ids, texts, where = [], [], [], []
+        for i in range(len(ids)):
+            row = {schema.IMAGE_ID: ids[i], **{c: batch[c][i] for c in cap_cols}}
+            try:
+                img = decode_image(batch[schema.IMAGE][i], ids[i])
+                caps = self.row_captions(row)
+            except BadRowError as exc:
+                if self.on_bad_row == "raise":
+                    raise
+                self.skipped.add(exc.reason, ids[i])
+                continue
+            n = len(kept_ids)
+            where += [(n, slot, j) for slot, (j, _) in enumerate(caps)]
+            texts += [c for _, c in caps]
+            pixels.append(self.image_transform(img))
+            kept_ids.append(ids[i])
+        n, size, length = len(kept_ids), self.image_transform.image_size, self.tokenize.max_length
+        input_ids = np.zeros((n, self.slots, length), dtype=np.int64)
+        mask = np.zeros((n, self.slots, length), dtype=np.int64)
+        slot_lang = np.full((n, self.slots), -1, dtype=np.int64)
+        if texts:
+            tok_ids, tok_mask = self.tokenize(texts)
+            rows, slots, langs = (np.asarray(x) for x in zip(*where))
+            input_ids[rows, slots, :tok_ids.shape[1]] = tok_ids
+            mask[rows, slots, :tok_mask.shape[1]] = tok_mask
+            slot_lang[rows, slots] = langs
+        return {"pixel_values": np.stack(pixels) if n else np.zeros((0, 3, size, size), dtype=np.uint8),
+                "input_ids": input_ids, "attention_mask": mask, "caption_language": slot_lang,
+                schema.IMAGE_ID: np.asarray(kept_ids, dtype=object)}
+
+
+def caption_slots(uri: str, languages: Sequence[str], endpoint_url: str | None = None) -> tuple[int, dict[str, int]]:
+    """(the most captions one row has in ``languages``, total captions per language) of a split,
+    read from its caption columns alone."""
+    fs, files = storage.list_parquet(uri, endpoint_url)
+    table = pq.read_table(files, filesystem=fs, columns=[schema.caption_column(lang) for lang in languages])
+    return _caption_counts(table, languages)
+
+
+def _caption_counts(table, languages: Sequence[str]) -> tuple[int, dict[str, int]]:
+    import pyarrow.compute as pc
+
+    lengths = [pc.fill_null(pc.list_value_length(table.column(schema.caption_column(lang))), 0)
+               .to_numpy(zero_copy_only=False) for lang in languages]
+    per_row = np.sum(lengths, axis=0) if len(table) else np.zeros(0)
+    return int(per_row.max()) if len(per_row) else 0, {lang: int(n.sum()) for lang, n in zip(languages, lengths)}
+
+
+def flatten_slots(batch: Mapping[str, np.ndarray], languages: Sequence[str]) -> dict[str, Any]:
+    """An ``EvalCaptionsTransform`` batch → a loaded split: ``image_id``, ``pixel_values`` N, and every
+    caption once, language by language (image order, then slot order): ``input_ids`` and
+    ``attention_mask`` M×L, ``owner`` M (its image's row), ``offsets`` (L+1) and ``languages``."""
+    slot_lang = np.asarray(batch["caption_language"])
+    rows, slots, offsets = [], [], [0]
+    for j in range(len(languages)):
+        r, s = np.nonzero(slot_lang == j)
+        rows.append(r)
+        slots.append(s)
+        offsets.append(offsets[-1] + len(r))
+    rows, slots = np.concatenate(rows), np.concatenate(slots)
+    return {schema.IMAGE_ID: batch[schema.IMAGE_ID], "pixel_values": batch["pixel_values"],
+            "input_ids": np.asarray(batch["input_ids"])[rows, slots],
+            "attention_mask": np.asarray(batch["attention_mask"])[rows, slots],
+            "owner": rows.astype(np.int64), "offsets": np.asarray(offsets, dtype=np.int64),
+            "languages": tuple(languages)}
+
+
+def load_split(uri: str, languages: Sequence[str], tokenizer: CaptionTokenizer, image_size: int | ImageTransform,
+               endpoint_url: str | None = None, on_bad_row: str = "raise") -> dict[str, Any]:
+    """A whole (validation-sized) split — local or ``s3://`` — in image_id order with every caption
+    in ``languages`` (``flatten_slots``'s layout): validation during training, ``ccrk compare`` and
+    two-stage evaluation. An image without captions in a language is evaluated in its others; a
+    row without any, or with a bad image or caption, raises BadRowError naming the row
+    (``on_bad_row="skip"``: skipped, and counted by reason in ``skipped``)."""
     fs, files = storage.list_parquet(uri, endpoint_url)
     columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in languages]
     table = pq.read_table(files, filesystem=fs, columns=columns).sort_by(schema.IMAGE_ID)
     batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    return OneToKBatchTransform(tokenizer, languages, len(languages), ImageTransform(image_size, train=False))(batch)
+    transform = image_size if isinstance(image_size, ImageTransform) else ImageTransform(image_size, train=False)
+    slots, _ = _caption_counts(table, languages)
+    rows = EvalCaptionsTransform(tokenizer, languages, transform, max(1, slots), on_bad_row=on_bad_row)
+    return {**flatten_slots(rows(batch), languages), "skipped": dict(rows.skipped.counts)}
+
+
+def split_from_batch(batch: Mapping[str, np.ndarray], languages: Sequence[str]) -> dict[str, Any]:
+    """A 1-to-K batch (one caption per image and language, N×K×L) in ``load_split``'s layout."""
+    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+    n, k, length = ids.shape
+    if len(languages) != k:
+        raise ValueError(f"a batch of {k} captions per image for {len(languages)} languages")
+    return {schema.IMAGE_ID: np.asarray(batch.get(schema.IMAGE_ID, np.arange(n).astype(str)), dtype=object),
+            "pixel_values": batch["pixel_values"],
+            "input_ids": ids.transpose(1, 0, 2).reshape(k * n, length),
+            "attention_mask": mask.transpose(1, 0, 2).reshape(k * n, length),
+            "owner": np.tile(np.arange(n, dtype=np.int64), k), "offsets": np.arange(k + 1, dtype=np.int64) * n,
+            "languages": tuple(languages)}

@@ -1,12 +1,15 @@
 """``ccrk evaluate``: a saved model on a parquet split (local or ``s3://``), per-language recall,
 MRV and the rest of the report.
 
-Embedding runs on Ray Data actors (``ccrk_ray.eval.actors.embed_dataset``); ranking runs on
-``--actors N`` eval actors that each take a shard of queries and score it against the whole gallery
-in chunks (``rank_on_actors``), so no process holds the N × N·K score matrix. Two-stage
-(``--k-test K`` without ``--itc-only``): each query's top K by ITC are re-scored with the ITM head
-on the same actors; the split is then encoded in one process (token and hidden states for the
-ITM head), which suits test sets of a few thousand images.
+Every caption counts (``ccrk_ray.metrics.retrieval_metrics``): each caption of a language is a
+text→image query over the images that language has captions for, and each of those images an
+image→text query over all of them. Embedding runs on Ray Data actors
+(``ccrk_ray.eval.actors.embed_dataset``); ranking runs on ``--actors N`` eval actors that each
+take ranges of one language's queries and score them against its whole gallery in chunks
+(``rank_on_actors``), so no process holds a score matrix. Two-stage (``--k-test K`` without
+``--itc-only``): each query's top K by ITC are re-scored with the ITM head on the same actors; the
+split (local or ``s3://``) is then encoded in the driver (token and hidden states for the ITM
+head), which suits test sets of a few thousand images.
 
 Writes into ``--out``: ``report.json``, ``report.md``, PNG plots (``ccrk_ray.eval.plots``),
 ``clip_benchmark/<dataset>_<pretrained>_<model>_<lang>_zeroshot_retrieval.json`` (CLIP_benchmark's
@@ -34,14 +37,15 @@ from ccrk_ray.core.languages import canonical_languages, validate_languages
 from ccrk_ray.core.log import get_logger
 from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data import schema
-from ccrk_ray.data.ingest import one_to_k_dataset
+from ccrk_ray.data.ingest import eval_dataset
 from ccrk_ray.data.tokenizer import CaptionTokenizer
-from ccrk_ray.data.transforms import ImageTransform, load_split_batch
+from ccrk_ray.data.transforms import ImageTransform, caption_slots, load_split
 from ccrk_ray.eval.actors import embed_dataset, rank_on_actors
 from ccrk_ray.eval.plots import log_tensorboard, make_figures, write_plots
+from ccrk_ray.eval.ranks import RankSet
 from ccrk_ray.eval.ranks import save_ranks as write_ranks
-from ccrk_ray.eval.report import (DIRECTIONS, build_report, clip_benchmark_filename, clip_benchmark_results,
-                                  format_table, language_rank_correlation)
+from ccrk_ray.eval.report import (DIRECTIONS, clip_benchmark_filename, clip_benchmark_results, format_table,
+                                  language_rank_correlation, report_from_ranks)
 from ccrk_ray.eval.retrieval import PRECISIONS, ItmRescorer, encode_split
 from ccrk_ray.model import CCRKModel
 from ccrk_ray.model.openclip import PREFIX, OpenClipModel, OpenClipSpec, OpenClipTokenizer, is_openclip
@@ -142,38 +146,36 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         raise ConfigError(f"--k-test needs a model with fusion layers (ITM head); {model_dir} is a dual "
                           "encoder: leave --k-test out or pass --itc-only")
     if k_test is None and not itc_only and subject.has_itm:
-        # the paper's protocol for a model with an ITM head: re-rank the top 128 (at most the gallery)
-        if storage.is_remote(data):
-            log.warning("%s is remote: ranking by ITC (two-stage reads a local split; copy it locally, or pass "
-                        "--itc-only to silence this)", data)
-        else:
-            k_test = min(DEFAULT_K_TEST, storage.count_rows(data))
+        # the paper's protocol for a model with an ITM head: re-rank the top 128 (at most each
+        # language's gallery)
+        k_test = DEFAULT_K_TEST
     two_stage = k_test is not None and not itc_only
+    total = storage.count_rows(data)
     if two_stage:
-        if storage.is_remote(data):
-            raise ConfigError("two-stage evaluation reads a local split; use --itc-only for s3:// data")
         model = CCRKModel.from_pretrained(subject.path)
-        batch = load_split_batch(data, langs, subject.tokenizer, subject.image_transform.image_size)
-        if k_test > len(batch["input_ids"]):
-            raise ConfigError(f"--k-test {k_test} is larger than the gallery of {len(batch['input_ids'])} images")
-        log.info("encoding %d images for two-stage ranking (ITC top %d re-ranked by ITM)", len(batch["input_ids"]), k_test)
-        feats = encode_split(model, batch)
-        ids, image_emb, text_emb = batch["image_id"], feats["image_emb"], feats["text_emb"]
+        split = load_split(data, langs, subject.tokenizer, subject.image_transform, on_bad_row="skip")
+        log.info("encoding %d images and %d captions for two-stage ranking (ITC top %d re-ranked by ITM)",
+                 len(split["pixel_values"]), len(split["owner"]), k_test)
+        feats = encode_split(model, split)
+        ids, image_emb, captions = split["image_id"], feats["image_emb"], feats["captions"]
         rescore = ItmRescorer(str(subject.path), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
     with ray_session(evaluate_cpus(actors)):
         if two_stage:
-            t2i, i2t = _rank(data, image_emb, text_emb, langs, actors, k_test=k_test, rescore=rescore)
+            ranks = _rank(data, image_emb, captions, actors, k_test=k_test, rescore=rescore)
         else:
-            ids, t2i, i2t = rank_split_itc(data, subject.model, langs, subject.tokenizer,
-                                           subject.image_transform.image_size, actors=actors,
-                                           image_transform=subject.image_transform, batch_size=batch_size,
-                                           precision=precision)
-    report = finish_report(t2i, i2t, langs)
+            ids, ranks = rank_split_itc(data, subject.model, langs, subject.tokenizer,
+                                        subject.image_transform.image_size, actors=actors,
+                                        image_transform=subject.image_transform, batch_size=batch_size,
+                                        precision=precision)
+    report = finish_report(ranks)
+    if len(ids) < total:        # skipped rows (no caption in these languages, bad image or caption)
+        log.warning("%d of %d rows of %s had no usable caption in %s or a bad image: not evaluated",
+                    total - len(ids), total, data, ", ".join(langs))
     report.update(model=str(subject.path) if subject.path else f"{PREFIX}{subject.model.arch}",
                   pretrained=subject.pretrained, data=data, language_aliases=aliases, precision=precision,
-                  k_test=k_test if two_stage else None, actors=actors,
+                  k_test=k_test if two_stage else None, actors=actors, rows=total, rows_not_evaluated=total - len(ids),
                   seconds=round(time.perf_counter() - t0, 1))
-    write_outputs(Path(out), report, t2i, i2t, ids, langs, dataset=dataset_name or dataset_name_of(data),
+    write_outputs(Path(out), report, ranks, ids, dataset=dataset_name or dataset_name_of(data),
                   model=subject.name, pretrained=subject.pretrained, tensorboard=tensorboard,
                   save_ranks=save_ranks)
     return report
@@ -221,38 +223,42 @@ def evaluate_test_sets(tests: str | dict[str, str] | None, model_dir: Path, out:
 
 def rank_split_itc(data: str, model_dir, languages: Sequence[str], tokenizer, image_size: int, *,
                    actors: int = 1, image_transform: ImageTransform | None = None, batch_size: int = 128,
-                   precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image ids, t2i, i2t) of a saved model on a parquet split by ITC: embedding on Ray actors
-    (``embed_dataset``) and ranking on eval actors (``rank_on_actors``, the documented tie
-    policy). Ray must be running. ``ccrk evaluate`` and the demo both rank through here."""
-    ds = one_to_k_dataset(data, languages=languages, k=len(languages), tokenizer=tokenizer,
-                          image_transform=image_transform or ImageTransform(image_size, train=False),
-                          batch_size=batch_size,
-                          shuffle_files=False)
-    ids, image_emb, text_emb = embed_dataset(ds, model_dir, num_actors=actors, total=storage.count_rows(data),
-                                             batch_size=batch_size, precision=precision)
-    return (ids, *_rank(data, image_emb, text_emb, languages, actors))
+                   precision: str = "fp32") -> tuple[np.ndarray, RankSet]:
+    """(image ids, ranks) of a model on a parquet split by ITC, every caption counting: embedding
+    on Ray actors (``embed_dataset``) and ranking on eval actors (``rank_on_actors``, the
+    documented tie policy). Ray must be running. ``ccrk evaluate`` and the demo rank through here."""
+    slots, per_language = caption_slots(data, languages)
+    empty = [lang for lang, n in per_language.items() if n == 0]
+    if empty:
+        raise ConfigError(f"{data} has no caption in {', '.join(empty)}")
+    ds = eval_dataset(data, languages=languages, tokenizer=tokenizer, slots=slots, batch_size=batch_size,
+                      image_transform=image_transform or ImageTransform(image_size, train=False))
+    ids, image_emb, captions = embed_dataset(ds, model_dir, languages, num_actors=actors,
+                                             total=storage.count_rows(data), batch_size=batch_size,
+                                             precision=precision)
+    return ids, _rank(data, image_emb, captions, actors)
 
 
-def _rank(data: str, image_emb, text_emb, languages, actors: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+def _rank(data: str, image_emb, captions, actors: int, **kwargs) -> RankSet:
     try:
-        return rank_on_actors(image_emb, text_emb, languages=languages, num_actors=actors, **kwargs)
+        return rank_on_actors(image_emb, captions, num_actors=actors, **kwargs)
     except ValueError as exc:       # bad embeddings (e.g. NaN from a diverged model), named
         raise ConfigError(f"cannot rank {data}: {exc}") from None
 
 
-def finish_report(t2i, i2t, langs: Sequence[str]) -> dict[str, Any]:
-    """``build_report`` plus the languages' rank correlation (JSON-safe: NaN → null)."""
-    report = build_report(t2i, i2t, list(langs))
+def finish_report(ranks: RankSet) -> dict[str, Any]:
+    """``report_from_ranks`` plus the languages' rank correlation (JSON-safe: NaN → null)."""
+    report = report_from_ranks(ranks)
     report["language_rank_correlation"] = {
         d: [[None if math.isnan(v) else round(float(v), 4) for v in row] for row in language_rank_correlation(r)]
-        for d, r in zip(DIRECTIONS, (t2i, i2t))}
+        for d, r in zip(DIRECTIONS, ranks.matrices())}
     return report
 
 
-def write_outputs(out_dir: Path, report: dict[str, Any], t2i, i2t, image_ids, langs: Sequence[str], *, dataset: str,
+def write_outputs(out_dir: Path, report: dict[str, Any], ranks: RankSet, image_ids, *, dataset: str,
                   model: str, pretrained: str, tensorboard: str | None = None, save_ranks: bool = False) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    t2i, i2t = ranks.matrices()
     figs = make_figures(report, t2i, i2t)
     plots = write_plots(figs, out_dir)
     outputs = {"plots": sorted(p.name for p in plots.values()), "clip_benchmark": []}
@@ -263,7 +269,7 @@ def write_outputs(out_dir: Path, report: dict[str, Any], t2i, i2t, image_ids, la
         (cb_dir / name).write_text(json.dumps(result, indent=2))
         outputs["clip_benchmark"].append(f"clip_benchmark/{name}")
     if save_ranks:
-        write_ranks(out_dir / RANKS_FILE, image_ids, langs, t2i, i2t,
+        write_ranks(out_dir / RANKS_FILE, image_ids, ranks,
                     meta={"model": report.get("model"), "data": report.get("data"), "k_test": report.get("k_test")})
         outputs["ranks"] = RANKS_FILE
     if tensorboard:

@@ -119,6 +119,7 @@ def log_tensorboard(log_dir: str | Path, report: dict[str, Any], t2i: np.ndarray
         writer.add_scalar("eval/mean/r_mean", report["mean"]["r_mean"], step)
         if t2i.shape[1] >= 2:
             for d, ranks in zip(DIRECTIONS, (t2i, i2t)):
-                writer.add_histogram(f"eval/rank_spread_{d}", rank_spread(ranks), step)
+                spread = rank_spread(ranks)
+                writer.add_histogram(f"eval/rank_spread_{d}", spread[~np.isnan(spread)], step)
         for name, fig in figs.items():
             writer.add_image(f"eval/{name}", figure_rgb(fig), step, dataformats="HWC")

@@ -1,9 +1,16 @@
 """The evaluation report: per-language recall with chance level, and MRV both ways.
 
-Shape (a contract other tools read; recall and chance in percent):
-``{"num_images", "languages": {lang: {"t2i": {"R@1", "R@5", "R@10", "chance@1", ...,
-"MedR", "MeanR", "mAP"}, "i2t": {...}, "SumR", "r_mean"}}, "mrv": {"t2i", "i2t"},
-"mean": {...}, "recall_std_across_languages": {...}}``.
+Shape (a contract other tools read; recall and chance in percent, MedR/MeanR 1-based, mAP a
+fraction): ``{"num_images", "num_captions": {lang: M}, "languages": {lang: {"t2i": {"R@1", "R@5",
+"R@10", "chance@1", ..., "MedR", "MeanR", "mAP", "num_queries", "num_candidates"}, "i2t": {...},
+"SumR", "r_mean"}}, "mrv": {"t2i", "i2t"}, "mean": {...}, "recall_std_across_languages": {...}}``.
+
+Every caption counts (``ccrk_ray.metrics.retrieval_metrics``): in language l the text→image
+queries are all of l's captions over a gallery of the images l has captions for, and the image→text
+queries are those images over all of l's captions. MRV: per image, the population std across the
+languages it has captions in of its rank (text→image: the mean rank of its captions in the
+language; image→text: its best rank), averaged over images with at least two languages; with one
+caption per image and language, the paper's definition.
 """
 
 from __future__ import annotations
@@ -13,79 +20,59 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ccrk_ray.metrics import (chance_recall_at_k, mean_average_precision, mean_rank, mean_rank_variance,
-                              median_rank, recall_at_k)
+from ccrk_ray.eval.ranks import RankSet
+from ccrk_ray.metrics import chance_recall_at_k, mean_rank_variance
 
 KS = (1, 5, 10)
 DIRECTIONS = ("t2i", "i2t")
 
 
-def direction_metrics(ranks: np.ndarray, num_candidates: int, relevant: np.ndarray | None = None) -> dict[str, float]:
-    """Recall@1/5/10 with chance, MedR, MeanR, mAP. ``relevant``: correct items per query (default
-    1 each); chance is then averaged over the queries."""
-    out: dict[str, float] = {}
-    for k in KS:
-        out[f"R@{k}"] = recall_at_k(ranks, k)
-        if relevant is None:
-            out[f"chance@{k}"] = chance_recall_at_k(num_candidates, k)
-        else:
-            counts, freq = np.unique(relevant, return_counts=True)
-            out[f"chance@{k}"] = float(sum(f * chance_recall_at_k(num_candidates, k, int(c))
-                                           for c, f in zip(counts, freq)) / freq.sum())
-    out["MedR"] = median_rank(ranks)
-    out["MeanR"] = mean_rank(ranks)
-    out["mAP"] = mean_average_precision(ranks)
+def _chance(num_candidates: int, relevant: np.ndarray) -> dict[str, float]:
+    """Chance Recall@k averaged over queries with ``relevant`` correct candidates each."""
+    counts, freq = np.unique(relevant, return_counts=True)
+    return {f"chance@{k}": float(sum(f * chance_recall_at_k(num_candidates, k, int(c)) for c, f in zip(counts, freq))
+                                 / freq.sum()) for k in KS}
+
+
+def language_metrics(ranks) -> dict[str, Any]:
+    """One language's block of the report from its ``LanguageRanks``."""
+    m = ranks.metrics()
+    images, per_image = np.unique(ranks.owner, return_counts=True)
+    out = {"t2i": {**m["t2i"], **_chance(len(images), np.ones(1, dtype=np.int64)),
+                   "num_queries": ranks.num_captions, "num_candidates": int(len(images))},
+           "i2t": {**m["i2t"], **_chance(ranks.num_captions, per_image),
+                   "num_queries": int(len(images)), "num_candidates": ranks.num_captions}}
+    out["SumR"] = m["SumR"]
+    out["r_mean"] = m["SumR"] / (len(DIRECTIONS) * len(KS))
     return out
 
 
-def build_report(t2i: np.ndarray, i2t: np.ndarray, languages: Sequence[str]) -> dict[str, Any]:
-    """Report from N×K rank matrices (column k = languages[k]), one caption per image and language."""
-    n, k = t2i.shape
-    if i2t.shape != (n, k) or len(languages) != k:
-        raise ValueError(f"rank matrices {t2i.shape}/{i2t.shape} do not match {len(languages)} languages")
-    per_lang = {lang: {d: direction_metrics(r[:, j], n) for d, r in zip(DIRECTIONS, (t2i, i2t))}
-                for j, lang in enumerate(languages)}
-    return _assemble(per_lang, t2i, i2t, n, languages)
-
-
-def build_report_multi(num_images: int, per_language: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
-                       ) -> dict[str, Any]:
-    """Report for data with several captions per image and language.
-
-    ``per_language[lang] = (t2i, i2t, owner)`` as ``rank_with_owners`` returns them plus the
-    captions' image indices. Text→image recall is over every caption; image→text uses each image's
-    best-ranked caption (images without a caption in that language are left out). For MRV an
-    image's text→image rank in a language is the mean over its captions there, and a language
-    it has no caption in is left out of its spread.
-    """
-    languages = list(per_language)
-    n = num_images
-    per_lang, t2i_mat, i2t_mat = {}, np.full((n, len(languages)), np.nan), np.full((n, len(languages)), np.nan)
-    for j, lang in enumerate(languages):
-        t2i, i2t, owner = (np.asarray(a) for a in per_language[lang])
-        has = i2t >= 0
-        counts = np.bincount(owner, minlength=n)
-        per_lang[lang] = {"t2i": direction_metrics(t2i, n),
-                          "i2t": direction_metrics(i2t[has], len(owner), relevant=counts[has])}
-        t2i_mat[has, j] = (np.bincount(owner, weights=t2i, minlength=n)[has] / counts[has])
-        i2t_mat[has, j] = i2t[has]
-    return _assemble(per_lang, t2i_mat, i2t_mat, n, languages)
-
-
-def _assemble(per_lang: dict, t2i: np.ndarray, i2t: np.ndarray, n: int, languages: Sequence[str]) -> dict[str, Any]:
-    for m in per_lang.values():
-        m["SumR"] = float(sum(m[d][f"R@{kk}"] for d in DIRECTIONS for kk in KS))
-        m["r_mean"] = m["SumR"] / (len(DIRECTIONS) * len(KS))
+def report_from_ranks(ranks: RankSet) -> dict[str, Any]:
+    """The report of a ``RankSet`` (several captions per image and language, or one)."""
+    languages = list(ranks.languages)
+    if not languages:
+        raise ValueError("no languages ranked")
+    per_lang = {lang: language_metrics(r) for lang, r in ranks.languages.items()}
     mean = {d: {f"R@{kk}": float(np.mean([per_lang[l][d][f"R@{kk}"] for l in languages])) for kk in KS}
             for d in DIRECTIONS}
     r_mean = float(np.mean([mean[d][f"R@{kk}"] for d in DIRECTIONS for kk in KS]))
-    report = {"num_images": int(n), "languages": per_lang,
+    report = {"num_images": int(ranks.num_images),
+              "num_captions": {lang: r.num_captions for lang, r in ranks.languages.items()},
+              "languages": per_lang,
               "mean": {**mean, "r_mean": r_mean, "SumR": r_mean * len(DIRECTIONS) * len(KS)},
               "recall_std_across_languages": {
                   d: float(np.std([per_lang[l][d]["R@1"] for l in languages])) for d in DIRECTIONS}}
-    report["mrv"] = ({d: mean_rank_variance(r) for d, r in zip(DIRECTIONS, (t2i, i2t))} if len(languages) >= 2
-                     else {d: None for d in DIRECTIONS})
+    mats = ranks.matrices()
+    report["mrv"] = {d: None for d in DIRECTIONS}
+    if len(languages) >= 2 and ((~np.isnan(mats[0])).sum(axis=1) >= 2).any():
+        report["mrv"] = {d: mean_rank_variance(r) for d, r in zip(DIRECTIONS, mats)}
     return report
+
+
+def build_report(t2i: np.ndarray, i2t: np.ndarray, languages: Sequence[str]) -> dict[str, Any]:
+    """Report from N×K 0-based rank matrices (column k = languages[k]), one caption per image and
+    language: ``report_from_ranks(RankSet.from_matrices(...))``."""
+    return report_from_ranks(RankSet.from_matrices(t2i, i2t, languages))
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -108,11 +95,15 @@ def format_table(report: dict[str, Any]) -> str:
 
 def rank_spread(ranks: np.ndarray) -> np.ndarray:
     """Per-instance population std (ddof=0) of the rank across languages (N,): the quantity MRV
-    averages; its histogram shows whether a few instances or all of them disagree."""
+    averages; its histogram shows whether a few instances or all of them disagree. NaN ranks (no
+    caption in that language) are left out; an instance ranked in fewer than 2 languages is NaN."""
     arr = np.asarray(ranks, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] < 2:
         raise ValueError(f"ranks must be N×K with K >= 2 languages, got shape {arr.shape}")
-    return np.nanstd(arr, axis=1, ddof=0)
+    out = np.full(arr.shape[0], np.nan)
+    enough = (~np.isnan(arr)).sum(axis=1) >= 2
+    out[enough] = np.nanstd(arr[enough], axis=1, ddof=0)
+    return out
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -129,16 +120,24 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 def language_rank_correlation(ranks: np.ndarray) -> np.ndarray:
     """K×K Spearman correlation of the per-instance ranks of each pair of languages (ties get
-    average ranks). NaN where a language's ranks are all equal (e.g. a perfect model)."""
+    average ranks), over the instances ranked in both (NaN: no rank in that language). NaN where
+    a language's ranks are all equal (e.g. a perfect model) or fewer than 2 instances are shared."""
     arr = np.asarray(ranks, dtype=np.float64)
     if arr.ndim != 2:
         raise ValueError(f"ranks must be N×K, got shape {arr.shape}")
-    r = np.stack([_average_ranks(col) for col in arr.T], axis=1)
-    r -= r.mean(axis=0)
-    norm = np.sqrt((r ** 2).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = (r.T @ r) / np.outer(norm, norm)
-    return np.clip(corr, -1.0, 1.0)
+    k = arr.shape[1]
+    corr = np.full((k, k), np.nan)
+    present = ~np.isnan(arr)
+    for a in range(k):
+        for b in range(a, k):
+            both = present[:, a] & present[:, b]
+            if both.sum() < 2:
+                continue
+            x, y = _average_ranks(arr[both, a]), _average_ranks(arr[both, b])
+            x, y = x - x.mean(), y - y.mean()
+            norm = np.sqrt((x ** 2).sum() * (y ** 2).sum())
+            corr[a, b] = corr[b, a] = np.clip(x @ y / norm, -1.0, 1.0) if norm > 0 else np.nan
+    return corr
 
 
 CLIP_BENCHMARK_TASK = "zeroshot_retrieval"

@@ -1,9 +1,10 @@
 """Embedding and ranking for retrieval evaluation, with no Ray in it.
 
-Per-language protocol: for language l, the gallery of a text→image query is the N test images and
-the gallery of an image→text query is the N captions in language l, so chance Recall@k is k/N in
-both directions. Ranks are 0-based with ties counted against the query (see
-``ccrk_ray.metrics.ranks_from_scores``).
+Every caption counts (``ccrk_ray.metrics.retrieval_metrics`` is the definition): a test split is
+N images and, per language, all of its captions (``Captions``), each with the image it describes.
+In language l every caption is a text→image query over the images l has captions for, and each of
+those images is an image→text query over all of l's captions. Ranking produces, per caption, the
+counts the metrics are reduced from (``ccrk_ray.eval.ranks.RankSet``); ties count against the query.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 if TYPE_CHECKING:
     import torch
 
-from ccrk_ray.metrics import ranks_from_scores
+from ccrk_ray.eval.ranks import LanguageRanks, RankSet
+from ccrk_ray.metrics import own_at_or_above
 
 
 def _no_grad(fn):
@@ -40,8 +42,10 @@ PRECISIONS = {"fp32": None, "amp_bf16": "bfloat16", "bf16": "bfloat16", "amp": "
 
 
 class Embedder:
-    """1-to-K batch (see OneToKBatchTransform) → ``image_emb`` N×d and ``text_emb`` N×K×d (float32;
-    computed under autocast for a ``precision`` other than fp32)."""
+    """Eval batch (``ccrk_ray.data.transforms.EvalCaptionsTransform``: ``input_ids`` N×S×L with
+    ``caption_language`` N×S, −1 for an empty slot) or 1-to-K batch (N×K×L, every slot a caption) →
+    ``image_emb`` N×d and ``text_emb`` N×S×d (float32, zeros in empty slots; computed under
+    autocast for a ``precision`` other than fp32). Only real captions are encoded."""
 
     def __init__(self, model_dir, threads: int | None = None, device: str | None = None, precision: str = "fp32"):
         """``model_dir``: a saved model (directory or training checkpoint) or an ``OpenClipSpec``;
@@ -65,14 +69,23 @@ class Embedder:
         import torch
 
         # Ray Data hands read-only arrays (object-store memory); torch wants writable ones
-        ids = torch.as_tensor(np.array(batch["input_ids"]), device=self.device)
+        ids = np.asarray(batch["input_ids"])
         n, k, length = ids.shape
-        mask = torch.as_tensor(np.array(batch["attention_mask"]), device=self.device)
+        slot_lang = np.asarray(batch["caption_language"]) if "caption_language" in batch else np.zeros((n, k), int)
+        real = (slot_lang >= 0).ravel()
+        ids = torch.as_tensor(ids.reshape(n * k, length)[real], device=self.device)
+        mask = torch.as_tensor(np.asarray(batch["attention_mask"]).reshape(n * k, length)[real], device=self.device)
         with self.autocast:
             img = self.model.encode_image(torch.as_tensor(np.array(batch["pixel_values"]), device=self.device))
-            txt = self.model.encode_text(ids.view(n * k, length), mask.view(n * k, length))
-        return {"image_id": np.asarray(batch["image_id"], dtype=object), "image_emb": img.float().cpu().numpy(),
-                "text_emb": txt.view(n, k, -1).float().cpu().numpy()}
+            txt = self.model.encode_text(ids, mask) if len(ids) else None
+        text_emb = np.zeros((n * k, img.shape[-1]), dtype=np.float32)
+        if txt is not None:
+            text_emb[real] = txt.float().cpu().numpy()
+        out = {"image_id": np.asarray(batch["image_id"], dtype=object), "image_emb": img.float().cpu().numpy(),
+               "text_emb": text_emb.reshape(n, k, -1)}
+        if "caption_language" in batch:
+            out["caption_language"] = slot_lang
+        return out
 
 
 # --- two-stage retrieval: ITC shortlist, ITM re-ranking ---------------------------------------
@@ -85,111 +98,6 @@ def topk_candidates(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
-def rerank(scores: np.ndarray, topk: np.ndarray, new_scores: np.ndarray) -> np.ndarray:
-    """Scores where each query's top-k candidates are re-ordered by ``new_scores`` (Q×k) and lifted
-    above every other candidate; the others keep their first-stage scores and order."""
-    out = scores.astype(np.float64, copy=True)
-    lift = out.max() - float(np.min(new_scores)) + 1.0
-    np.put_along_axis(out, topk, new_scores.astype(np.float64) + lift, axis=1)
-    return out
-
-
-@_no_grad
-def itm_scores(model, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
-               image_idx: np.ndarray, text_idx: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Matching score (the ITM head's "match" logit, as X-VLM ranks by) of each (image, text) pair."""
-    import torch
-
-    out = []
-    for start in range(0, len(image_idx), batch_size):
-        i = torch.as_tensor(image_idx[start:start + batch_size], device=image_tokens.device)
-        t = torch.as_tensor(text_idx[start:start + batch_size], device=text_hidden.device)
-        fused = model.fuse(text_hidden[t], text_mask[t], image_tokens[i])
-        out.append(model.itm_head(fused)[:, 1].float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def _encode_batch(model, batch: Mapping[str, np.ndarray]):
-    """(image tokens, text hidden states (N·K)×L×h, attention mask N×K×L) of a 1-to-K batch, on
-    the model's device (the model in eval mode)."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
-    ids = torch.as_tensor(np.asarray(batch["input_ids"]), device=device)
-    masks = torch.as_tensor(np.asarray(batch["attention_mask"]), device=device)
-    n, k, length = ids.shape
-    tokens = model.image_tokens(torch.as_tensor(np.asarray(batch["pixel_values"]), device=device))
-    return tokens, model.text_hidden(ids.view(n * k, length), masks.view(n * k, length)), masks
-
-
-@_no_grad
-def evaluate_in_process(model, batch: Mapping[str, np.ndarray],
-                        k_test: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(t2i, i2t) rank matrices N×K of a model on one 1-to-K batch (the whole test split).
-
-    ``k_test=None``: ITC similarity only. Otherwise two-stage as in the paper: every query's top
-    ``k_test`` candidates by ITC are re-scored with the ITM head (needs fusion layers).
-    """
-    tokens, hidden, masks = _encode_batch(model, batch)
-    n, k, length = masks.shape
-    image_feat = model.image_feature(tokens)
-    text_feat = model.text_feature(hidden).view(n, k, -1)
-    if k_test is None:
-        # the documented tie policy (as ``ccrk evaluate`` and the eval actors), not dense float32
-        return rank_sharded(image_feat.float().cpu().numpy(), text_feat.float().cpu().numpy())
-    if not model.has_fusion:
-        raise ValueError("two-stage evaluation (k_test) needs a model with fusion layers; use itc_only")
-    hidden = hidden.view(n, k, length, -1)
-    t2i = np.empty((n, k), dtype=np.int64)
-    i2t = np.empty((n, k), dtype=np.int64)
-    correct = np.arange(n)
-    img = image_feat.float().cpu().numpy()
-    for lang in range(k):
-        txt = text_feat[:, lang].float().cpu().numpy()
-        lang_hidden, lang_mask = hidden[:, lang], masks[:, lang]
-        s_t2i = txt @ img.T                                   # caption queries × images
-        top = topk_candidates(s_t2i, k_test)
-        q_idx = np.repeat(np.arange(n), k_test)
-        new = itm_scores(model, tokens, lang_hidden, lang_mask, top.ravel(), q_idx).reshape(n, k_test)
-        t2i[:, lang] = ranks_from_scores(rerank(s_t2i, top, new), correct)
-        s_i2t = s_t2i.T                                       # image queries × captions
-        top = topk_candidates(s_i2t, k_test)
-        new = itm_scores(model, tokens, lang_hidden, lang_mask, q_idx, top.ravel()).reshape(n, k_test)
-        i2t[:, lang] = ranks_from_scores(rerank(s_i2t, top, new), correct)
-    return t2i, i2t
-
-
-# --- several captions per image and language (COCO / Flickr30k / Multi30K style) -------------
-
-def rank_with_owners(image_emb: np.ndarray, text_emb: np.ndarray, owner: np.ndarray,
-                     chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks for one language whose M captions belong to images ``owner`` (M,) among N images.
-
-    Returns (t2i (M,): rank of each caption's image among the N images; i2t (N,): the *best*
-    rank among the image's own captions, i.e. the number of other images' captions scoring >=
-    its best-scoring caption; -1 for an image with no caption in this language).
-    """
-    owner = np.asarray(owner, dtype=np.int64)
-    n, m = image_emb.shape[0], text_emb.shape[0]
-    if owner.shape != (m,) or (m and (owner.min() < 0 or owner.max() >= n)):
-        raise ValueError(f"owner must give an image index in [0, {n}) for each of the {m} captions")
-    t2i = np.empty(m, dtype=np.int64)
-    for start in range(0, m, chunk):
-        rows = np.arange(start, min(m, start + chunk))
-        t2i[rows] = ranks_from_scores(text_emb[rows] @ image_emb.T, owner[rows])
-    i2t = np.full(n, -1, dtype=np.int64)
-    has = np.bincount(owner, minlength=n) > 0
-    for start in range(0, n, chunk):
-        rows = np.arange(start, min(n, start + chunk))
-        scores = image_emb[rows] @ text_emb.T                           # chunk × M
-        own = owner[None, :] == rows[:, None]
-        best = np.where(own, scores, -np.inf).max(axis=1, keepdims=True)
-        ranks = ((scores >= best) & ~own).sum(axis=1)
-        i2t[rows] = np.where(has[rows], ranks, -1)
-    return t2i, i2t
-
-
 # --- sharded ranking: what each eval actor runs (pure numpy, no Ray) -------------------------
 #
 # Tie policy (deterministic, independent of sharding and chunking): a candidate ranks at or above
@@ -200,12 +108,19 @@ def rank_with_owners(image_emb: np.ndarray, text_emb: np.ndarray, owner: np.ndar
 # length d is within (d+2)·2⁻²⁴·‖x‖‖y‖ of the exact one, so only candidates inside that band
 # around the true score are re-scored exactly. This matters: OpenBLAS gives different last bits
 # for the same row computed in chunks of 13, 64 or 2048 rows, and a dense float32 computation
-# (one score matrix per language) can rank near-ties either way; here every shard layout and chunk size
-# gives the same ranks, equal to the dense ones whenever the float32 scores are exact (test data).
-# Two-stage: the k best float32 ITC scores, ties at the k-th broken by lower gallery index (as
-# ``topk_candidates``); a correct item outside them keeps its ITC rank (at least k), one inside is
-# ranked among them by the re-scorer (ties again against the query). Shards start on multiples of
-# ``chunk`` so that the float32 products, and so the top-k sets, are the same in any layout.
+# can rank near-ties either way; here every shard layout and chunk size gives the same ranks, equal
+# to the dense ones whenever the float32 scores are exact (test data).
+#
+# Work comes as tasks (``plan_tasks``): per language, ranges of its captions (text→image queries;
+# in ITC mode the same products also give every caption's image→text counts) and, in two-stage
+# mode, ranges of its images (image→text queries). Two-stage: each query's k best float32 ITC
+# scores, ties at the k-th broken by lower index (as ``topk_candidates``), are re-scored and lifted
+# above the rest. A correct caption or image outside the shortlist keeps its ITC count of rivals,
+# at least the shortlist's other-item candidates (k for one correct item); the reference (X-VLM /
+# CCRK) instead ranks it by argsort order of a −100 fill, which places it right below the shortlist
+# in gallery-index order whatever its ITC score, so its rank there is not comparable across
+# languages and MRV would see index order. Tasks start on multiples of their chunk so that the
+# float32 products, and so the top-k sets, are the same in any layout.
 
 SCORE_BUDGET_BYTES = 128 << 20      # one query chunk's float32 scores against the whole gallery
 GALLERY_TILE = 2048                 # ITC mode: gallery columns per product (chunk × tile stays in cache)
@@ -219,29 +134,88 @@ def default_chunk(gallery_size: int, budget_bytes: int = SCORE_BUDGET_BYTES) -> 
     return int(min(512, max(16, rows // 16 * 16)))
 
 
-def check_inputs(image_emb: np.ndarray, text_emb: np.ndarray, languages: Sequence[str] | None = None,
-                 query_languages: Sequence[str] | None = None) -> list[int]:
-    """Validate a gallery (``image_emb`` N×d, ``text_emb`` N×K×d) and return the column of each
-    query language (all K when ``query_languages`` is None). Raises ValueError naming the problem."""
-    image_emb, text_emb = np.asarray(image_emb), np.asarray(text_emb)
+@dataclass
+class Captions:
+    """Every caption of a test split: ``emb`` M×d, ``owner`` M (the image each describes, an index
+    into the split's N images) and ``offsets`` (L+1: language j's captions are rows
+    ``offsets[j]:offsets[j+1]``), ``languages`` their names."""
+
+    emb: np.ndarray
+    owner: np.ndarray
+    offsets: np.ndarray
+    languages: tuple[str, ...]
+
+    def __post_init__(self):
+        self.owner = np.asarray(self.owner, dtype=np.int64)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.languages = tuple(self.languages)
+
+    @classmethod
+    def one_per_image(cls, text_emb: np.ndarray, languages: Sequence[str] | None = None) -> "Captions":
+        """From N×K×d: caption (i, k) describes image i, in language k."""
+        text_emb = np.asarray(text_emb)
+        if text_emb.ndim != 3:
+            raise ValueError(f"caption embeddings must be N×K×d (image × language × dim), got shape {text_emb.shape}")
+        n, k, d = text_emb.shape
+        names = list(languages) if languages is not None else [str(j) for j in range(k)]
+        if len(names) != k:
+            raise ValueError(f"caption embeddings have {k} language columns but {len(names)} language names "
+                             f"({', '.join(names)})")
+        return cls(np.ascontiguousarray(text_emb.transpose(1, 0, 2).reshape(k * n, d)), np.tile(np.arange(n), k),
+                   np.arange(k + 1) * n, names)
+
+    @classmethod
+    def from_slots(cls, text_emb: np.ndarray, slot_language: np.ndarray, languages: Sequence[str]) -> "Captions":
+        """From an eval batch's slots: ``text_emb`` N×S×d and ``slot_language`` N×S (the language
+        column of each slot, −1 for none). Captions keep image order, then slot order."""
+        n, s = slot_language.shape
+        parts, owners, offsets = [], [], [0]
+        for j in range(len(languages)):
+            img, slot = np.nonzero(slot_language == j)
+            parts.append(text_emb[img, slot])
+            owners.append(img)
+            offsets.append(offsets[-1] + len(img))
+        d = text_emb.shape[-1]
+        return cls(np.concatenate(parts) if parts else np.zeros((0, d), np.float32),
+                   np.concatenate(owners) if owners else np.zeros(0, np.int64), offsets, languages)
+
+    def language(self, j: int) -> slice:
+        return slice(int(self.offsets[j]), int(self.offsets[j + 1]))
+
+
+def as_captions(text_emb, languages: Sequence[str] | None = None) -> Captions:
+    """``Captions`` as given, or built from an N×K×d array (one caption per image and language)."""
+    if isinstance(text_emb, Captions):
+        if languages is not None and tuple(languages) != text_emb.languages:
+            raise ValueError(f"captions are in {', '.join(text_emb.languages)}, not {', '.join(languages)}")
+        return text_emb
+    return Captions.one_per_image(text_emb, languages)
+
+
+def check_inputs(image_emb: np.ndarray, text_emb, languages: Sequence[str] | None = None,
+                 query_languages: Sequence[str] | None = None) -> tuple[Captions, list[int]]:
+    """Validate a gallery (``image_emb`` N×d and ``Captions``, or N×K×d caption embeddings) and
+    return the captions and the column of each query language (all when ``query_languages`` is
+    None). Raises ValueError naming the problem."""
+    image_emb = np.asarray(image_emb)
     if image_emb.ndim != 2:
         raise ValueError(f"image embeddings must be N×d, got shape {image_emb.shape}")
-    if text_emb.ndim != 3:
-        raise ValueError(f"caption embeddings must be N×K×d (image × language × dim), got shape {text_emb.shape}")
     if image_emb.shape[0] == 0:
         raise ValueError("empty gallery: no image embeddings")
-    if text_emb.shape[0] != image_emb.shape[0]:
-        raise ValueError(f"captions for {text_emb.shape[0]} images but {image_emb.shape[0]} image embeddings")
-    if text_emb.shape[2] != image_emb.shape[1]:
+    if not isinstance(text_emb, Captions) and np.ndim(text_emb) == 3 and np.shape(text_emb)[0] != image_emb.shape[0]:
+        raise ValueError(f"captions for {np.shape(text_emb)[0]} images but {image_emb.shape[0]} image embeddings")
+    caps = as_captions(text_emb, languages)
+    if caps.emb.ndim != 2 or caps.emb.shape[1] != image_emb.shape[1]:
         raise ValueError(f"embedding dimensions differ: images are {image_emb.shape[1]}-d, captions "
-                         f"{text_emb.shape[2]}-d")
-    k = text_emb.shape[1]
-    names = list(languages) if languages is not None else [str(j) for j in range(k)]
-    if len(names) != k:
-        raise ValueError(f"caption embeddings have {k} language columns but {len(names)} language names "
-                         f"({', '.join(names)})")
+                         f"{caps.emb.shape[-1]}-d")
+    names = list(caps.languages)
     if len(set(names)) != len(names):
         raise ValueError(f"a gallery language appears twice: {', '.join(names)}")
+    if len(caps.owner) != len(caps.emb) or len(caps.offsets) != len(names) + 1 or caps.offsets[-1] != len(caps.emb):
+        raise ValueError(f"captions: {len(caps.emb)} embeddings, {len(caps.owner)} owners and offsets "
+                         f"{caps.offsets.tolist()} for {len(names)} languages do not agree")
+    if len(caps.owner) and (caps.owner.min() < 0 or caps.owner.max() >= image_emb.shape[0]):
+        raise ValueError(f"a caption's image index is outside [0, {image_emb.shape[0]})")
     query = list(query_languages) if query_languages is not None else names
     if not query:
         raise ValueError("no query languages")
@@ -253,13 +227,16 @@ def check_inputs(image_emb: np.ndarray, text_emb: np.ndarray, languages: Sequenc
     if bad.any():
         row = int(np.argmax(bad.any(axis=1)))
         raise ValueError(f"image embeddings hold {int(bad.sum())} NaN/inf value(s), the first in image {row}")
-    for j in range(k):
-        bad = ~np.isfinite(text_emb[:, j])
+    for j, lang in enumerate(names):
+        part = caps.language(j)
+        if part.stop == part.start and lang in query:
+            raise ValueError(f"no captions in language {lang!r}")
+        bad = ~np.isfinite(caps.emb[part])
         if bad.any():
-            row = int(np.argmax(bad.any(axis=1)))
-            raise ValueError(f"caption embeddings in language {names[j]!r} hold {int(bad.sum())} NaN/inf "
+            row = int(caps.owner[part][np.argmax(bad.any(axis=1))])
+            raise ValueError(f"caption embeddings in language {lang!r} hold {int(bad.sum())} NaN/inf "
                              f"value(s), the first in image {row}")
-    return [names.index(lang) for lang in query]
+    return caps, [names.index(lang) for lang in query]
 
 
 def exact_scores(captions: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -268,14 +245,12 @@ def exact_scores(captions: np.ndarray, images: np.ndarray) -> np.ndarray:
     return (np.asarray(captions, dtype=np.float64) * np.asarray(images, dtype=np.float64)).sum(axis=1)
 
 
-def true_scores(image_emb: np.ndarray, text_emb: np.ndarray, rows: int = 8192) -> np.ndarray:
-    """N×K float64 exact score of each caption with its own image (the tie policy's true score)."""
-    n, k = text_emb.shape[:2]
-    out = np.empty((n, k), dtype=np.float64)
-    for lang in range(k):
-        for start in range(0, n, rows):
-            txt = np.ascontiguousarray(text_emb[start:start + rows, lang])     # strided → float64 is slow
-            out[start:start + rows, lang] = exact_scores(txt, image_emb[start:start + rows])
+def true_scores(image_emb: np.ndarray, captions: Captions, rows: int = 8192) -> np.ndarray:
+    """M float64: the exact score of each caption with its own image (the tie policy's true score)."""
+    out = np.empty(len(captions.owner), dtype=np.float64)
+    for start in range(0, len(out), rows):
+        sl = slice(start, start + rows)
+        out[sl] = exact_scores(captions.emb[sl], image_emb[captions.owner[sl]])
     return out
 
 
@@ -355,149 +330,311 @@ def _col_counts(mask: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class ShardRanks:
-    """One shard's result. ``t2i`` (stop−start)×L: ranks of the shard's captions (L query
-    languages). Image→text: ``i2t`` (stop−start)×L ranks in two-stage mode; in ITC mode
-    ``i2t_counts`` N×L instead: for every image, how many of the shard's captions other than its
-    own score >= its own caption; ``merge_shards`` sums them over shards."""
+class LanguageView:
+    """One language's gallery as a ranking task sees it: the images it has captions for (``images``
+    N_l×d, gallery indices ``image_index``), its captions (``captions`` M_l×d, global caption
+    indices ``caption_index``, ``owner`` a local image index, exact ``true`` scores), and its
+    captions grouped by image: image i's are ``by_owner[first[i]:first[i + 1]]``."""
 
+    images: np.ndarray
+    image_index: np.ndarray
+    captions: np.ndarray
+    caption_index: np.ndarray
+    owner: np.ndarray
+    true: np.ndarray
+    by_owner: np.ndarray
+    first: np.ndarray
+
+    @classmethod
+    def build(cls, image_emb: np.ndarray, captions: Captions, true: np.ndarray, column: int) -> "LanguageView":
+        part = captions.language(column)
+        owner_global = captions.owner[part]
+        image_index, owner = np.unique(owner_global, return_inverse=True)
+        by_owner = np.argsort(owner, kind="stable")
+        first = np.searchsorted(owner[by_owner], np.arange(len(image_index) + 1))
+        return cls(np.ascontiguousarray(image_emb[image_index], dtype=np.float32), image_index,
+                   np.ascontiguousarray(captions.emb[part], dtype=np.float32), np.arange(part.start, part.stop),
+                   owner.astype(np.int64), np.asarray(true[part], dtype=np.float64), by_owner, first)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_index)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.owner)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of ranking work: language ``column``, ``kind`` "t2i" (caption queries
+    [start, stop) of the language) or "i2t" (two-stage only: its images [start, stop)), ``chunk``."""
+
+    column: int
+    kind: str
     start: int
     stop: int
-    t2i: np.ndarray
+    chunk: int
+
+
+@dataclass
+class ShardRanks:
+    """One task's result. "t2i" tasks: ``t2i`` (stop−start) text→image rival counts; in ITC mode
+    also ``i2t`` of length M_l: for every caption of the language, how many of the task's captions
+    of other images score >= it on its image (summed over tasks). "i2t" tasks: ``captions`` (local
+    indices of the task's images' captions) with their ``i2t`` and ``own`` counts."""
+
+    task: Task
+    t2i: np.ndarray | None = None
     i2t: np.ndarray | None = None
-    i2t_counts: np.ndarray | None = None
+    own: np.ndarray | None = None
+    captions: np.ndarray | None = None
 
 
-Rescore = Callable[[int, str, np.ndarray, np.ndarray], np.ndarray]
-"""Two-stage re-scorer: (language column, "t2i" | "i2t", query indices Q, candidates Q×k) → Q×k."""
+Rescore = Callable[[str, np.ndarray, np.ndarray], np.ndarray]
+"""Two-stage re-scorer: ("t2i" | "i2t", query indices Q, candidates Q×k) → Q×k scores; "t2i"
+queries are global caption indices and candidates gallery image indices, "i2t" the reverse."""
 
 
-def rank_shard(image_emb: np.ndarray, text_emb: np.ndarray, start: int, stop: int, *, true: np.ndarray,
-               columns: Sequence[int] | None = None, k_test: int | None = None, rescore: Rescore | None = None,
-               chunk: int | None = None, tile: int | None = None) -> ShardRanks:
-    """Rank the queries of rows [start, stop) against the whole gallery, ``chunk`` rows at a time.
+def plan_tasks(image_emb: np.ndarray, captions: Captions, columns: Sequence[int], num_shards: int, *,
+               two_stage: bool, chunk: int | None = None) -> list[Task]:
+    """Per query language, chunk-aligned caption ranges (``shard_bounds``, ``num_shards`` of them at
+    most) and, in two-stage mode, image ranges. Chunks depend on the gallery sizes only."""
+    tasks = []
+    for j in columns:
+        owner = captions.owner[captions.language(j)]
+        n_l, m_l = len(np.unique(owner)), len(owner)
+        c = chunk or default_chunk(n_l)
+        tasks += [Task(j, "t2i", a, b, c) for a, b in shard_bounds(m_l, num_shards, c)]
+        if two_stage:
+            c = chunk or default_chunk(m_l)
+            tasks += [Task(j, "i2t", a, b, c) for a, b in shard_bounds(n_l, num_shards, c)]
+    return tasks
 
-    ITC mode (``rescore`` None): float32 products of ``chunk`` captions × ``tile`` images (small
-    enough to stay in cache while they are compared) serve both directions: rows give text→image
-    ranks, columns the image→text counts. Memory O(chunk × tile). Two-stage mode: whole rows
-    (O(chunk × N)); each query's top ``k_test`` by ITC are re-scored by ``rescore``. ``true`` is
-    ``true_scores(...)``. Never the full score matrix. Tie policy: see the comment above.
-    """
-    n, k_all = text_emb.shape[:2]
-    if not 0 <= start <= stop <= n:
-        raise ValueError(f"shard [{start}, {stop}) is outside the {n} queries")
-    if stop == start:
-        raise ValueError(f"empty shard [{start}, {stop}): it holds no queries")
-    columns = list(range(k_all)) if columns is None else list(columns)
-    chunk = chunk or default_chunk(n)
-    if start % chunk:
-        raise ValueError(f"shard start {start} is not a multiple of chunk={chunk} (see shard_bounds)")
-    two_stage = rescore is not None
-    if two_stage and (k_test is None or not 1 <= k_test <= n):
-        raise ValueError(f"two-stage ranking needs k_test between 1 and the gallery size {n}, got {k_test}")
-    rows_n, d = stop - start, image_emb.shape[1]
-    t2i = np.empty((rows_n, len(columns)), dtype=np.int64)
-    i2t = np.empty((rows_n, len(columns)), dtype=np.int64) if two_stage else None
-    counts = None if two_stage else np.zeros((n, len(columns)), dtype=np.int64)
-    width = n if two_stage else min(n, tile or GALLERY_TILE)      # two-stage needs whole rows for top-k
-    buf = np.empty((min(chunk, rows_n), width), dtype=np.float32)
+
+def check_tasks(tasks: Sequence[Task], captions: Captions, columns: Sequence[int], two_stage: bool) -> None:
+    """ValueError unless the tasks are non-empty, chunk-aligned and tile each query language's
+    captions (and, two-stage, its images) exactly once."""
+    if not tasks:
+        raise ValueError("no tasks given")
+    for j in columns:
+        owner = captions.owner[captions.language(j)]
+        sizes = {"t2i": len(owner), "i2t": len(np.unique(owner))}
+        for kind in ("t2i", "i2t") if two_stage else ("t2i",):
+            mine = sorted((t.start, t.stop) for t in tasks if t.column == j and t.kind == kind)
+            where = f"{captions.languages[j]} {'captions' if kind == 't2i' else 'images'}"
+            for t in tasks:
+                if t.column == j and t.kind == kind and (t.start >= t.stop or t.start % t.chunk):
+                    raise ValueError(f"task [{t.start}, {t.stop}) of {where} is empty or does not start on a "
+                                     f"multiple of chunk={t.chunk}")
+            if not mine or mine[0][0] != 0 or mine[-1][1] != sizes[kind] or any(
+                    a[1] != b[0] for a, b in zip(mine, mine[1:])):
+                raise ValueError(f"tasks {mine} do not tile the {sizes[kind]} {where}")
+    unknown = [t for t in tasks if t.column not in columns or t.kind not in ("t2i", "i2t")]
+    if unknown:
+        raise ValueError(f"tasks for no query language or of an unknown kind: {unknown[:3]}")
+
+
+def rank_task(view: LanguageView, task: Task, *, k_test: int | None = None, rescore: Rescore | None = None,
+              tile: int | None = None) -> ShardRanks:
+    """Rank one task's queries against the whole of its language's gallery, ``task.chunk`` rows at
+    a time; never the full score matrix. ITC mode (``rescore`` None): float32 products of chunk
+    captions × ``tile`` images serve both directions. Two-stage: whole rows, each query's top
+    ``k_test`` (at most the language's gallery) re-scored. Tie policy: see the comment above."""
+    total = view.num_captions if task.kind == "t2i" else view.num_images
+    if not 0 <= task.start < task.stop <= total:
+        raise ValueError(f"task [{task.start}, {task.stop}) holds no queries of the {total} {task.kind} queries")
+    if task.start % task.chunk:
+        raise ValueError(f"task start {task.start} is not a multiple of chunk={task.chunk} (see shard_bounds)")
+    if rescore is not None and (k_test is None or k_test < 1):
+        raise ValueError(f"two-stage ranking needs k_test >= 1, got {k_test}")
+    if task.kind == "t2i":
+        if rescore is None:
+            return _itc_task(view, task, tile or GALLERY_TILE)
+        return _two_stage_t2i(view, task, min(k_test, view.num_images), rescore)
+    if rescore is None:
+        raise ValueError("image→text tasks are two-stage only (ITC gets them from the text→image products)")
+    return _two_stage_i2t(view, task, min(k_test, view.num_captions), rescore)
+
+
+_BOUND = 1.0001      # slack on the float32 dot-product error bound (d + 2)·u·‖x‖‖y‖
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(x, axis=1).astype(np.float64)
+
+
+def _itc_task(view: LanguageView, task: Task, tile: int) -> ShardRanks:
+    images, captions, owner, true = view.images, view.captions, view.owner, view.true
+    n, d = images.shape
+    start, stop, chunk = task.start, task.stop, task.chunk
+    bound = (d + 2) * _U32 * _BOUND
+    img_norm, txt_norm = _norms(images), _norms(captions)
+    t2i = np.empty(stop - start, dtype=np.int64)
+    i2t = np.zeros(view.num_captions, dtype=np.int64)
+    # image→text bands: every caption's true score ± the error bound against this task's captions
+    col_lo, col_hi = _band(true, bound * img_norm[owner] * txt_norm[start:stop].max())
+    width = min(n, tile)
+    buf = np.empty((min(chunk, stop - start), width), dtype=np.float32)
     mask = np.empty(buf.shape, dtype=bool)
-    images = np.ascontiguousarray(image_emb, dtype=np.float32)
-    img_norm = np.linalg.norm(images, axis=1).astype(np.float64)
-    bound = (d + 2) * _U32 * 1.0001             # float32 dot-product error per unit of ‖x‖‖y‖
-    for j, lang in enumerate(columns):
-        true_l = np.asarray(true[:, lang], dtype=np.float64)
-        captions = np.ascontiguousarray(text_emb[:, lang], dtype=np.float32)
-        txt_norm = np.linalg.norm(captions, axis=1).astype(np.float64)
-        if not two_stage:           # image→text bands: each image's true score ± its error bound
-            col_lo, col_hi = _band(true_l, bound * img_norm * txt_norm[start:stop].max())
-            col_lo, col_hi = col_lo[None, :], col_hi[None, :]
-        for c0 in range(start, stop, chunk):
-            c1 = min(stop, c0 + chunk)
-            rows = np.arange(c0, c1)
-            local = slice(c0 - start, c1 - start)
-            row_lo, row_hi = _band(true_l[c0:c1], bound * txt_norm[c0:c1] * img_norm.max())
-            row_lo, row_hi = row_lo[:, None], row_hi[:, None]
-            if not two_stage:
-                row_counts = np.zeros(c1 - c0, dtype=np.int64)
-                for w0 in range(0, n, width):                    # tiles small enough to stay in cache
-                    w1 = min(n, w0 + width)
-                    scores, tile_mask = buf[:c1 - c0, :w1 - w0], mask[:c1 - c0, :w1 - w0]
-                    np.matmul(captions[c0:c1], images[w0:w1].T, out=scores)   # caption rows × images
-                    own = np.arange(max(c0, w0), min(c1, w1))
-                    scores[own - c0, own - w0] = -np.inf          # the pair itself is not a rival
+    for c0 in range(start, stop, chunk):
+        c1 = min(stop, c0 + chunk)
+        row_lo, row_hi = _band(true[c0:c1], bound * txt_norm[c0:c1] * img_norm.max())
+        row_lo, row_hi = row_lo[:, None], row_hi[:, None]
+        own = owner[c0:c1]
+        counts = np.zeros(c1 - c0, dtype=np.int64)
+        for w0 in range(0, n, width):                       # tiles small enough to stay in cache
+            w1 = min(n, w0 + width)
+            scores, tile_mask = buf[:c1 - c0, :w1 - w0], mask[:c1 - c0, :w1 - w0]
+            np.matmul(captions[c0:c1], images[w0:w1].T, out=scores)       # caption rows × images
+            mine = np.flatnonzero((own >= w0) & (own < w1))
+            scores[mine, own[mine] - w0] = -np.inf                        # a caption's own image is no rival
 
-                    def exact_t(r, c, c0=c0, w0=w0):              # scores[r, c]: caption c0+r, image w0+c
-                        return exact_scores(captions[c0 + r], images[w0 + c])
+            def exact_t(r, c, c0=c0, w0=w0):                              # scores[r, c]: caption c0+r, image w0+c
+                return exact_scores(captions[c0 + r], images[w0 + c])
 
-                    row_counts += _count_at_or_above(scores, row_lo, row_hi, true_l[c0:c1], 1, exact_t, tile_mask)
-                    counts[w0:w1, j] += _count_at_or_above(scores, col_lo[:, w0:w1], col_hi[:, w0:w1], true_l[w0:w1],
-                                                           0, exact_t, tile_mask)
-                t2i[local, j] = row_counts
-                continue
-            scores, chunk_mask = buf[:c1 - c0], mask[:c1 - c0]
-            np.matmul(captions[c0:c1], images.T, out=scores)        # caption rows × images
+            counts += _count_at_or_above(scores, row_lo, row_hi, true[c0:c1], 1, exact_t, tile_mask)
+            # image→text: each caption v of an image in this tile against these rows on its image;
+            # rows describing the same image hold −inf there, so only other images' captions count
+            v = view.by_owner[view.first[w0]:view.first[w1]]
+            if len(v):
+                sub = scores[:, owner[v] - w0]
 
-            def exact_t(r, c, c0=c0):                                # scores[r, c]: caption c0+r, image c
-                return exact_scores(captions[c0 + r], images[c])
+                def exact_v(r, c, c0=c0, v=v):                           # sub[r, c]: caption c0+r, image of v[c]
+                    return exact_scores(captions[c0 + r], images[owner[v[c]]])
 
-            t2i[local, j] = _two_stage_ranks(scores, rows, true_l[c0:c1], row_lo, row_hi, exact_t, chunk_mask,
-                                             k_test, rescore, lang, "t2i")
-            np.matmul(images[c0:c1], captions.T, out=scores)        # image rows × captions
-
-            def exact_i(r, c, c0=c0):                                # scores[r, c]: image c0+r, caption c
-                return exact_scores(captions[c], images[c0 + r])
-
-            lo, hi = _band(true_l[c0:c1], bound * img_norm[c0:c1] * txt_norm.max())
-            i2t[local, j] = _two_stage_ranks(scores, rows, true_l[c0:c1], lo[:, None], hi[:, None], exact_i,
-                                             chunk_mask, k_test, rescore, lang, "i2t")
-    return ShardRanks(start, stop, t2i, i2t=i2t, i2t_counts=counts)
+                i2t[v] += _count_at_or_above(sub, col_lo[v][None, :], col_hi[v][None, :], true[v], 0, exact_v,
+                                             np.empty(sub.shape, dtype=bool))
+        t2i[c0 - start:c1 - start] = counts
+    return ShardRanks(task, t2i=t2i, i2t=i2t)
 
 
-def _two_stage_ranks(scores: np.ndarray, rows: np.ndarray, true: np.ndarray, lo: np.ndarray, hi: np.ndarray, exact,
-                     mask: np.ndarray, k_test: int, rescore: Rescore, lang: int, direction: str) -> np.ndarray:
-    local = np.arange(len(rows))
-    scores[local, rows] = true.astype(np.float32)           # the pair's own score, for the shortlist
-    top = topk_indices(scores, k_test)
-    scores[local, rows] = -np.inf
-    itc = _count_at_or_above(scores, lo, hi, true, 1, exact, mask)
-    new = np.asarray(rescore(lang, direction, rows, top), dtype=np.float64)
+def _rescored(rescore: Rescore, direction: str, queries: np.ndarray, top: np.ndarray) -> np.ndarray:
+    new = np.asarray(rescore(direction, queries, top), dtype=np.float64)
     if new.shape != top.shape:
         raise ValueError(f"re-scorer returned shape {new.shape} for {top.shape} candidates")
     if not np.isfinite(new).all():
-        raise ValueError(f"re-scorer returned NaN/inf scores ({direction}, language column {lang})")
-    hit = top == rows[:, None]
-    inside = hit.any(axis=1)
-    new_true = np.where(hit, new, -np.inf).max(axis=1, keepdims=True)
-    return np.where(inside, (new >= new_true).sum(axis=1) - 1, np.maximum(itc, k_test))
+        raise ValueError(f"re-scorer returned NaN/inf scores ({direction})")
+    return new
 
 
-def merge_shards(parts: Sequence[ShardRanks], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(t2i, i2t) N×L from shards that tile [0, n)."""
-    parts = sorted(parts, key=lambda p: p.start)
-    edges = [(p.start, p.stop) for p in parts]
-    if not parts or parts[0].start != 0 or parts[-1].stop != n or any(
-            a[1] != b[0] for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"shards {edges} do not tile [0, {n})")
-    t2i = np.concatenate([p.t2i for p in parts])
-    if parts[0].i2t is not None:
-        return t2i, np.concatenate([p.i2t for p in parts])
-    return t2i, sum(p.i2t_counts for p in parts)
+def _two_stage_t2i(view: LanguageView, task: Task, k_test: int, rescore: Rescore) -> ShardRanks:
+    images, captions, owner, true = view.images, view.captions, view.owner, view.true
+    d = images.shape[1]
+    bound = (d + 2) * _U32 * _BOUND
+    img_norm, txt_norm = _norms(images), _norms(captions)
+    out = np.empty(task.stop - task.start, dtype=np.int64)
+    buf = np.empty((min(task.chunk, task.stop - task.start), view.num_images), dtype=np.float32)
+    mask = np.empty(buf.shape, dtype=bool)
+    for c0 in range(task.start, task.stop, task.chunk):
+        c1 = min(task.stop, c0 + task.chunk)
+        scores, chunk_mask = buf[:c1 - c0], mask[:c1 - c0]
+        np.matmul(captions[c0:c1], images.T, out=scores)
+        local, own = np.arange(c1 - c0), owner[c0:c1]
+        scores[local, own] = true[c0:c1].astype(np.float32)         # the pair's own score, for the shortlist
+        top = topk_indices(scores, k_test)
+        scores[local, own] = -np.inf
+        lo, hi = _band(true[c0:c1], bound * txt_norm[c0:c1] * img_norm.max())
+
+        def exact_t(r, c, c0=c0):
+            return exact_scores(captions[c0 + r], images[c])
+
+        itc = _count_at_or_above(scores, lo[:, None], hi[:, None], true[c0:c1], 1, exact_t, chunk_mask)
+        new = _rescored(rescore, "t2i", view.caption_index[c0:c1], view.image_index[top])
+        hit = top == own[:, None]
+        inside = hit.any(axis=1)
+        new_true = np.where(hit, new, -np.inf).max(axis=1, keepdims=True)
+        out[c0 - task.start:c1 - task.start] = np.where(inside, (new >= new_true).sum(axis=1) - 1,
+                                                        np.maximum(itc, k_test))
+    return ShardRanks(task, t2i=out)
 
 
-def rank_sharded(image_emb: np.ndarray, text_emb: np.ndarray, *, languages: Sequence[str] | None = None,
+def _two_stage_i2t(view: LanguageView, task: Task, k_test: int, rescore: Rescore) -> ShardRanks:
+    images, captions, owner, true = view.images, view.captions, view.owner, view.true
+    d = images.shape[1]
+    bound = (d + 2) * _U32 * _BOUND
+    img_norm, txt_norm = _norms(images), _norms(captions)
+    all_v, all_i2t, all_own = [], [], []
+    buf = np.empty((min(task.chunk, task.stop - task.start), view.num_captions), dtype=np.float32)
+    for i0 in range(task.start, task.stop, task.chunk):
+        i1 = min(task.stop, i0 + task.chunk)
+        scores = buf[:i1 - i0]
+        np.matmul(images[i0:i1], captions.T, out=scores)            # image rows × captions
+        v = view.by_owner[view.first[i0]:view.first[i1]]            # the captions of these images
+        row = owner[v] - i0
+        scores[row, v] = true[v].astype(np.float32)                 # own captions' exact scores, for the shortlist
+        top = topk_indices(scores, k_test)
+        scores[row, v] = -np.inf                                    # own captions are no rivals
+        # ITC rivals of each own caption: its image's row against its true score, a block at a time
+        itc = np.empty(len(v), dtype=np.int64)
+        lo, hi = _band(true[v], bound * img_norm[owner[v]] * txt_norm.max())
+        for b0 in range(0, len(v), task.chunk):
+            vb = v[b0:b0 + task.chunk]
+            sub = scores[row[b0:b0 + task.chunk]]
+
+            def exact_i(r, c, vb=vb):                                # sub[r, c]: image of vb[r], caption c
+                return exact_scores(captions[c], images[owner[vb[r]]])
+
+            itc[b0:b0 + len(vb)] = _count_at_or_above(sub, lo[b0:b0 + len(vb), None], hi[b0:b0 + len(vb), None],
+                                                      true[vb], 1, exact_i, np.empty(sub.shape, dtype=bool))
+        new = _rescored(rescore, "i2t", view.image_index[i0:i1], view.caption_index[top])
+        own_top = owner[top] == np.arange(i0, i1)[:, None]          # shortlist entries that are the image's own
+        top_v, new_v, own_top_v = top[row], new[row], own_top[row]
+        hit = top_v == v[:, None]
+        inside = hit.any(axis=1)
+        new_c = np.where(hit, new_v, -np.inf).max(axis=1, keepdims=True)
+        at_or_above = new_v >= new_c
+        n_own_top = own_top_v.sum(axis=1)
+        rivals = np.where(inside, (at_or_above & ~own_top_v).sum(axis=1), np.maximum(itc, k_test - n_own_top))
+        own = np.where(inside, (at_or_above & own_top_v).sum(axis=1) - 1, n_own_top)
+        out = ~inside                                                # own captions below the shortlist: by ITC
+        own[out] += own_at_or_above(true[v[out]], owner[v[out]])
+        all_v.append(v)
+        all_i2t.append(rivals)
+        all_own.append(own)
+    return ShardRanks(task, i2t=np.concatenate(all_i2t), own=np.concatenate(all_own), captions=np.concatenate(all_v))
+
+
+def merge_tasks(parts: Sequence[ShardRanks], views: dict[int, LanguageView], captions: Captions,
+                num_images: int) -> RankSet:
+    """The ``RankSet`` of tasks that cover every query of each language in ``views``."""
+    ranks = RankSet(num_images)
+    for j, view in views.items():
+        mine = [p for p in parts if p.task.column == j]
+        t2i_parts = sorted((p for p in mine if p.task.kind == "t2i"), key=lambda p: p.task.start)
+        edges = [(p.task.start, p.task.stop) for p in t2i_parts]
+        if not edges or edges[0][0] != 0 or edges[-1][1] != view.num_captions or any(
+                a[1] != b[0] for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"tasks {edges} do not tile the {view.num_captions} captions of "
+                             f"{captions.languages[j]}")
+        t2i = np.concatenate([p.t2i for p in t2i_parts])
+        i2t_parts = [p for p in mine if p.task.kind == "i2t"]
+        if i2t_parts:
+            i2t = np.full(view.num_captions, -1, dtype=np.int64)
+            own = np.full(view.num_captions, -1, dtype=np.int64)
+            for p in i2t_parts:
+                i2t[p.captions], own[p.captions] = p.i2t, p.own
+            if (i2t < 0).any():
+                raise ValueError(f"image→text tasks do not cover every image of {captions.languages[j]}")
+        else:
+            i2t = sum(p.i2t for p in t2i_parts)
+            own = own_at_or_above(view.true, view.owner)
+        ranks.languages[captions.languages[j]] = LanguageRanks(view.image_index[view.owner], t2i, i2t, own)
+    return ranks
+
+
+def rank_sharded(image_emb: np.ndarray, text_emb, *, languages: Sequence[str] | None = None,
                  query_languages: Sequence[str] | None = None, num_shards: int = 1, k_test: int | None = None,
-                 rescore: Rescore | None = None, chunk: int | None = None,
-                 tile: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Single-process driver of ``rank_shard``: what ``ccrk_ray.eval.actors.rank_on_actors`` does
-    with the shards spread over actors. Returns (t2i, i2t) N×L for the query languages."""
-    columns = check_inputs(image_emb, text_emb, languages, query_languages)
-    n = image_emb.shape[0]
-    chunk = chunk or default_chunk(n)
-    true = true_scores(image_emb, text_emb)
-    parts = [rank_shard(image_emb, text_emb, a, b, true=true, columns=columns, k_test=k_test, rescore=rescore,
-                        chunk=chunk, tile=tile) for a, b in shard_bounds(n, num_shards, chunk)]
-    return merge_shards(parts, n)
+                 rescore: Rescore | None = None, chunk: int | None = None, tile: int | None = None) -> RankSet:
+    """Single-process driver of ``rank_task``: what ``ccrk_ray.eval.actors.rank_on_actors`` does
+    with the tasks spread over actors. ``text_emb``: ``Captions``, or N×K×d (one caption per
+    image and language, named ``languages``)."""
+    captions, columns = check_inputs(image_emb, text_emb, languages, query_languages)
+    true = true_scores(image_emb, captions)
+    views = {j: LanguageView.build(image_emb, captions, true, j) for j in columns}
+    tasks = plan_tasks(image_emb, captions, columns, num_shards, two_stage=rescore is not None, chunk=chunk)
+    parts = [rank_task(views[t.column], t, k_test=k_test, rescore=rescore, tile=tile) for t in tasks]
+    return merge_tasks(parts, views, captions, image_emb.shape[0])
 
 
 class ItmRescorer:
@@ -505,7 +642,7 @@ class ItmRescorer:
 
     ``model`` is a CCRK model with fusion layers or the directory of a saved one (loaded on first
     use, so the object travels cheaply to actors). ``image_tokens`` N×T×h, ``text_hidden``
-    N×K×L×h and ``text_mask`` N×K×L come from ``encode_split``.
+    M×L×h and ``text_mask`` M×L (every caption, in ``Captions`` order) come from ``encode_split``.
     """
 
     def __init__(self, model, image_tokens: np.ndarray, text_hidden: np.ndarray, text_mask: np.ndarray,
@@ -520,28 +657,69 @@ class ItmRescorer:
             self.model = CCRKModel.from_pretrained(self.model)
         return self.model.eval()
 
-    def __call__(self, lang: int, direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    def __call__(self, direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         import torch
 
         model = self._loaded()
         q = np.repeat(queries, candidates.shape[1])
         c = candidates.ravel()
         image_idx, text_idx = (c, q) if direction == "t2i" else (q, c)
-        tokens = torch.as_tensor(self.image_tokens)
-        hidden = torch.as_tensor(np.ascontiguousarray(self.text_hidden[:, lang]))
-        mask = torch.as_tensor(np.ascontiguousarray(self.text_mask[:, lang]))
-        return itm_scores(model, tokens, hidden, mask, image_idx, text_idx,
+        return itm_scores(model, torch.as_tensor(self.image_tokens), torch.as_tensor(self.text_hidden),
+                          torch.as_tensor(self.text_mask), image_idx, text_idx,
                           batch_size=self.batch_size).reshape(candidates.shape)
 
 
 @_no_grad
-def encode_split(model, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Everything two-stage ranking needs of a 1-to-K batch: ``image_emb`` N×d, ``text_emb``
-    N×K×d, ``image_tokens``, ``text_hidden`` N×K×L×h and ``text_mask`` N×K×L (float32 numpy)."""
-    tokens, hidden, masks = _encode_batch(model, batch)
-    n, k, length = masks.shape
-    return {"image_emb": model.image_feature(tokens).float().cpu().numpy(),
-            "text_emb": model.text_feature(hidden).view(n, k, -1).float().cpu().numpy(),
-            "image_tokens": tokens.float().cpu().numpy(),
-            "text_hidden": hidden.view(n, k, length, -1).float().cpu().numpy(),
-            "text_mask": masks.cpu().numpy()}
+def itm_scores(model, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
+               image_idx: np.ndarray, text_idx: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Matching score (the ITM head's "match" logit, as X-VLM ranks by) of each (image, text) pair."""
+    import torch
+
+    out = []
+    for start in range(0, len(image_idx), batch_size):
+        i = torch.as_tensor(image_idx[start:start + batch_size], device=image_tokens.device)
+        t = torch.as_tensor(text_idx[start:start + batch_size], device=text_hidden.device)
+        fused = model.fuse(text_hidden[t], text_mask[t], image_tokens[i])
+        out.append(model.itm_head(fused)[:, 1].float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+@_no_grad
+def encode_split(model, split: Mapping[str, Any], batch_size: int = 64) -> dict[str, Any]:
+    """Everything ranking needs of a loaded split (``ccrk_ray.data.transforms.load_split``), in
+    ``batch_size`` pieces: ``image_emb`` N×d, ``captions`` (``Captions``), and for two-stage
+    ``image_tokens`` N×T×h, ``text_hidden`` M×L×h and ``text_mask`` M×L (float32 numpy)."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    pixels, ids, masks = (np.asarray(split[k]) for k in ("pixel_values", "input_ids", "attention_mask"))
+    tokens, image_emb, hidden, text_emb = [], [], [], []
+    for s in range(0, len(pixels), batch_size):
+        t = model.image_tokens(torch.as_tensor(pixels[s:s + batch_size], device=device))
+        image_emb.append(model.image_feature(t).float().cpu().numpy())
+        tokens.append(t.float().cpu().numpy())
+    for s in range(0, len(ids), batch_size):
+        h = model.text_hidden(torch.as_tensor(ids[s:s + batch_size], device=device),
+                              torch.as_tensor(masks[s:s + batch_size], device=device))
+        text_emb.append(model.text_feature(h).float().cpu().numpy())
+        hidden.append(h.float().cpu().numpy())
+    image_emb = np.concatenate(image_emb)
+    d = image_emb.shape[1]
+    captions = Captions(np.concatenate(text_emb) if text_emb else np.zeros((0, d), np.float32), split["owner"],
+                        split["offsets"], split["languages"])
+    return {"image_emb": image_emb, "captions": captions, "image_tokens": np.concatenate(tokens),
+            "text_hidden": np.concatenate(hidden) if hidden else None, "text_mask": masks}
+
+
+def evaluate_in_process(model, split: Mapping[str, Any], k_test: int | None = None) -> RankSet:
+    """Ranks of a model on a loaded split (``load_split``) in this process, every caption counting.
+
+    ``k_test=None``: ITC similarity only. Otherwise two-stage as in the paper: every query's top
+    ``k_test`` candidates by ITC are re-scored with the ITM head (needs fusion layers)."""
+    if k_test is not None and not model.has_fusion:
+        raise ValueError("two-stage evaluation (k_test) needs a model with fusion layers; use itc_only")
+    feats = encode_split(model, split)
+    rescore = (ItmRescorer(model, feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
+               if k_test is not None else None)
+    return rank_sharded(feats["image_emb"], feats["captions"], k_test=k_test, rescore=rescore)

@@ -23,8 +23,8 @@ import torch
 from ccrk_ray.core.config import ConfigError, check_range
 from ccrk_ray.core.log import get_logger
 from ccrk_ray.core.runtime import ray_session
-from ccrk_ray.data.transforms import load_split_batch
-from ccrk_ray.eval.report import build_report
+from ccrk_ray.data.transforms import load_split
+from ccrk_ray.eval.report import report_from_ranks
 from ccrk_ray.eval.retrieval import evaluate_in_process
 from ccrk_ray.experiments.demo import DemoConfig, demo_cpus, demo_model_config, prepare_experiment, pretrain
 from ccrk_ray.model import CCRKModel
@@ -84,7 +84,7 @@ def comparison_table(reports: dict[str, dict[str, Any]], languages) -> str:
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "compare")
-    test_batch = load_split_batch(str(out / "data" / "test"), cfg.languages, caption_tokenizer, cfg.image_size)
+    test_batch = load_split(str(out / "data" / "test"), cfg.languages, caption_tokenizer, cfg.image_size)
     model_cfg = demo_model_config(cfg, tokenizer, fusion_layers=cfg.fusion_layers)
     _, args = objective_args({"itm_weight": cfg.itm_weight, "mlm_weight": cfg.mlm_weight}, tokenizer, cfg.languages)
     reports: dict[str, dict[str, Any]] = {}
@@ -95,11 +95,11 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
             torch.manual_seed(cfg.seed)
             metrics = pretrain(cfg, out, run_dir, tokenizer, caption_tokenizer, model_cfg, {"name": objective, **args})
             model = CCRKModel.from_pretrained(run_dir / "model")
-            report = build_report(*evaluate_in_process(model, test_batch, k_test=None), cfg.languages)
+            report = report_from_ranks(evaluate_in_process(model, test_batch, k_test=None))
             report.update(train=metrics, objective=objective, k_test=None)
             reports[objective] = report
             if cfg.k_test is not None:
-                two_stage = build_report(*evaluate_in_process(model, test_batch, k_test=cfg.k_test), cfg.languages)
+                two_stage = report_from_ranks(evaluate_in_process(model, test_batch, k_test=cfg.k_test))
                 two_stage.update(objective=objective, k_test=cfg.k_test)
                 report["two_stage"] = two_stage
                 two_stage_reports[objective] = two_stage

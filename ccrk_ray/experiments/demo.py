@@ -27,7 +27,7 @@ from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data.synthetic import generate_split
 from ccrk_ray.data.tokenizer import CaptionTokenizer, iter_captions, load_tokenizer, train_tokenizer
 from ccrk_ray.eval.evaluate import rank_split_itc
-from ccrk_ray.eval.report import build_report
+from ccrk_ray.eval.report import report_from_ranks
 from ccrk_ray.model import ModelConfig
 from ccrk_ray.model.encoders import check_vision_model
 from ccrk_ray.train.config import DataSection, PretrainConfig, ScalingSection, TrainSection, objective_args
@@ -170,8 +170,8 @@ def evaluate_split(uri: str, model_dir: str, languages, tokenizer, image_size: i
                    num_actors: int = 1) -> dict[str, Any]:
     """Per-language retrieval report of a saved model on a parquet split (ITC, the same ranking
     as ``ccrk evaluate --itc-only``). Ray must be running."""
-    _, t2i, i2t = rank_split_itc(uri, model_dir, languages, tokenizer, image_size, actors=num_actors)
-    return build_report(t2i, i2t, languages)
+    _, ranks = rank_split_itc(uri, model_dir, languages, tokenizer, image_size, actors=num_actors)
+    return report_from_ranks(ranks)
 
 
 def prepare_experiment(cfg: DemoConfig, marker: str, outputs: tuple[str, ...], command: str):

@@ -40,8 +40,8 @@ from ccrk_ray.core.runtime import quiet_ray_loggers
 from ccrk_ray.data.batching import EpochBatcher, Started
 from ccrk_ray.data.ingest import stats_actor, stream_blocks
 from ccrk_ray.data.plan import EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, epoch_segments
-from ccrk_ray.data.transforms import ImageTransform, load_split_batch
-from ccrk_ray.eval.report import build_report
+from ccrk_ray.data.transforms import ImageTransform, load_split
+from ccrk_ray.eval.report import report_from_ranks
 from ccrk_ray.eval.retrieval import evaluate_in_process
 from ccrk_ray.model import CCRKModel, ModelConfig
 from ccrk_ray.model.saved import load_model
@@ -134,8 +134,8 @@ class WorkerLoop:
             if self.rank == 0 and cfg.tensorboard_dir else None
         self.val_batch = None
         if self.rank == 0 and cfg.val_uri:
-            self.val_batch = load_split_batch(cfg.val_uri, cfg.val_languages, cfg.data.tokenizer, cfg.data.image_size,
-                                              endpoint_url=cfg.data.endpoint_url)
+            self.val_batch = load_split(cfg.val_uri, cfg.val_languages, cfg.data.tokenizer, cfg.data.image_size,
+                                        endpoint_url=cfg.data.endpoint_url)
         self.open_trace()
 
     def build(self) -> None:
@@ -300,10 +300,11 @@ class WorkerLoop:
         return metrics
 
     def validate(self) -> dict[str, float]:
-        """ITC ranking of the validation split by rank 0's model (``evaluate_in_process``)."""
+        """ITC ranking of the validation split by rank 0's model, every caption counting
+        (``evaluate_in_process``)."""
         langs = list(self.cfg.val_languages)
         self.model.eval()
-        report = build_report(*evaluate_in_process(self.model, self.val_batch), langs)
+        report = report_from_ranks(evaluate_in_process(self.model, self.val_batch))
         self.model.train()
         out = {"val/r_mean": report["mean"]["r_mean"], "val/mrv_t2i": report["mrv"]["t2i"],
                "val/mrv_i2t": report["mrv"]["i2t"]}

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from ccrk_ray.eval.actors import rank_on_actors
-from ccrk_ray.eval.retrieval import ItmRescorer, encode_split, evaluate_in_process, rank_sharded
+from ccrk_ray.data.transforms import split_from_batch
+from ccrk_ray.eval.retrieval import Captions, ItmRescorer, Task, encode_split, rank_sharded
 from tests.eval.test_retrieval import dense_ranks
+from tests.eval.test_every_caption import multi_caption_gallery
 from tests.eval.test_sharded import planted_ties, toy_setup
 from tests.eval.toy import ToyTwoStage
 from tests.conftest import RAY
@@ -29,27 +31,55 @@ def test_actors_equal_dense_with_planted_ties(ray_local):
     img, txt = planted_ties()
     ref = dense_ranks(img, txt)
     stats = {}
-    t2i, i2t = rank_on_actors(img, txt, num_actors=2, chunk=16, stats=stats)
+    t2i, i2t = rank_on_actors(img, txt, num_actors=2, chunk=16, stats=stats).matrices()
     np.testing.assert_array_equal(t2i, ref[0])
     np.testing.assert_array_equal(i2t, ref[1])
-    assert stats["shards"] == [(0, 32), (32, 70)] and len(stats["actor_peak_rss_bytes"]) == 2
+    assert [(t.column, t.start, t.stop) for t in stats["tasks"]] == [(j, a, b) for j in range(3)
+                                                                    for a, b in ((0, 32), (32, 70))]
+    assert len(stats["actor_peak_rss_bytes"]) == 2
     assert all(b > 10 << 20 for b in stats["actor_peak_rss_bytes"])        # real processes were measured
-    # more shards than actors: the actors take the next shard as they finish
-    more = rank_on_actors(img, txt, num_actors=2, chunk=16, shards=[(0, 16), (16, 48), (48, 64), (64, 70)])
+    # more tasks than actors: the actors take the next task as they finish
+    tasks = [Task(j, "t2i", a, b, 16) for j in range(3) for a, b in ((0, 16), (16, 48), (48, 64), (64, 70))]
+    more = rank_on_actors(img, txt, num_actors=2, tasks=tasks).matrices()
     np.testing.assert_array_equal(more[0], ref[0])
     np.testing.assert_array_equal(more[1], ref[1])
     assert not alive_rank_actors()
 
 
+def test_actors_equal_single_process_on_multi_caption_data(ray_local):
+    """Several captions per image and language, images missing languages: ITC and two-stage."""
+    img, caps = multi_caption_gallery(n=45, seed=5)
+    rng = np.random.default_rng(2)
+    itm = np.round(rng.normal(size=(len(caps.owner), len(img))), 1)
+    rescore = ItmTable(itm)
+    for kwargs in ({}, {"k_test": 7, "rescore": rescore}):
+        want = rank_sharded(img, caps, **kwargs)
+        got = rank_on_actors(img, caps, num_actors=2, chunk=16, **kwargs)
+        for lang in caps.languages:
+            for name in ("owner", "t2i", "i2t", "own"):
+                np.testing.assert_array_equal(getattr(got.languages[lang], name), getattr(want.languages[lang], name))
+
+
+class ItmTable:
+    """A re-scorer from a fixed caption × image table (picklable for the actors)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, direction, queries, cand):
+        t = self.table
+        return t[queries[:, None], cand] if direction == "t2i" else t[cand, queries[:, None]]
+
+
 def test_two_stage_on_actors_equals_in_process(ray_local):
-    batch = toy_setup()
-    ref = evaluate_in_process(ToyTwoStage(), batch, k_test=5)
-    feats = encode_split(ToyTwoStage(), batch)
+    feats = encode_split(ToyTwoStage(), split_from_batch(toy_setup(), ["a", "b"]))
     rescore = ItmRescorer(ToyTwoStage(), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
-    got = rank_on_actors(feats["image_emb"], feats["text_emb"], num_actors=2, chunk=16, k_test=5, rescore=rescore)
+    ref = rank_sharded(feats["image_emb"], feats["captions"], k_test=5, rescore=rescore).matrices()
+    got = rank_on_actors(feats["image_emb"], feats["captions"], num_actors=2, chunk=16, k_test=5,
+                         rescore=rescore).matrices()
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
-    assert (got[0] != rank_sharded(feats["image_emb"], feats["text_emb"])[0]).any()    # ITM changed ranks
+    assert (got[0] != rank_sharded(feats["image_emb"], feats["captions"]).matrices()[0]).any()    # ITM changed ranks
 
 
 def test_actor_listing_sees_rank_actors(ray_local):
@@ -58,7 +88,7 @@ def test_actor_listing_sees_rank_actors(ray_local):
 
     from ccrk_ray.eval.actors import RankActor
 
-    actor = ray.remote(RankActor).remote(np.zeros((2, 2)), np.zeros((2, 1, 2)), np.zeros((2, 1)), [0])
+    actor = ray.remote(RankActor).remote(np.zeros((2, 2)), Captions.one_per_image(np.zeros((2, 1, 2))), np.zeros(2))
     ray.get(actor.pid.remote())
     assert len(alive_rank_actors()) == 1
     ray.kill(actor)
@@ -75,24 +105,27 @@ def test_bad_input_fails_fast_without_starting_actors(ray_local):
         rank_on_actors(img, nan, languages=["en", "de", "fr"], num_actors=2)
     with pytest.raises(ValueError, match=r"query language\(s\) 'xx' not in the gallery"):
         rank_on_actors(img, txt, languages=["en", "de", "fr"], query_languages=["xx"], num_actors=2)
-    with pytest.raises(ValueError, match=r"empty shard \[16, 16\)"):
-        rank_on_actors(img, txt, chunk=16, shards=[(0, 16), (16, 16), (16, 70)], num_actors=2)
-    with pytest.raises(ValueError, match="no shards given"):
-        rank_on_actors(img, txt, chunk=16, shards=[], num_actors=2)
-    with pytest.raises(ValueError, match="do not tile"):
-        rank_on_actors(img, txt, chunk=16, shards=[(0, 16), (32, 70)], num_actors=2)
+    def tasks(*bounds):
+        return [Task(j, "t2i", a, b, 16) for j in range(3) for a, b in bounds]
+
+    with pytest.raises(ValueError, match=r"task \[16, 16\) of 0 captions is empty"):
+        rank_on_actors(img, txt, tasks=tasks((0, 16), (16, 16), (16, 70)), num_actors=2)
+    with pytest.raises(ValueError, match="no tasks given"):
+        rank_on_actors(img, txt, tasks=[], num_actors=2)
+    with pytest.raises(ValueError, match="do not tile the 70 0 captions"):
+        rank_on_actors(img, txt, tasks=tasks((0, 16), (32, 70)), num_actors=2)
     assert time.perf_counter() - t0 < 60     # a guard against hanging: bad input fails before any shard runs
 
 
 class Boom:
-    def __call__(self, lang, direction, queries, candidates):
-        raise ValueError(f"ITM features missing for language {lang}")
+    def __call__(self, direction, queries, candidates):
+        raise ValueError(f"ITM features missing for {direction}")
 
 
 def test_an_error_inside_an_actor_surfaces_and_stops_every_actor(ray_local):
     img, txt = planted_ties()
     t0 = time.perf_counter()
-    with pytest.raises(ValueError, match=r"eval actor failed on shard \[\d+, \d+\): ITM features missing"):
+    with pytest.raises(ValueError, match=r"eval actor failed on \d (captions|images) \[\d+, \d+\): ITM features missing"):
         rank_on_actors(img, txt, num_actors=2, chunk=16, k_test=3, rescore=Boom(), timeout_s=60)
     assert time.perf_counter() - t0 < 60
     deadline = time.monotonic() + 20

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from ccrk_ray.eval.ranks import load_ranks, mrv_over_runs, parse_run_spec, save_ranks
+from ccrk_ray.eval.ranks import LanguageRanks, RankSet, load_ranks, mrv_over_runs, parse_run_spec, save_ranks
 from ccrk_ray.eval.report import build_report, clip_benchmark_filename, clip_benchmark_results, language_rank_correlation, rank_spread
 from ccrk_ray.metrics import mean_rank_variance
 
@@ -78,7 +78,7 @@ def test_ranks_round_trip_and_mrv_over_runs(tmp_path):
     rng = np.random.default_rng(2)
     ids = [f"img{i:03d}" for i in range(30)]
     t2i, i2t = rng.integers(0, 30, (30, 3)), rng.integers(0, 30, (30, 3))
-    save_ranks(tmp_path / "all.parquet", ids[::-1], ["en", "de", "fr"], t2i[::-1], i2t[::-1], meta={"k_test": None})
+    save_ranks(tmp_path / "all.parquet", ids[::-1], RankSet.from_matrices(t2i[::-1], i2t[::-1], ["en", "de", "fr"]), meta={"k_test": None})
     got_ids, langs, got_t2i, got_i2t = load_ranks(tmp_path / "all.parquet")
     assert got_ids.tolist() == ids and langs == ["en", "de", "fr"]          # sorted by image id
     np.testing.assert_array_equal(got_t2i, t2i)
@@ -88,7 +88,7 @@ def test_ranks_round_trip_and_mrv_over_runs(tmp_path):
     # per-language models: de from one run, en and fr from others
     for name, cols in (("de", [1]), ("enfr", [0, 2])):
         langs_ = [["en", "de", "fr"][c] for c in cols]
-        save_ranks(tmp_path / f"{name}.parquet", ids, langs_, t2i[:, cols] + 1, i2t[:, cols], meta={})
+        save_ranks(tmp_path / f"{name}.parquet", ids, RankSet.from_matrices(t2i[:, cols] + 1, i2t[:, cols], langs_), meta={})
     res = mrv_over_runs([f"{tmp_path}/de.parquet", f"{tmp_path}/enfr.parquet:fr", f"{tmp_path}/all.parquet:en"])
     assert res["languages"] == ["de", "fr", "en"]
     expected = np.stack([t2i[:, 1] + 1, t2i[:, 2] + 1, t2i[:, 0]], axis=1)
@@ -96,7 +96,7 @@ def test_ranks_round_trip_and_mrv_over_runs(tmp_path):
     assert res["runs"]["en"] == f"{tmp_path}/all.parquet"
     with pytest.raises(ValueError, match="language de comes from both"):
         mrv_over_runs([f"{tmp_path}/de.parquet", f"{tmp_path}/all.parquet"])
-    save_ranks(tmp_path / "fewer.parquet", ids[:20], ["ja"], t2i[:20, :1], i2t[:20, :1])
+    save_ranks(tmp_path / "fewer.parquet", ids[:20], RankSet.from_matrices(t2i[:20, :1], i2t[:20, :1], ["ja"]))
     with pytest.raises(ValueError, match="ranks other images than .*10 only in"):
         mrv_over_runs([f"{tmp_path}/de.parquet", f"{tmp_path}/fewer.parquet"])
     with pytest.raises(ValueError, match="has no ranks for language"):
@@ -140,3 +140,15 @@ def test_plots_with_one_language_and_a_perfect_model(tmp_path):
     single = build_report(zeros[:, :1], zeros[:, :1], ["en"])
     assert set(make_figures(single, zeros[:, :1], zeros[:, :1])) == {"recall_per_language"}
     json.dumps(single)
+
+
+def test_rank_file_with_several_captions_and_a_missing_language(tmp_path):
+    # image 0: two en captions (ranks 0 and 3), no de; image 1: one en, one de; image 2: de only
+    ranks = RankSet(3, {"en": LanguageRanks(owner=[0, 0, 1], t2i=[0, 3, 1], i2t=[2, 0, 1], own=[0, 1, 0]),
+                        "de": LanguageRanks(owner=[1, 2], t2i=[0, 1], i2t=[1, 0], own=[0, 0])})
+    save_ranks(tmp_path / "r.parquet", ["a", "b", "c"], ranks)
+    ids, langs, t2i, i2t = load_ranks(tmp_path / "r.parquet")
+    assert ids.tolist() == ["a", "b", "c"] and langs == ["en", "de"]
+    np.testing.assert_array_equal(t2i, [[1.5, np.nan], [1, 0], [np.nan, 1]])     # mean over the captions
+    np.testing.assert_array_equal(i2t, [[0, np.nan], [1, 1], [np.nan, 0]])       # the best caption
+    assert mrv_over_runs([str(tmp_path / "r.parquet")])["mrv"] == {"t2i": 0.5, "i2t": 0.0}   # image b alone

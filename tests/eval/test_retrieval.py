@@ -23,7 +23,7 @@ def test_chunked_ranks_equal_dense_reference_with_ties():
     txt = rng.integers(-2, 3, size=(30, 3, 4)).astype(np.float32)
     ref = dense_ranks(img, txt)
     for chunk in (1, 7, 4096):
-        got = rank_sharded(img, txt, chunk=chunk)
+        got = rank_sharded(img, txt, chunk=chunk).matrices()
         np.testing.assert_array_equal(got[0], ref[0])
         np.testing.assert_array_equal(got[1], ref[1])
 
@@ -32,14 +32,14 @@ def test_perfect_and_inconsistent_models():
     n, k = 20, 3
     img = np.eye(n, dtype=np.float32)
     txt = np.repeat(img[:, None, :], k, axis=1)
-    t2i, i2t = rank_sharded(img, txt)
+    t2i, i2t = rank_sharded(img, txt).matrices()
     assert t2i.max() == 0 and i2t.max() == 0
     report = build_report(t2i, i2t, ["en", "de", "fr"])
     assert report["languages"]["de"]["t2i"]["R@1"] == 100.0
     assert report["mrv"] == {"t2i": 0.0, "i2t": 0.0}
     # language 'fr' points every caption at the next image: recall drops and ranks disagree
     txt[:, 2] = np.roll(img, 1, axis=0)
-    t2i, i2t = rank_sharded(img, txt)
+    t2i, i2t = rank_sharded(img, txt).matrices()
     report = build_report(t2i, i2t, ["en", "de", "fr"])
     assert report["languages"]["fr"]["t2i"]["R@1"] == 0.0
     assert report["languages"]["en"]["t2i"]["R@1"] == 100.0
@@ -70,32 +70,23 @@ def test_sumr_rmean_and_map():
     i2t = np.zeros((3, 2), dtype=int)
     report = build_report(t2i, i2t, ["en", "de"])
     en = report["languages"]["en"]
-    assert en["t2i"]["mAP"] == pytest.approx(100 * (1 + 1 / 2 + 1 / 21) / 3)
+    assert en["t2i"]["mAP"] == pytest.approx((1 + 1 / 2 + 1 / 21) / 3)      # a fraction
     expected_sumr = (100 / 3 + 200 / 3 + 200 / 3) + 300
     assert en["SumR"] == pytest.approx(expected_sumr) and en["r_mean"] == pytest.approx(expected_sumr / 6)
 
 
-def test_rerank_changes_scores_only_inside_each_querys_topk():
-    from ccrk_ray.eval.retrieval import rerank, topk_candidates
+def test_topk_candidates_refuses_k_beyond_the_gallery():
+    from ccrk_ray.eval.retrieval import topk_candidates
 
-    rng = np.random.default_rng(4)
-    scores = rng.normal(size=(20, 30))
-    top = topk_candidates(scores, 5)
-    new = rng.normal(size=(20, 5))
-    out = rerank(scores, top, new)
-    inside = np.zeros_like(scores, dtype=bool)
-    np.put_along_axis(inside, top, True, axis=1)
-    np.testing.assert_array_equal(out[~inside], scores[~inside])                 # untouched outside
-    assert (out[inside].reshape(20, 5).min(1) > np.where(inside, -np.inf, out).max(1)).all()
-    # inside the top-k the order is the new scores' order
-    reordered = np.take_along_axis(out, top, axis=1)
-    np.testing.assert_array_equal(np.argsort(-reordered, 1), np.argsort(-new, 1))
+    scores = np.random.default_rng(4).normal(size=(20, 30))
+    assert topk_candidates(scores, 5).shape == (20, 5)
     with pytest.raises(ValueError, match="k_test=31"):
         topk_candidates(scores, 31)
 
 
 def test_two_stage_equals_itc_when_itm_agrees_and_fixes_a_bad_shortlist_order():
     """evaluate_in_process with a model whose ITM score is a function we control."""
+    from ccrk_ray.data.transforms import split_from_batch
     from ccrk_ray.eval.retrieval import evaluate_in_process
     from tests.eval.toy import D as d
     from tests.eval.toy import ToyTwoStage as Toy
@@ -107,41 +98,40 @@ def test_two_stage_equals_itc_when_itm_agrees_and_fixes_a_bad_shortlist_order():
     pixels = np.repeat(ids[:, None], d, axis=1).reshape(n, 1, 1, d)
     batch = {"pixel_values": pixels, "input_ids": np.repeat(ids[:, None, None], k, 1).astype(np.int64),
              "attention_mask": np.ones((n, k, 1), dtype=np.int64)}
-    itc_t2i, _ = evaluate_in_process(Toy(), batch, k_test=None)
+    split = split_from_batch(batch, ["a", "b"])
+    itc_t2i, _ = evaluate_in_process(Toy(), split, k_test=None).matrices()
     assert itc_t2i[:, 0].tolist() != [0] * n            # dot products rank the largest id first
-    t2i, i2t = evaluate_in_process(Toy(), batch, k_test=n)
+    t2i, i2t = evaluate_in_process(Toy(), split, k_test=n).matrices()
     assert t2i.max() == 0 and i2t.max() == 0            # ITM re-ranking puts every match first
 
 
 def test_several_captions_per_image_best_rank_and_chance():
-    from ccrk_ray.eval.report import build_report_multi
-    from ccrk_ray.eval.retrieval import rank_with_owners
-    from ccrk_ray.metrics import caption_ranks, chance_recall_at_k, item_ranks
+    from ccrk_ray.eval.report import report_from_ranks
+    from ccrk_ray.eval.retrieval import Captions
+    from ccrk_ray.metrics import chance_recall_at_k
 
-    # 3 images on axes; language A: image 0 has captions [good, bad], image 1 one good, image 2 none
+    # 3 images on axes; language A: image 0 has captions [good, bad], image 1 one good, image 2 none;
+    # language B: one caption each, image 1's pointing at image 2
     img = np.eye(3, dtype=np.float32)
-    txt = np.array([[1, 0, 0], [0, 0.2, 0.9], [0, 1, 0]], dtype=np.float32)
-    owner = np.array([0, 0, 1])
-    t2i, i2t = rank_with_owners(img, txt, owner)
-    assert t2i.tolist() == [0, 2, 0]             # image 0's bad caption ranks images 2 and 1 above it
-    assert i2t.tolist() == [0, 0, -1]            # best-ranked own caption; image 2 has none
-    # independent brute force of the best rank for image 0: captions sorted by score
-    scores = img[0] @ txt.T
-    order = np.argsort(-scores, kind="stable")
-    assert i2t[0] == min(np.where(np.isin(order, np.where(owner == 0)[0]))[0])
-    # the same ranks as the one definition of every-caption-counts metrics (1-based there)
-    items, best, _ = item_ranks(txt @ img.T, owner)
-    assert (caption_ranks(txt @ img.T, owner) - 1).tolist() == t2i.tolist()
-    assert items.tolist() == [0, 1] and (best - 1).tolist() == i2t[:2].tolist()
-    rep = build_report_multi(3, {"A": (t2i, i2t, owner), "B": (np.array([0, 2, 0]), np.array([0, 1, 0]),
-                                                              np.array([0, 1, 2]))})
-    a = rep["languages"]["A"]
-    assert a["t2i"]["R@1"] == pytest.approx(200 / 3) and a["i2t"]["R@1"] == 100.0
+    a = np.array([[1, 0, 0], [0, 0.25, 0.75], [0, 1, 0]], dtype=np.float32)
+    b = np.array([[1, 0, 0], [0, 0.25, 0.75], [0, 0, 1]], dtype=np.float32)
+    caps = Captions(np.concatenate([a, b]), [0, 0, 1, 0, 1, 2], [0, 3, 6], ["A", "B"])
+    ranks = rank_sharded(img, caps)
+    ra = ranks.languages["A"]
+    assert ra.t2i.tolist() == [0, 1, 0]          # A's gallery is images 0 and 1: the bad caption ranks 1 above
+    assert ra.i2t.tolist() == [0, 1, 0] and ra.own.tolist() == [0, 1, 0]
+    rep = report_from_ranks(ranks)
+    m = rep["languages"]["A"]
+    assert m["t2i"]["R@1"] == pytest.approx(200 / 3) and m["i2t"]["R@1"] == 100.0
+    assert (m["t2i"]["num_queries"], m["t2i"]["num_candidates"], m["i2t"]["num_queries"],
+            m["i2t"]["num_candidates"]) == (3, 2, 2, 3)
+    # image 0 ranks its captions at places 1 and 3 (image 1's caption between): AP (1 + 2/3) / 2
+    assert m["i2t"]["mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
     # image→text chance with 2 relevant of 3 (image 0) and 1 of 3 (image 1), averaged
-    assert a["i2t"]["chance@1"] == pytest.approx((chance_recall_at_k(3, 1, 2) + chance_recall_at_k(3, 1)) / 2)
-    assert chance_recall_at_k(3, 1, 2) == pytest.approx(200 / 3)
-    # MRV: t2i ranks per image = mean over its captions: A -> [1, 0, nan], B -> [0, 2, 0]
-    expected = np.mean([np.std([1, 0]), np.std([0, 2])])     # image 2 has one language only: left out
+    assert m["i2t"]["chance@1"] == pytest.approx((chance_recall_at_k(3, 1, 2) + chance_recall_at_k(3, 1)) / 2)
+    assert m["t2i"]["chance@1"] == 50.0
+    # MRV: t2i per image = mean over its captions: A -> [0.5, 0, nan], B -> [0, 1, 0]
+    expected = np.mean([np.std([0.5, 0]), np.std([0, 1])])     # image 2 has one language only: left out
     assert rep["mrv"]["t2i"] == pytest.approx(expected)
 
 

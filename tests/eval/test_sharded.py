@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 
-from ccrk_ray.eval.retrieval import (ItmRescorer, check_inputs, default_chunk, encode_split, evaluate_in_process,
-                                     rank_shard, rank_sharded, shard_bounds, topk_candidates,
+from ccrk_ray.data.transforms import split_from_batch
+from ccrk_ray.eval.retrieval import (Captions, ItmRescorer, LanguageView, Task, check_inputs, default_chunk,
+                                     encode_split, rank_sharded, rank_task, shard_bounds, topk_candidates,
                                      topk_indices, true_scores)
 from ccrk_ray.metrics import ranks_from_scores
+from tests.eval.test_every_caption import assert_ranks_equal, dense_two_stage
 from tests.eval.test_retrieval import dense_ranks
 from tests.eval.toy import ToyTwoStage, toy_batch
 
@@ -51,7 +53,7 @@ def test_sharded_equals_dense_reference_with_planted_ties():
     np.testing.assert_array_equal(dense32_ranks(img, txt)[0], ref[0])
     for num_shards in (1, 2, 3, 5):
         for chunk, tile in ((16, None), (32, 7), (16, 16), (4096, 64)):
-            t2i, i2t = rank_sharded(img, txt, num_shards=num_shards, chunk=chunk, tile=tile)
+            t2i, i2t = rank_sharded(img, txt, num_shards=num_shards, chunk=chunk, tile=tile).matrices()
             msg = f"{num_shards} shards, chunk {chunk}, tile {tile}"
             np.testing.assert_array_equal(t2i, ref[0], err_msg=msg)
             np.testing.assert_array_equal(i2t, ref[1], err_msg=msg)
@@ -77,7 +79,7 @@ def test_float_ranks_are_exact_for_any_shard_layout_and_chunk():
     ref = float64_dense_ranks(img, txt)
     assert 0 < ref[0].mean() < 150                                   # neither trivial nor random
     for num_shards, chunk, tile in [(1, 32, None), (4, 32, 50), (10, 32, 7), (3, 16, 64), (1, 512, 300), (2, 64, 1)]:
-        got = rank_sharded(img, txt, num_shards=num_shards, chunk=chunk, tile=tile)
+        got = rank_sharded(img, txt, num_shards=num_shards, chunk=chunk, tile=tile).matrices()
         np.testing.assert_array_equal(got[0], ref[0], err_msg=f"{num_shards} shards, chunk {chunk}")
         np.testing.assert_array_equal(got[1], ref[1], err_msg=f"{num_shards} shards, chunk {chunk}")
     # float32 scores cannot tell the nudged image from the original: a dense float32 ranking
@@ -88,8 +90,11 @@ def test_float_ranks_are_exact_for_any_shard_layout_and_chunk():
 
 def test_query_languages_pick_and_order_columns():
     img, txt = planted_ties()
-    full = rank_sharded(img, txt, languages=["en", "de", "fr"], chunk=16, num_shards=2)
-    some = rank_sharded(img, txt, languages=["en", "de", "fr"], query_languages=["fr", "en"], chunk=16, num_shards=3)
+    full = rank_sharded(img, txt, languages=["en", "de", "fr"], chunk=16, num_shards=2).matrices()
+    some = rank_sharded(img, txt, languages=["en", "de", "fr"], query_languages=["fr", "en"], chunk=16,
+                        num_shards=3)
+    assert list(some.languages) == ["fr", "en"]
+    some = some.matrices()
     np.testing.assert_array_equal(some[0], full[0][:, [2, 0]])
     np.testing.assert_array_equal(some[1], full[1][:, [2, 0]])
 
@@ -110,19 +115,23 @@ def toy_setup(n=40, k=2, seed=1):
 
 
 @pytest.mark.parametrize("k_test", [1, 3, 40])
-def test_two_stage_shards_equal_in_process_two_stage(k_test):
+def test_two_stage_with_the_itm_rescorer_equals_the_dense_definition(k_test):
+    """The toy model's ITM head through ``ItmRescorer`` (global caption and image indices) gives the
+    dense two-stage ranks: ITM = −|caption id − image id|."""
     batch = toy_setup()
-    ref = evaluate_in_process(ToyTwoStage(), batch, k_test=k_test)
-    itc = evaluate_in_process(ToyTwoStage(), batch, k_test=None)
-    if k_test == 40:
-        assert (ref[0] != itc[0]).any()                 # the ITM stage changes ranks
-    feats = encode_split(ToyTwoStage(), batch)
+    split = split_from_batch(batch, ["a", "b"])
+    feats = encode_split(ToyTwoStage(), split)
     rescore = ItmRescorer(ToyTwoStage(), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
+    image_id = batch["pixel_values"][:, 0, 0, 0].astype(np.float64)
+    caption_id = split["input_ids"][:, 0].astype(np.float64)
+    want = dense_two_stage(feats["image_emb"], feats["captions"], -np.abs(caption_id[:, None] - image_id[None, :]),
+                           k_test)
     for num_shards in (1, 3):
-        got = rank_sharded(feats["image_emb"], feats["text_emb"], num_shards=num_shards, chunk=16,
-                           k_test=k_test, rescore=rescore)
-        np.testing.assert_array_equal(got[0], ref[0])
-        np.testing.assert_array_equal(got[1], ref[1])
+        got = rank_sharded(feats["image_emb"], feats["captions"], num_shards=num_shards, chunk=16, k_test=k_test,
+                           rescore=rescore)
+        assert_ranks_equal(got, want)
+    if k_test == 40:
+        assert (got.languages["a"].t2i != rank_sharded(feats["image_emb"], feats["captions"]).languages["a"].t2i).any()
 
 
 def test_shard_bounds_are_aligned_non_empty_and_tile():
@@ -134,13 +143,14 @@ def test_shard_bounds_are_aligned_non_empty_and_tile():
 
 def test_true_scores_are_exact_dot_products():
     img, txt = planted_ties()
-    expected = np.einsum("nkd,nd->nk", txt.astype(np.float64), img.astype(np.float64))
-    got = true_scores(img, txt, rows=7)
+    expected = np.einsum("nkd,nd->kn", txt.astype(np.float64), img.astype(np.float64)).ravel()
+    got = true_scores(img, Captions.one_per_image(txt), rows=7)
     assert got.dtype == np.float64
     np.testing.assert_array_equal(got, expected)                 # quarter-integers: exact in any order
     # and the pessimistic rank from it equals ranks_from_scores on the full matrix
     s = txt[:, 1] @ img.T
-    np.testing.assert_array_equal(rank_sharded(img, txt, chunk=16)[0][:, 1], ranks_from_scores(s, np.arange(70)))
+    np.testing.assert_array_equal(rank_sharded(img, txt, chunk=16).matrices()[0][:, 1],
+                                  ranks_from_scores(s, np.arange(70)))
 
 
 # --- bad input: a clear error naming the problem ---------------------------------------------
@@ -171,16 +181,21 @@ def test_bad_inputs_name_the_problem():
         rank_sharded(img, bad, languages=["en", "de", "fr"])
 
 
-def test_empty_or_misaligned_shard_and_bad_k_test_are_refused():
+def test_empty_or_misaligned_task_and_bad_k_test_are_refused():
     img, txt = planted_ties()
-    true = true_scores(img, txt)
-    with pytest.raises(ValueError, match=r"empty shard \[32, 32\): it holds no queries"):
-        rank_shard(img, txt, 32, 32, true=true, chunk=16)
+    caps = Captions.one_per_image(txt)
+    view = LanguageView.build(img, caps, true_scores(img, caps), 0)
+    with pytest.raises(ValueError, match=r"task \[32, 32\) holds no queries of the 70 t2i queries"):
+        rank_task(view, Task(0, "t2i", 32, 32, 16))
     with pytest.raises(ValueError, match="not a multiple of chunk=16"):
-        rank_shard(img, txt, 8, 40, true=true, chunk=16)
-    with pytest.raises(ValueError, match="outside the 70 queries"):
-        rank_shard(img, txt, 64, 80, true=true, chunk=16)
-    with pytest.raises(ValueError, match="k_test between 1 and the gallery size 70"):
-        rank_shard(img, txt, 0, 70, true=true, k_test=71, rescore=lambda *a: None)
+        rank_task(view, Task(0, "t2i", 8, 40, 16))
+    with pytest.raises(ValueError, match=r"task \[64, 80\) holds no queries"):
+        rank_task(view, Task(0, "t2i", 64, 80, 16))
+    with pytest.raises(ValueError, match="k_test >= 1"):
+        rank_task(view, Task(0, "t2i", 0, 70, 80), k_test=0, rescore=lambda *a: None)
+    with pytest.raises(ValueError, match="two-stage only"):
+        rank_task(view, Task(0, "i2t", 0, 70, 80))
     with pytest.raises(ValueError, match="re-scorer returned NaN"):
-        rank_shard(img, txt, 0, 16, true=true, chunk=16, k_test=2, rescore=lambda l, d, q, c: np.full(c.shape, np.nan))
+        rank_task(view, Task(0, "t2i", 0, 16, 16), k_test=2, rescore=lambda d, q, c: np.full(c.shape, np.nan))
+    with pytest.raises(ValueError, match=r"shape \(16, 1\) for \(16, 2\)"):
+        rank_task(view, Task(0, "i2t", 0, 16, 16), k_test=2, rescore=lambda d, q, c: np.zeros((len(q), 1)))
