@@ -2,6 +2,7 @@
 ranks from the eval actors equal the in-process computation, and every output is written."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,85 @@ def test_any_language_code_is_evaluated_and_clip_benchmarks_jp_means_ja(saved_mo
         run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "e"), languages=["jp", "ko"])
     with pytest.raises(ConfigError, match="not a language code"):
         run_evaluate(str(saved_model), str(tiny_data["test"]), str(tmp_path / "e"), languages=["j p"])
+
+
+KIT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+IGLUE = KIT / "iglue" / "datasets"
+
+
+def kit_split(tmp_path: Path, n: int = 48) -> tuple[Path, dict[str, dict[str, list[str]]]]:
+    """The first ``n`` Flickr30K test images of the real IGLUE files: 5 English captions each
+    (flickr30k test_ann), German from xFlickr&CO for all, Japanese for every other image only;
+    stand-in JPEGs. Returns the converted split and {lang: {image id: captions}} read directly."""
+    from PIL import Image
+
+    from ccrk_ray.data.converters import convert_iglue
+
+    if not KIT.is_dir():
+        pytest.skip(f"real data kit {KIT} not found (it sits next to the repository in CI)")
+
+    def lines(path):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    en = lines(IGLUE / "flickr30k" / "annotations" / "test_ann.jsonl")[:n]
+    ids = [str(r["id"]) for r in en]
+    by_id = {lang: {str(r["id"]): r for r in lines(IGLUE / "xFlickrCO" / "annotations" / lang / "test.jsonl")}
+             for lang in ("de", "ja")}
+    records = {"en": en, "de": [by_id["de"][i] for i in ids], "ja": [by_id["ja"][i] for i in ids[::2]]}
+    ann = {}
+    for lang, recs in records.items():
+        ann[lang] = tmp_path / f"{lang}.jsonl"
+        ann[lang].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in ids:
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
+    convert_iglue(ann, images, tmp_path / "split")
+    return tmp_path / "split", {lang: {str(r["id"]): r["sentences"] for r in recs} for lang, recs in records.items()}
+
+
+def test_every_caption_of_real_multi_caption_files_is_a_query(saved_model, tmp_path, ray_local):
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.transforms import caption_slots, load_split
+    from ccrk_ray.eval.evaluate import run_evaluate
+    from ccrk_ray.eval.report import report_from_ranks
+    from ccrk_ray.eval.retrieval import encode_split, evaluate_in_process
+    from ccrk_ray.metrics import retrieval_metrics
+    from ccrk_ray.model import CCRKModel
+
+    data, expected = kit_split(tmp_path)
+    assert {len(c) for c in expected["en"].values()} == {5}
+    slots, counts = caption_slots(str(data), LANGS)
+    assert slots == 7 and counts == {"en": 240, "de": 48, "ja": 24}
+    # every caption arrives, each with its own image; the images without ja are kept in en and de
+    tok = CaptionTokenizer(saved_model, 16)
+    split = load_split(str(data), LANGS, tok, 32)
+    ids = list(split["image_id"])
+    for j, lang in enumerate(LANGS):
+        part = slice(split["offsets"][j], split["offsets"][j + 1])
+        owners = [ids[o] for o in split["owner"][part]]
+        assert sorted(owners) == sorted(i for i, caps in expected[lang].items() for _ in caps)
+        want_ids, _ = tok([c for i in ids for c in expected[lang].get(i, [])])
+        np.testing.assert_array_equal(split["input_ids"][part], want_ids)       # the texts, in image order
+    report = run_evaluate(str(saved_model), str(data), str(tmp_path / "e"), actors=2, itc_only=True, save_ranks=True)
+    assert report["num_images"] == 48 and report["num_captions"] == counts
+    en, ja = report["languages"]["en"], report["languages"]["ja"]
+    assert (en["t2i"]["num_queries"], en["t2i"]["num_candidates"]) == (240, 48)
+    assert (en["i2t"]["num_queries"], en["i2t"]["num_candidates"]) == (48, 240)
+    assert (ja["t2i"]["num_queries"], ja["t2i"]["num_candidates"], ja["i2t"]["num_queries"]) == (24, 24, 24)
+    # the definition, on the same model's embeddings, language by language over its own images
+    feats = encode_split(CCRKModel.from_pretrained(saved_model), split)
+    img, caps = feats["image_emb"].astype(np.float64), feats["captions"]
+    for j, lang in enumerate(LANGS):
+        part = caps.language(j)
+        gallery, owner = np.unique(caps.owner[part], return_inverse=True)
+        want = retrieval_metrics(caps.emb[part].astype(np.float64) @ img[gallery].T, owner)
+        got = report["languages"][lang]
+        for d in ("t2i", "i2t"):
+            assert {k: got[d][k] for k in want[d]} == pytest.approx(want[d], abs=1e-12), (lang, d)
+    # two-stage on the actors equals two-stage in one process
+    two = run_evaluate(str(saved_model), str(data), str(tmp_path / "two"), actors=2, k_test=8)
+    ref = report_from_ranks(evaluate_in_process(CCRKModel.from_pretrained(saved_model), split, k_test=8))
+    assert two["languages"] == ref["languages"] and two["mrv"] == ref["mrv"]
+    assert two["languages"] != report["languages"]
