@@ -252,7 +252,7 @@ def stream_dataset(items: Sequence[Mapping[str, Any]], *, uri: str, files: Seque
                    languages: Sequence[str], k: int, tokenizer: CaptionTokenizer, image_transform: ImageTransform,
                    num_actors: int = 1, cpus_per_actor: float = 0.8, on_bad_row: str = "skip",
                    endpoint_url: str | None = None, image_keys: bool = False, run: str | None = None,
-                   rows_per_call: int = ROWS_PER_CALL) -> ray.data.Dataset:
+                   rows_per_call: int = ROWS_PER_CALL, caption_passes: int = 1) -> ray.data.Dataset:
     """Plan items (``ccrk_ray.data.plan.stream_items``: segments of one or several epochs) as a
     dataset of 1-to-K training batches in exactly the items' order, each row carrying its ``_pos``
     (position in its epoch's stream), ``_key`` and ``_epoch``. Rows read and skipped are counted in
@@ -280,7 +280,7 @@ def stream_dataset(items: Sequence[Mapping[str, Any]], *, uri: str, files: Seque
         fn_constructor_kwargs=dict(uri=uri, endpoint_url=endpoint_url, files=list(files), seed=seed, run=run,
                                    tokenizer=tokenizer, languages=tuple(languages), k=k,
                                    image_transform=image_transform, with_ids=False, on_bad_row=on_bad_row,
-                                   image_keys=image_keys),
+                                   image_keys=image_keys, caption_passes=caption_passes),
         batch_size=1, batch_format="numpy",
         # Every actor starts at once (an actor's start-up is seconds of imports: growing the pool
         # one by one costs the first epoch that much); it may still run on fewer if CPUs are short.

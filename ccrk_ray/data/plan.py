@@ -17,6 +17,7 @@ the phase's world size and each worker's consumed rows. Nothing here touches Ray
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -27,19 +28,22 @@ import pyarrow as pa
 POS_COLUMN = "_pos"     # index of the row in its worker's stream for this phase
 KEY_COLUMN = "_key"     # file index << 32 | row in file: identifies a row across plans
 EPOCH_COLUMN = "_epoch"  # the epoch whose plan the row was read for
+CYCLE_COLUMN = "_cycle"  # which of the epoch's passes over the data the row was read for
 
 
 @dataclass(frozen=True)
 class Segment:
     """Rows [start, stop) of file ``file`` (index into the plan's file list), row group ``group``
     (whose first row is ``group_start``), read in a seeded permutation, of which the first ``skip``
-    rows were consumed already."""
+    rows were consumed already; ``cycle``: which pass over the data of an epoch with several
+    (``epoch_segments``' ``passes``) the segment belongs to."""
     file: int
     group: int
     group_start: int
     start: int
     stop: int
     skip: int = 0
+    cycle: int = 0
 
     @property
     def rows(self) -> int:
@@ -47,13 +51,13 @@ class Segment:
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
         """Row numbers within the file, in this segment's read order, consumed rows left out."""
-        key = f"{seed}:{epoch}:{self.file}:{self.start}:{self.stop}".encode()
+        key = f"{seed}:{epoch}:{self.file}:{self.start}:{self.stop}{f':{self.cycle}' if self.cycle else ''}".encode()
         digest = hashlib.blake2b(key, digest_size=8).digest()
         rng = np.random.default_rng(int.from_bytes(digest, "little"))
         return (self.start + rng.permutation(self.stop - self.start))[self.skip:]
 
     def to_list(self) -> list[int]:
-        return [self.file, self.group, self.group_start, self.start, self.stop, self.skip]
+        return [self.file, self.group, self.group_start, self.start, self.stop, self.skip, self.cycle]
 
     @classmethod
     def from_list(cls, values: Sequence[int]) -> "Segment":
@@ -74,9 +78,14 @@ def file_segments(row_groups: Sequence[Sequence[int]], chunk_rows: int) -> list[
     return out
 
 
-def epoch_segments(row_groups: Sequence[Sequence[int]], epoch: int, seed: int, chunk_rows: int = 256) -> list[Segment]:
-    """The epoch's segments in a shuffled order that depends only on (seed, epoch)."""
-    segments = file_segments(row_groups, chunk_rows)
+def epoch_segments(row_groups: Sequence[Sequence[int]], epoch: int, seed: int, chunk_rows: int = 256,
+                   passes: int = 1) -> list[Segment]:
+    """The epoch's segments in a shuffled order that depends only on (seed, epoch). ``passes`` > 1:
+    every row ``passes`` times (segments with ``cycle`` 0 .. passes−1, shuffled together), so that
+    one epoch can show each of a row's captions once (caption-level epochs)."""
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    segments = [dataclasses.replace(s, cycle=c) for c in range(passes) for s in file_segments(row_groups, chunk_rows)]
     order = np.random.default_rng([seed, epoch]).permutation(len(segments))
     return [segments[i] for i in order]
 
@@ -111,7 +120,7 @@ def remaining(streams: Sequence[Sequence[Segment]], consumed: Sequence[int]) -> 
             if n >= seg.rows:
                 n -= seg.rows
                 continue
-            rest.append(Segment(seg.file, seg.group, seg.group_start, seg.start, seg.stop, seg.skip + n) if n else seg)
+            rest.append(dataclasses.replace(seg, skip=seg.skip + n) if n else seg)
             n = 0
         left.append(rest)
     out = []
@@ -162,7 +171,7 @@ def stream_items(streams: Sequence[tuple[int, Sequence[Segment]]]) -> list[dict[
     return items
 
 
-CALL_FIELDS = 7       # a call's segments, flattened: Segment.to_list() + [base] each
+CALL_FIELDS = 8       # a call's segments, flattened: Segment.to_list() + [base] each
 
 
 def plan_calls(items: Sequence[Mapping[str, Any]], rows_per_call: int, single: int = 0) -> list[dict[str, Any]]:
@@ -188,12 +197,13 @@ def plan_calls(items: Sequence[Mapping[str, Any]], rows_per_call: int, single: i
 def read_segment(parquet_file, segment: Segment, seed: int, epoch: int, base: int,
                  columns: Sequence[str] | None = None) -> pa.Table:
     """The segment's unconsumed rows from an open ``pyarrow.parquet.ParquetFile``, in read order,
-    with ``_pos`` (``base`` + position in the segment), ``_key`` and ``_epoch`` columns added."""
+    with ``_pos`` (``base`` + position in the segment), ``_key``, ``_epoch`` and ``_cycle`` columns added."""
     table = parquet_file.read_row_group(segment.group, columns=list(columns) if columns else None)
     rows = segment.order(seed, epoch)
     table = table.take(pa.array(rows - segment.group_start))
     pos = np.arange(base, base + len(rows), dtype=np.int64)
     key = (np.int64(segment.file) << np.int64(32)) | rows.astype(np.int64)
     epochs = np.full(len(rows), epoch, dtype=np.int64)
+    cycles = np.full(len(rows), segment.cycle, dtype=np.int64)
     return (table.append_column(POS_COLUMN, pa.array(pos)).append_column(KEY_COLUMN, pa.array(key))
-            .append_column(EPOCH_COLUMN, pa.array(epochs)))
+            .append_column(EPOCH_COLUMN, pa.array(epochs)).append_column(CYCLE_COLUMN, pa.array(cycles)))

@@ -140,13 +140,14 @@ def image_key(image_id) -> int:
 
 
 def choose_captions(row: Mapping[str, Any], languages: Sequence[str], k: int,
-                    rng: np.random.Generator | None) -> list[str]:
+                    rng: np.random.Generator | None, index: int | None = None) -> list[str]:
     """The K captions of one row, in the order of ``languages`` (image-major layout per row).
 
     With K = len(languages) every language is used; with K smaller, K languages are drawn at
     random among those the row has. A language with several captions contributes one, drawn at
-    random (the first when ``rng`` is None). A row with fewer than K of the languages is a bad
-    row (BadRowError naming the row and the missing language columns).
+    random (the first when ``rng`` is None), or its ``index``-th (modulo its count) when given.
+    A row with fewer than K of the languages is a bad row (BadRowError naming the row and the
+    missing language columns).
     """
     available = []
     for lang in languages:
@@ -165,7 +166,17 @@ def choose_captions(row: Mapping[str, Any], languages: Sequence[str], k: int,
     if k < len(available):
         idx = sorted(rng.choice(len(available), size=k, replace=False)) if rng is not None else range(k)
         available = [available[i] for i in idx]
+    if index is not None:
+        return [str(caps[index % len(caps)]) for _, caps in available]
     return [str(caps[int(rng.integers(len(caps)))] if rng is not None else caps[0]) for _, caps in available]
+
+
+def caption_index(epoch: int, key: int, cycle: int) -> int:
+    """Which caption a row shows in pass ``cycle`` of an epoch with several passes: a per-(epoch,
+    row) offset plus the pass, so that ``passes`` consecutive passes show a row with that many
+    captions each of them once, in an order that changes every epoch."""
+    digest = hashlib.blake2b(f"{epoch}:{key}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") + int(cycle)
 
 
 class OneToKBatchTransform:
@@ -180,14 +191,17 @@ class OneToKBatchTransform:
 
     def __init__(self, tokenizer: CaptionTokenizer, languages: Sequence[str], k: int,
                  image_transform: ImageTransform, seed: int | None = None, with_ids: bool = True,
-                 on_bad_row: str = "raise", image_keys: bool = False):
+                 on_bad_row: str = "raise", image_keys: bool = False, caption_passes: int = 1):
+        """``caption_passes`` > 1 (training rows of a plan with several passes per epoch, carrying
+        ``_cycle``, ``_epoch`` and ``_key``): rows show their captions in turn (``caption_index``);
+        otherwise a language's caption is drawn at random."""
         if not 1 <= k <= len(languages):
             raise ValueError(f"captions_per_image K={k} must be between 1 and the {len(languages)} languages")
         self.tokenize = tokenizer
         if on_bad_row not in ("raise", "skip"):
             raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
         self.languages, self.k, self.with_ids, self.on_bad_row = tuple(languages), k, with_ids, on_bad_row
-        self.image_keys = image_keys
+        self.image_keys, self.caption_passes = image_keys, caption_passes
         self.skipped = SkipCounter()    # cumulative over this transform's life
         self.rows_seen = 0
         self.image_transform = image_transform
@@ -202,10 +216,14 @@ class OneToKBatchTransform:
         self.rows_seen += len(rows)
         decoded, captions = [], []
         kept_ids, kept = [], []
+        cycles = batch.get("_cycle")
         for i, row in enumerate(rows):
+            index = None
+            if cycles is not None and self.caption_passes > 1:
+                index = caption_index(int(batch["_epoch"][i]), int(batch["_key"][i]), int(cycles[i]))
             try:
                 img = decode_image(images[i], ids[i])
-                caps = choose_captions(row, self.languages, self.k, self.rng)
+                caps = choose_captions(row, self.languages, self.k, self.rng, index)
             except BadRowError as exc:
                 if self.on_bad_row == "raise":
                     raise

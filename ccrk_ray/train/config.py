@@ -62,6 +62,9 @@ class DataSection:
                                              # to spaces), keeping this many words; null: as written
     on_bad_row: str = "skip"                 # skip (counted) | raise
     chunk_rows: int = 256                    # shuffle granularity (row-group slices)
+    caption_passes: int = 1                  # passes over the images per epoch, each row showing its next
+                                             # caption: 5 = COCO/Flickr30K's caption-level epochs (each of 5
+                                             # captions one example, as the reference's fine-tuning)
     image_keys: bool = False                 # batches carry image ids: captions of one image are all positives
     data_actors: int = 1                     # decode/tokenise actors per training worker
     cpus_per_actor: float = 0.8
@@ -73,6 +76,7 @@ class DataSection:
 @dataclass
 class TrainSection:
     epochs: int = 1
+    eval_every: int = 1                      # validate (and keep the best model) every N epochs and after the last
     max_steps: int | None = None             # stop after this many optimiser steps
     batch_size: int = 64                     # images per worker per forward pass
     global_batch_size: int | None = None     # images per optimiser step; default batch_size x max workers
@@ -145,6 +149,7 @@ class PretrainConfig:
         check_range("data.image_size", d.image_size, 32, 2048)
         check_range("data.max_length", d.max_length, 8, 512)
         check_range("data.chunk_rows", d.chunk_rows, 1)
+        check_range("data.caption_passes", d.caption_passes, 1)
         check_range("data.data_actors", d.data_actors, 1)
         if d.on_bad_row not in ("skip", "raise"):
             raise ConfigError(f"data.on_bad_row must be skip or raise, got {d.on_bad_row!r}")
@@ -152,6 +157,7 @@ class PretrainConfig:
         if not 1 <= lo <= hi:
             raise ConfigError(f"scaling.workers must be [MIN, MAX] with 1 <= MIN <= MAX, got {list(s.workers)}")
         check_range("train.epochs", t.epochs, 1)
+        check_range("train.eval_every", t.eval_every, 1)
         check_range("train.batch_size", t.batch_size, 2)
         check_range("train.lr", t.lr, 1e-10, 10.0)
         check_range("train.warmup", t.warmup, 0)
@@ -259,6 +265,7 @@ class StreamConfig:
     image_size: int
     image_transform: ImageTransform | None = None     # training images (None: this size, defaults)
     chunk_rows: int = 256
+    caption_passes: int = 1
     data_actors: int = 1
     cpus_per_actor: float = 0.8
     on_bad_row: str = "skip"
@@ -297,7 +304,8 @@ def loop_config(cfg: PretrainConfig, check, tokenizer, caption_tokenizer: Captio
     name, args = objective_args(cfg.objective, tokenizer, d.languages)
     stream = StreamConfig(uri=d.train, files=list(check.files), row_groups=[list(g) for g in check.row_groups],
                           languages=tuple(d.languages), k=int(d.captions_per_image), tokenizer=caption_tokenizer,
-                          image_size=d.image_size, image_transform=train_transform(d), chunk_rows=d.chunk_rows, data_actors=d.data_actors,
+                          image_size=d.image_size, image_transform=train_transform(d), chunk_rows=d.chunk_rows,
+                          caption_passes=d.caption_passes, data_actors=d.data_actors,
                           cpus_per_actor=d.cpus_per_actor, on_bad_row=d.on_bad_row, image_keys=d.image_keys,
                           endpoint_url=d.endpoint_url, run_id=run_id)
     train = cfg.train

@@ -39,7 +39,7 @@ from ccrk_ray.core.log import get_logger, setup_logging
 from ccrk_ray.core.runtime import quiet_ray_loggers
 from ccrk_ray.data.batching import EpochBatcher, Started
 from ccrk_ray.data.ingest import stats_actor, stream_blocks
-from ccrk_ray.data.plan import EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, epoch_segments
+from ccrk_ray.data.plan import CYCLE_COLUMN, EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, epoch_segments
 from ccrk_ray.data.transforms import ImageTransform, load_split
 from ccrk_ray.eval.report import report_from_ranks
 from ccrk_ray.eval.retrieval import evaluate_in_process
@@ -78,7 +78,7 @@ def epoch_phases(cfg: LoopConfig, start: Resume, world: int) -> list[Position]:
     """The plan of every epoch left: a resumed epoch continues its checkpointed position."""
     d, seed = cfg.data, cfg.train.seed
     return [start.position if start.position is not None and start.position.epoch == epoch else Position(
-        epoch, epoch_segments(d.row_groups, epoch, seed, d.chunk_rows), world)
+        epoch, epoch_segments(d.row_groups, epoch, seed, d.chunk_rows, d.caption_passes), world)
         for epoch in range(start.epoch, cfg.train.epochs)]
 
 
@@ -90,7 +90,8 @@ def open_stream(cfg: LoopConfig, phases: list[Position], rank: int) -> EpochBatc
         [(p.epoch, p.streams()[rank]) for p in phases], uri=d.uri, files=d.files, seed=cfg.train.seed,
         languages=d.languages, k=d.k, tokenizer=d.tokenizer, image_transform=d.image_transform or ImageTransform(d.image_size, train=True),
         num_actors=d.data_actors, cpus_per_actor=d.cpus_per_actor, on_bad_row=d.on_bad_row,
-        endpoint_url=d.endpoint_url, image_keys=d.image_keys, run=d.run_id)), cfg.train.batch_size)
+        endpoint_url=d.endpoint_url, image_keys=d.image_keys, caption_passes=d.caption_passes, run=d.run_id)),
+        cfg.train.batch_size)
 
 
 def build_model(cfg: LoopConfig) -> CCRKModel:
@@ -117,7 +118,7 @@ class WorkerLoop:
         torch.manual_seed(self.t.seed)
         self.accum = accumulation(int(self.t.global_batch_size), self.t.batch_size, self.world)
         self.steps_total = total_steps(cfg.data.row_groups, int(self.t.global_batch_size), self.t.epochs,
-                                       self.t.max_steps)
+                                       self.t.max_steps, passes=cfg.data.caption_passes)
         start = resume_point(self.world)
         self.step, self.best = start.step, start.best
         if self.rank == 0 and ray.train.get_checkpoint() is not None:
@@ -194,6 +195,7 @@ class WorkerLoop:
         for i, b in enumerate(micro):
             pos, key = b.pop(POS_COLUMN), b.pop(KEY_COLUMN)
             b.pop(EPOCH_COLUMN)
+            b.pop(CYCLE_COLUMN, None)
             if self.trace is not None:         # row keys leave the device only when auditing
                 keys += key.tolist()
             last = i == self.accum - 1 or not hasattr(self.module, "no_sync")
@@ -285,7 +287,8 @@ class WorkerLoop:
             metrics["rows_read"] = now["rows_read"] - before.get("rows_read", 0)
             for reason, n in now["skipped"].items():
                 metrics[f"skipped/{reason}"] = n - before.get("skipped", {}).get(reason, 0)
-        if self.val_batch is not None:
+        last = epoch + 1 >= self.t.epochs or (self.t.max_steps and self.step >= self.t.max_steps)
+        if self.val_batch is not None and ((epoch + 1) % self.t.eval_every == 0 or last):
             metrics.update(self.validate())
             self.keep_best(metrics, epoch)
         if self.rank == 0 and self.best is not None:

@@ -31,9 +31,10 @@ def accumulation(global_batch: int, batch: int, world: int) -> int:
 
 
 def total_steps(row_groups: Sequence[Sequence[int]], global_batch: int, epochs: int,
-                max_steps: int | None = None) -> int:
-    """Optimiser steps of the run: full global batches per epoch × epochs, capped by max_steps."""
-    per_epoch = sum(map(sum, row_groups)) // int(global_batch)
+                max_steps: int | None = None, passes: int = 1) -> int:
+    """Optimiser steps of the run: full global batches per epoch (of ``passes`` passes over the
+    rows) × epochs, capped by max_steps."""
+    per_epoch = sum(map(sum, row_groups)) * int(passes) // int(global_batch)
     if per_epoch < 1:
         raise ValueError(f"the training data makes no full global batch of {global_batch}")
     steps = per_epoch * int(epochs)

@@ -114,3 +114,25 @@ def test_read_segment_returns_rows_in_plan_order(tmp_path):
     assert table.column(KEY_COLUMN).to_pylist() == list(expected)      # file 0: key = row
     assert set(table.column(EPOCH_COLUMN).to_pylist()) == {2}
     assert len(expected) == 46 and np.all((expected >= 178) & (expected < 228))
+
+
+def test_caption_passes_read_every_row_once_per_pass_and_survive_a_checkpoint():
+    one = epoch_segments(GROUPS, 3, seed=1, chunk_rows=64)
+    assert one == epoch_segments(GROUPS, 3, seed=1, chunk_rows=64, passes=1)     # one pass: the plan as before
+    segs = epoch_segments(GROUPS, 3, seed=1, chunk_rows=64, passes=5)
+    assert sorted({s.cycle for s in segs}) == [0, 1, 2, 3, 4]
+    for c in range(5):
+        keys = stream_keys([s for s in segs if s.cycle == c], seed=1, epoch=3)
+        assert len(keys) == TOTAL == len(set(keys))
+    first = [s.cycle for s in segs[:12]]
+    assert len(set(first)) > 1                                  # the passes are shuffled together
+    # the same rows of a segment are read in another order in another pass
+    a = next(s for s in segs if s.cycle == 0)
+    b = next(s for s in segs if s.cycle == 1 and (s.file, s.start) == (a.file, a.start))
+    assert sorted(a.order(1, 3)) == sorted(b.order(1, 3)) and list(a.order(1, 3)) != list(b.order(1, 3))
+    # a checkpoint's position keeps each segment's pass
+    pos = Position(3, segs, 2, [100, 300])
+    again = Position.from_dict(pos.to_dict())
+    assert again.segments == segs
+    left = remaining(assign(segs, 2), [100, 300])
+    assert sum(s.rows for s in left) == 5 * TOTAL - 400 and {s.cycle for s in left} == set(range(5))

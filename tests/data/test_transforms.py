@@ -130,3 +130,43 @@ def test_recipe_options_of_the_training_crop_change_what_they_should():
     wide = [ImageTransform(32, train=True, scale=(0.2, 0.2)).crop_box(120, 80, np.random.default_rng(s))
             for s in range(5)]
     assert all(abs((r - l) * (b - t) / (120 * 80) - 0.2) < 0.03 for l, t, r, b in wide)
+
+
+def test_caption_passes_show_each_caption_of_a_row_once_per_epoch(tiny_data):
+    """Five passes over rows with 5, 3 and 1 captions: each of the 5 shown once, the 3 in turn,
+    the order another in the next epoch; with one pass captions are drawn at random as before."""
+    import pyarrow.parquet as pq
+
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
+
+    table = pq.read_table(tiny_data["test"]).slice(0, 3)
+    base = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("image_id", "image")}
+    colours = ["red", "blue", "green", "yellow", "white"]
+    caps = [[f"a {c} circle" for c in colours], [f"a {c} square" for c in colours[:3]], ["a triangle"]]
+    tok = CaptionTokenizer(tiny_data["tokenizer"], max_length=12)
+    t = OneToKBatchTransform(tok, ["en"], 1, ImageTransform(32, train=True), seed=0, caption_passes=5)
+
+    def shown(epoch):
+        out = []
+        for cycle in range(5):
+            batch = {**base, "captions_en": np.array([np.array(c, dtype=object) for c in caps], dtype=object),
+                     "_epoch": np.full(3, epoch), "_key": np.arange(3), "_cycle": np.full(3, cycle)}
+            out.append([tuple(r[0]) for r in t(batch)["input_ids"]])
+        return out
+
+    def texts(row):
+        return {tuple(tok([c])[0][0]) for c in caps[row]}
+
+    e0, e1 = shown(0), shown(1)
+    assert sorted(p[0] for p in e0) == sorted(texts(0)) and len({p[0] for p in e0}) == 5
+    assert {p[1] for p in e0} == texts(1) and [p[1] for p in e0[:3]] == [p[1] for p in e0[3:]] + [e0[2][1]]
+    assert {p[2] for p in e0} == texts(2)
+    assert [p[0] for p in e0] != [p[0] for p in e1]                   # another order next epoch
+    assert shown(0) == e0                                              # deterministic: resumable
+
+
+def test_total_steps_count_every_pass():
+    from ccrk_ray.train.schedule import total_steps
+
+    assert total_steps([[100, 28]], 16, 3) == 8 * 3
+    assert total_steps([[100, 28]], 16, 3, passes=5) == 40 * 3
