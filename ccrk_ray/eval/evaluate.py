@@ -44,9 +44,9 @@ from ccrk_ray.eval.actors import embed_dataset, rank_on_actors
 from ccrk_ray.eval.plots import log_tensorboard, make_figures, write_plots
 from ccrk_ray.eval.ranks import RankSet
 from ccrk_ray.eval.ranks import save_ranks as write_ranks
-from ccrk_ray.eval.report import (DIRECTIONS, clip_benchmark_filename, clip_benchmark_results, format_table,
-                                  language_rank_correlation, report_from_ranks)
-from ccrk_ray.eval.retrieval import PRECISIONS, ItmRescorer, encode_split
+from ccrk_ray.eval.report import (DIRECTIONS, average_reports, clip_benchmark_filename, clip_benchmark_results,
+                                  format_table, language_rank_correlation, report_from_ranks)
+from ccrk_ray.eval.retrieval import PRECISIONS, Captions, ItmRescorer, SubsetRescorer, encode_split
 from ccrk_ray.model import CCRKModel
 from ccrk_ray.model.openclip import PREFIX, OpenClipModel, OpenClipSpec, OpenClipTokenizer, is_openclip
 from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
@@ -120,11 +120,14 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
                  tokenizer: str | None = None, actors: int = 1, itc_only: bool = False,
                  tensorboard: str | None = None, save_ranks: bool = False,
                  dataset_name: str | None = None, pretrained: str | None = None, batch_size: int = 128,
-                 precision: str = "fp32") -> dict[str, Any]:
+                 precision: str = "fp32", folds: int | None = None) -> dict[str, Any]:
     """Everything is checked (model, preprocessing, data schema, languages) before Ray starts;
     inside a running session (fine-tuning's tests) it joins it. ``model_dir``: a saved model, or
     ``openclip:ARCH`` with ``pretrained`` (a tag or weights file). ``batch_size`` and ``precision``
-    are the embedding actors' (two-stage's ITM pass runs in fp32)."""
+    are the embedding actors' (two-stage's ITM pass runs in fp32). ``folds``: also rank each of
+    that many consecutive, equal folds of the split's images (in the split's row order) as a
+    gallery of its own and report their average under ``folds`` (COCO's 1K protocol: 5 folds of
+    the 5K test set)."""
     t0 = time.perf_counter()
     if actors < 1:
         raise ConfigError(f"--actors must be >= 1, got {actors}")
@@ -134,6 +137,8 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if k_test is not None and k_test < 1:
         raise ConfigError(f"--k-test must be >= 1, got {k_test}")
+    if folds is not None and folds < 2:
+        raise ConfigError(f"--folds must be >= 2, got {folds}")
     subject = evaluation_subject(model_dir, pretrained, image_size, max_length, tokenizer)
     in_data = data_languages(data)
     # any language code the split has captions for; CLIP_benchmark's codes (jp) name ours (ja)
@@ -151,6 +156,9 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         k_test = DEFAULT_K_TEST
     two_stage = k_test is not None and not itc_only
     total = storage.count_rows(data)
+    if folds is not None and folds > total:
+        raise ConfigError(f"--folds {folds} is more than the {total} rows of {data}")
+    rescore = None
     if two_stage:
         model = CCRKModel.from_pretrained(subject.path)
         split = load_split(data, langs, subject.tokenizer, subject.image_transform, on_bad_row="skip")
@@ -160,14 +168,23 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
         ids, image_emb, captions = split["image_id"], feats["image_emb"], feats["captions"]
         rescore = ItmRescorer(str(subject.path), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
     with ray_session(evaluate_cpus(actors)):
-        if two_stage:
-            ranks = _rank(data, image_emb, captions, actors, k_test=k_test, rescore=rescore)
-        else:
-            ids, ranks = rank_split_itc(data, subject.model, langs, subject.tokenizer,
-                                        subject.image_transform.image_size, actors=actors,
-                                        image_transform=subject.image_transform, batch_size=batch_size,
-                                        precision=precision)
+        if not two_stage:
+            ids, image_emb, captions = embed_split(data, subject.model, langs, subject.tokenizer,
+                                                   subject.image_transform.image_size, actors=actors,
+                                                   image_transform=subject.image_transform, batch_size=batch_size,
+                                                   precision=precision)
+        kwargs = dict(k_test=k_test, rescore=rescore) if two_stage else {}
+        ranks = _rank(data, image_emb, captions, actors, **kwargs)
+        fold_reports = []
+        for images in fold_images(data, ids, folds or 0):
+            sub, index = captions.subset(images)
+            if two_stage:
+                kwargs["rescore"] = SubsetRescorer(rescore, images, index)
+            fold_reports.append(report_from_ranks(_rank(data, image_emb[images], sub, actors, **kwargs)))
     report = finish_report(ranks)
+    if fold_reports:
+        report["folds"] = {"count": len(fold_reports), "sizes": [r["num_images"] for r in fold_reports],
+                           **average_reports(fold_reports)}
     if len(ids) < total:        # skipped rows (no caption in these languages, bad image or caption)
         log.warning("%d of %d rows of %s had no usable caption in %s or a bad image: not evaluated",
                     total - len(ids), total, data, ", ".join(langs))
@@ -194,9 +211,12 @@ def data_languages(data: str) -> list[str]:
 
 
 def evaluate_test_sets(tests: str | dict[str, str] | None, model_dir: Path, out: Path, languages: Sequence[str],
-                       k_test: int | None, dataset: str = "test", name: str = "test") -> dict[str, Any]:
+                       k_test: int | None, dataset: str = "test", name: str = "test",
+                       folds: dict[str, int] | None = None) -> dict[str, Any]:
     """``run_evaluate`` on every test set: one URI for ``languages``, or ``{language: URI}`` when
     each language has its own test images; reports under ``out/<set>``. {set name: report}.
+    ``folds``: {language: N}, a set of those languages is also reported as N folds' average. Each
+    set's ranks go to ``out/<set>/ranks.parquet`` (for ``ccrk mrv`` across runs).
 
     ``name="translate_test"``: IGLUE's translate-test sets (each language's test captions machine-
     translated into English, the same images): reported as ``translate_test[_<lang>]``; a single URI
@@ -215,28 +235,57 @@ def evaluate_test_sets(tests: str | dict[str, str] | None, model_dir: Path, out:
         sets = {f"{name}_{lang}": (uri, [lang]) for lang, uri in tests.items()}
     reports = {}
     for name, (uri, langs) in sets.items():
+        counts = {(folds or {})[lang] for lang in langs if lang in (folds or {})}
+        if len(counts) > 1:
+            raise ConfigError(f"test set {uri} holds {', '.join(langs)}, with different fold counts {sorted(counts)}")
         log.info("evaluating on %s (%s), languages %s", name, uri, ", ".join(langs))
         reports[name] = run_evaluate(str(model_dir), uri, str(out / name), languages=langs, k_test=k_test,
-                                     itc_only=k_test is None, dataset_name=dataset)
+                                     itc_only=k_test is None, dataset_name=dataset, save_ranks=True,
+                                     folds=counts.pop() if counts else None)
     return reports
+
+
+def fold_images(data: str, ids: np.ndarray, folds: int) -> list[np.ndarray]:
+    """``folds`` consecutive folds of the split's images in its row order (files by name, rows in
+    file order: the annotation order the converters keep), as sorted indices into ``ids``: n // folds
+    rows each, the last also the remainder (the reference's ``re_eval_dataset(fold=...)``). The
+    images of rows that were not evaluated are left out of their fold."""
+    if not folds:
+        return []
+    fs, files = storage.list_parquet(data)
+    table = pq.read_table(files, filesystem=fs, columns=[schema.IMAGE_ID])
+    in_order = np.asarray(table.column(schema.IMAGE_ID).to_pylist(), dtype=object)
+    where = {image_id: n for n, image_id in enumerate(in_order)}
+    fold_of = np.minimum(np.arange(len(in_order)) // (len(in_order) // folds), folds - 1)
+    fold = fold_of[[where[i] for i in ids]]
+    return [np.flatnonzero(fold == f) for f in range(folds)]
 
 
 def rank_split_itc(data: str, model_dir, languages: Sequence[str], tokenizer, image_size: int, *,
                    actors: int = 1, image_transform: ImageTransform | None = None, batch_size: int = 128,
                    precision: str = "fp32") -> tuple[np.ndarray, RankSet]:
-    """(image ids, ranks) of a model on a parquet split by ITC, every caption counting: embedding
-    on Ray actors (``embed_dataset``) and ranking on eval actors (``rank_on_actors``, the
-    documented tie policy). Ray must be running. ``ccrk evaluate`` and the demo rank through here."""
+    """(image ids, ranks) of a model on a parquet split by ITC, every caption counting: ``embed_split``
+    then ranking on eval actors (``rank_on_actors``, the documented tie policy). Ray must be
+    running. The demo ranks through here."""
+    ids, image_emb, captions = embed_split(data, model_dir, languages, tokenizer, image_size, actors=actors,
+                                           image_transform=image_transform, batch_size=batch_size,
+                                           precision=precision)
+    return ids, _rank(data, image_emb, captions, actors)
+
+
+def embed_split(data: str, model_dir, languages: Sequence[str], tokenizer, image_size: int, *,
+                actors: int = 1, image_transform: ImageTransform | None = None, batch_size: int = 128,
+                precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, Captions]:
+    """(image ids, image embeddings, every caption) of a model on a parquet split, embedded on Ray
+    actors (``embed_dataset``). Ray must be running."""
     slots, per_language = caption_slots(data, languages)
     empty = [lang for lang, n in per_language.items() if n == 0]
     if empty:
         raise ConfigError(f"{data} has no caption in {', '.join(empty)}")
     ds = eval_dataset(data, languages=languages, tokenizer=tokenizer, slots=slots, batch_size=batch_size,
                       image_transform=image_transform or ImageTransform(image_size, train=False))
-    ids, image_emb, captions = embed_dataset(ds, model_dir, languages, num_actors=actors,
-                                             total=storage.count_rows(data), batch_size=batch_size,
-                                             precision=precision)
-    return ids, _rank(data, image_emb, captions, actors)
+    return embed_dataset(ds, model_dir, languages, num_actors=actors, total=storage.count_rows(data),
+                         batch_size=batch_size, precision=precision)
 
 
 def _rank(data: str, image_emb, captions, actors: int, **kwargs) -> RankSet:
@@ -278,6 +327,9 @@ def write_outputs(out_dir: Path, report: dict[str, Any], ranks: RankSet, image_i
     report["outputs"] = outputs
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     table = format_table(report)
+    if "folds" in report:
+        table += f"\n\naverage of {report['folds']['count']} folds of {report['folds']['sizes']} images:\n"
+        table += format_table(report["folds"])
     images = "".join(f"\n![{name}]({path.name})\n" for name, path in plots.items())
     (out_dir / "report.md").write_text("```\n" + table + "\n```\n" + images)
 

@@ -69,6 +69,28 @@ def report_from_ranks(ranks: RankSet) -> dict[str, Any]:
     return report
 
 
+def average_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every number of several reports of the same languages averaged (the COCO 1K protocol: the
+    mean of five 1K folds' R@k, MedR, ..., MRV); counts (``num_*``) are summed."""
+    def mean(values: list) -> Any:
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: mean([v[k] for v in values]) for k in first}
+        if first is None or any(v is None for v in values):
+            return None
+        return float(np.mean(values))
+
+    def merge(values: list, key: str = "") -> Any:
+        if isinstance(values[0], dict):       # inside a num_* block (num_captions) every value is a count
+            return {k: merge([v[k] for v in values], key if key.startswith("num_") else k) for k in values[0]}
+        if key.startswith("num_"):
+            return int(sum(values))
+        return mean(values)
+
+    keys = ("num_images", "num_captions", "languages", "mean", "recall_std_across_languages", "mrv")
+    return {k: merge([r[k] for r in reports], k) for k in keys}
+
+
 def build_report(t2i: np.ndarray, i2t: np.ndarray, languages: Sequence[str]) -> dict[str, Any]:
     """Report from N×K 0-based rank matrices (column k = languages[k]), one caption per image and
     language: ``report_from_ranks(RankSet.from_matrices(...))``."""

@@ -182,6 +182,16 @@ class Captions:
     def language(self, j: int) -> slice:
         return slice(int(self.offsets[j]), int(self.offsets[j + 1]))
 
+    def subset(self, images: np.ndarray) -> tuple["Captions", np.ndarray]:
+        """The captions of the gallery images ``images`` (sorted indices), with owners renumbered
+        into that subset, and the index of each kept caption among these captions."""
+        images = np.asarray(images, dtype=np.int64)
+        keep = np.isin(self.owner, images)
+        index = np.flatnonzero(keep)
+        counts = [int(keep[self.language(j)].sum()) for j in range(len(self.languages))]
+        return (Captions(self.emb[index], np.searchsorted(images, self.owner[index]), np.r_[0, np.cumsum(counts)],
+                         self.languages), index)
+
 
 def as_captions(text_emb, languages: Sequence[str] | None = None) -> Captions:
     """``Captions`` as given, or built from an N×K×d array (one caption per image and language)."""
@@ -635,6 +645,19 @@ def rank_sharded(image_emb: np.ndarray, text_emb, *, languages: Sequence[str] | 
     tasks = plan_tasks(image_emb, captions, columns, num_shards, two_stage=rescore is not None, chunk=chunk)
     parts = [rank_task(views[t.column], t, k_test=k_test, rescore=rescore, tile=tile) for t in tasks]
     return merge_tasks(parts, views, captions, image_emb.shape[0])
+
+
+class SubsetRescorer:
+    """A re-scorer of a whole split used on a subset of it (``Captions.subset``): the subset's image
+    and caption indices are mapped back to the split's before ``rescore`` sees them."""
+
+    def __init__(self, rescore: Rescore, images: np.ndarray, captions: np.ndarray):
+        self.rescore, self.images, self.captions = rescore, np.asarray(images), np.asarray(captions)
+
+    def __call__(self, direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        if direction == "t2i":
+            return self.rescore(direction, self.captions[queries], self.images[candidates])
+        return self.rescore(direction, self.images[queries], self.captions[candidates])
 
 
 class ItmRescorer:

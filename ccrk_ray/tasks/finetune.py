@@ -59,6 +59,9 @@ class TaskSection:
     test_languages: tuple[str, ...] = ("en",)
     k_test: int | None = None                         # two-stage re-ranking depth (None: ITC only)
     zero_shot: bool = False                           # test languages were never trained on (documentation)
+    # {language: N}: that language's test set is also reported as the average of N consecutive
+    # folds (COCO's 1K protocol: {en: 5, ja: 5} on the 5K test sets)
+    test_folds: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +80,11 @@ class FinetuneConfig(PretrainConfig):
         t.test_languages = validate_languages(t.test_languages, known=None)
         if t.k_test is not None and t.k_test < 1:
             raise ConfigError(f"task.k_test must be >= 1 or null, got {t.k_test}")
+        for lang, n in t.test_folds.items():
+            if lang not in t.test_languages:
+                raise ConfigError(f"task.test_folds has {lang!r}, not among task.test_languages")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+                raise ConfigError(f"task.test_folds.{lang} must be a whole number >= 2, got {n!r}")
         self.data.languages = t.train_languages
         self.data.image_keys = True
         for key in ("test", "translate_test"):
@@ -241,7 +249,7 @@ def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, res
             shutil.rmtree(local)
             log.info("best validation r_mean %.2f at step %d: saved to %s", best["score"], best["step"], out / "model")
         tests = evaluate_test_sets(cfg.data.test, out / "model", out / "test", cfg.task.test_languages,
-                                   cfg.task.k_test, dataset=task)
+                                   cfg.task.k_test, dataset=task, folds=cfg.task.test_folds)
         tests.update(evaluate_test_sets(cfg.data.translate_test, out / "model", out / "test", cfg.task.test_languages,
                                         cfg.task.k_test, dataset=task, name="translate_test"))
     report = {"task": dataclasses.asdict(cfg.task), "train": metrics, "best": best, "test": tests,

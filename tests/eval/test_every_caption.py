@@ -127,3 +127,57 @@ def test_one_caption_per_image_is_the_usual_protocol():
         assert ranks.languages[lang].metrics() == retrieval_metrics(s, np.arange(20))
     again = RankSet.from_matrices(*ranks.matrices(), ["en", "de"])
     assert report_from_ranks(again)["languages"] == report_from_ranks(ranks)["languages"]
+
+
+def test_a_fold_is_ranked_as_a_gallery_of_its_own_and_folds_average():
+    from ccrk_ray.eval.report import average_reports
+    from ccrk_ray.eval.retrieval import SubsetRescorer
+
+    img, caps = multi_caption_gallery(n=40, seed=6)
+    rng = np.random.default_rng(3)
+    itm = np.round(rng.normal(size=(len(caps.owner), len(img))), 1)
+
+    def rescore(direction, queries, cand):
+        return itm[queries[:, None], cand] if direction == "t2i" else itm[cand, queries[:, None]]
+
+    folds = np.array_split(np.arange(len(img)), 2)
+    reports = []
+    for images in folds:
+        sub, index = caps.subset(images)
+        assert np.array_equal(index, np.flatnonzero(np.isin(caps.owner, images)))
+        np.testing.assert_array_equal(images[sub.owner], caps.owner[index])
+        got = rank_sharded(img[images], sub, k_test=3, rescore=SubsetRescorer(rescore, images, index))
+        # the same as a split made of this fold alone, with its own slice of the ITM table
+        alone = rank_sharded(img[images], Captions(sub.emb, sub.owner, sub.offsets, sub.languages), k_test=3,
+                             rescore=lambda d, q, c, t=itm[np.ix_(index, images)]:
+                             t[q[:, None], c] if d == "t2i" else t[c, q[:, None]])
+        assert_ranks_equal(got, {lang: (r.t2i, r.i2t, r.own) for lang, r in alone.languages.items()})
+        reports.append(report_from_ranks(got))
+    avg = average_reports(reports)
+    for lang in caps.languages:
+        for d in ("t2i", "i2t"):
+            assert avg["languages"][lang][d]["R@5"] == pytest.approx(
+                np.mean([r["languages"][lang][d]["R@5"] for r in reports]))
+        assert avg["languages"][lang]["t2i"]["num_queries"] == sum(r["languages"][lang]["t2i"]["num_queries"]
+                                                                    for r in reports)
+        assert avg["num_captions"][lang] == len(caps.owner[caps.language(caps.languages.index(lang))])
+    assert avg["mrv"]["t2i"] == pytest.approx(np.mean([r["mrv"]["t2i"] for r in reports]))
+    assert avg["num_images"] == 40
+
+
+def test_folds_follow_the_split_row_order_not_the_id_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ccrk_ray.eval.evaluate import fold_images
+
+    order = [f"img{i:02d}" for i in np.random.default_rng(0).permutation(10)]      # annotation order
+    (tmp_path / "s").mkdir()
+    for n, rows in enumerate((order[:6], order[6:])):
+        pq.write_table(pa.table({"image_id": rows}), tmp_path / "s" / f"part-{n:05d}.parquet")
+    ids = np.array(sorted(order[:9]), dtype=object)
+    folds = fold_images(str(tmp_path / "s"), ids, 2)
+    assert [sorted(ids[f]) for f in folds] == [sorted(order[:5]), sorted(order[5:9])]
+    folds = fold_images(str(tmp_path / "s"), ids, 3)                  # 3 + 3 + the last 4 (one not evaluated)
+    assert [sorted(ids[f]) for f in folds] == [sorted(order[:3]), sorted(order[3:6]), sorted(order[6:9])]
+    assert all((np.diff(f) > 0).all() for f in folds)
