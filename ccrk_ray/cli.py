@@ -27,6 +27,7 @@ COMMANDS = {
     "compare": "one_to_k vs one_to_one vs cross_lingual on the same data and budget; recall and MRV side by side",
     "pretrain": "1-to-K pre-training on Ray Train from a YAML config",
     "finetune": "fine-tune a checkpoint on a retrieval task; best on validation, tested per language with MRV",
+    "paper-tables": "the paper's xFlickr&CO tables from a pre-trained checkpoint: zero-shot, few-shot per language, MRV",
     "tune": "Ray Tune sweep of a task's fine-tuning hyperparameters; results table, best config and model",
     "evaluate": "per-language recall and MRV of a saved model on a parquet split",
     "convert": "convert a real data set into ccrk-ray parquet shards",

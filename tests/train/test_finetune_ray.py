@@ -140,9 +140,25 @@ def test_mscoco_several_captions_per_image_and_test_sets_per_language(ray_local,
     report = run_finetune("mscoco", cfg, base_model)
     check_report(tmp_path / "out", {"test_en": ["en"], "test_ja": ["ja"]}, None)
     assert report["test"]["test_ja"]["num_images"] == 12
+    # caption-level epochs (the config's data.caption_passes 5): every train row five times
+    assert report["train"]["step"] == 5 * 48 // 8
+    # en and ja also as the mean of five folds (the paper's 1K protocol), the reference's fold sizes
+    for name, sizes in (("test_en", [4, 4, 4, 4, 4]), ("test_ja", [2, 2, 2, 2, 4])):
+        folds = report["test"][name]["folds"]
+        assert folds["count"] == 5 and folds["sizes"] == sizes and folds["num_images"] == sum(sizes)
+        whole, mean = report["test"][name]["languages"][name[-2:]], folds["languages"][name[-2:]]
+        assert mean["t2i"]["num_queries"] == whole["t2i"]["num_queries"]         # every caption, in its fold
+        assert mean["t2i"]["chance@1"] == pytest.approx(np.mean([100 / n for n in sizes]))   # galleries of a fold
 
 
-def test_xflickrco_zero_shot_then_few_shot_from_its_checkpoint(ray_local, base_model, rows, tmp_path):
+def test_paper_tables_xflickrco_zero_shot_few_shot_and_mrv_from_one_checkpoint(ray_local, base_model, rows,
+                                                                                 tmp_path):
+    """``ccrk paper-tables``: English fine-tune (zero-shot in 8 languages, translate-test), then de and
+    ja few-shot from its model, then MRV with en from the English model and de/ja from theirs."""
+    from ccrk_ray.eval.ranks import load_ranks
+    from ccrk_ray.metrics import mean_rank_variance
+    from ccrk_ray.tasks.paper import run_paper_tables
+
     root, r = rows
     langs = ("de", "en", "es", "id", "ja", "ru", "tr", "zh")
     data = task_data.iglue(root, {"train": (r["train"], ("en",)), "valid": (r["val"], ("en",)),
@@ -150,22 +166,44 @@ def test_xflickrco_zero_shot_then_few_shot_from_its_checkpoint(ray_local, base_m
     # translate-test: the test images with each language's captions "machine-translated" (here: de and
     # ja only, like the real files lacking en); reported beside the test set in those languages
     gmt = task_data.iglue(root, {"test_gmt": (r["test"], ("de", "ja"))}, folder="gmt")
-    zero = user_config(tmp_path, tmp_path / "zero", {"train": str(data["train"]), "val": str(data["valid"]),
-                                                     "test": str(data["test"]),
-                                                     "translate_test": str(gmt["test_gmt"])},
-                       task={"k_test": 3}, epochs=1)
-    run_finetune("xflickrco", zero, base_model)
-    check_report(tmp_path / "zero", {"test": list(langs), "translate_test": ["de", "ja"]}, 3)
-
-    few = task_data.iglue(root, {"train_10": (r["val"], ("de",)), "dev_de": (r["test2"], ("de",))}, folder="fewshot")
-    (tmp_path / "few").mkdir()
-    cfg = user_config(tmp_path / "few", tmp_path / "few_out",
-                      {"train": str(few["train_10"]), "val": str(few["dev_de"]), "test": str(data["test"])},
-                      task={"train_languages": ["de"], "val_languages": ["de"], "test_languages": ["de"], "k_test": 3},
-                      epochs=1)
-    report = run_finetune("xflickrco_fewshot", cfg, tmp_path / "zero" / "model")
-    check_report(tmp_path / "few_out", {"test": ["de"]}, 3)
-    assert report["train"]["step"] == 16 // 8
+    few = task_data.iglue(root, {"train_10": (r["val"], ("de", "ja")), "dev": (r["test2"], ("de", "ja"))},
+                          folder="fewshot")
+    zero = yaml.safe_load(user_config(tmp_path, tmp_path / "unused", {
+        "train": str(data["train"]), "val": str(data["valid"]), "test": str(data["test"]),
+        "translate_test": str(gmt["test_gmt"])}, task={"k_test": 3}, epochs=1).read_text())
+    few_config = yaml.safe_load(user_config(tmp_path, tmp_path / "unused", {}, task={"k_test": 3}, epochs=1)
+                                .read_text())
+    cfg = tmp_path / "paper.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "paper"), "zero_shot": {k: v for k, v in zero.items() if k != "output_dir"},
+        "few_shot": {"languages": ["de", "ja"], "shots": 10,
+                     "data": {lang: {"train": str(few["train_10"]), "val": str(few["dev"])} for lang in ("de", "ja")},
+                     "config": {k: v for k, v in few_config.items() if k != "output_dir"}},
+        "mrv_languages": ["en", "de", "ja"]}))
+    tables = run_paper_tables(cfg, base_model)
+    out = tmp_path / "paper"
+    check_report(out / "zero_shot", {"test": list(langs), "translate_test": ["de", "ja"]}, 3)
+    for lang in ("de", "ja"):
+        report = check_report(out / "few_shot" / lang, {"test": [lang]}, 3)
+        assert report["train"]["step"] == 16 // 8 and report["task"]["train_languages"] == [lang]
+        assert tables["recall_at_1"]["few_shot_10"][lang]["t2i"] == report["test"]["test"]["languages"][lang]["t2i"]["R@1"]
+    zero_report = json.loads((out / "zero_shot" / "report.json").read_text())
+    row = tables["recall_at_1"]["zero_shot"]
+    assert row["avg"]["i2t"] == pytest.approx(np.mean([zero_report["test"]["test"]["languages"][lang]["i2t"]["R@1"]
+                                                       for lang in langs if lang != "en"]))
+    assert set(tables["recall_at_1"]["translate_test"]) == {"de", "ja", "avg"}
+    # MRV: en from the English model's ranks, de and ja from each few-shot model's
+    cols = [load_ranks(out / "zero_shot" / "test" / "test" / "ranks.parquet", ["en"])]
+    cols += [load_ranks(out / "few_shot" / lang / "test" / "test" / "ranks.parquet", [lang]) for lang in ("de", "ja")]
+    assert all(list(c[0]) == list(cols[0][0]) for c in cols)
+    for j, d in enumerate(("t2i", "i2t")):
+        assert tables["mrv"]["mrv"][d] == pytest.approx(mean_rank_variance(np.hstack([c[2 + j] for c in cols])))
+    text = (out / "paper_tables.md").read_text()
+    assert "| few_shot_10 | IR |" in text and "MRV over en, de, ja (20 test images" in text
+    # submitted again: every run is found done, the same tables
+    t0 = json.loads((out / "paper_tables.json").read_text())
+    again = run_paper_tables(cfg, base_model)
+    assert again["recall_at_1"] == t0["recall_at_1"] and again["mrv"] == t0["mrv"] and again["seconds"] < 30
 
 
 def test_wit_per_language_test_sets(ray_local, base_model, rows, tmp_path):
