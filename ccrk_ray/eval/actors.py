@@ -17,19 +17,25 @@ import ray.data
 from ccrk_ray.core.log import bars_enabled, get_logger, progress
 from ccrk_ray.eval.ranks import RankSet
 from ccrk_ray.eval.retrieval import (Captions, Embedder, LanguageView, ShardRanks, Task, check_inputs, check_tasks,
-                                     merge_tasks, plan_tasks, rank_task, true_scores)
+                                     itm_scores, merge_tasks, plan_tasks, rank_task, true_scores)
 
 
 log = get_logger(__name__)
 
 
+SMALL_COLUMNS = ("image_id", "image_emb", "text_emb", "caption_language")
+ITM_COLUMNS = ("image_tokens", "text_hidden", "text_mask")
+
+
 def embed_dataset(ds: "ray.data.Dataset", model_dir, languages: Sequence[str], *, num_actors: int = 1,
                   batch_size: int = 128, cpus_per_actor: float = 1.0, total: int | None = None,
-                  precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, Captions]:
+                  precision: str = "fp32", itm_features: bool = False):
     """(image_ids, image_emb N×d, every caption as ``Captions``) for a dataset of eval batches
     (``ccrk_ray.data.ingest.eval_dataset``), in id order; ``total`` images, when known, for the
     progress bar. On a cluster with GPUs each embedding actor reserves one (at most one actor per
-    GPU) and computes on it; else on CPUs."""
+    GPU) and computes on it; else on CPUs. ``itm_features``: a fourth value, the ``ItmFeatures``
+    of the split (what two-stage re-scoring fuses), left in the object store: this process only
+    holds the embeddings."""
     # a saved model goes as its path; an OpenClipSpec as itself (not imported here: the eval actors
     # import this module to rank, with numpy alone)
     model = str(model_dir) if isinstance(model_dir, (str, Path)) else model_dir
@@ -37,14 +43,23 @@ def embed_dataset(ds: "ray.data.Dataset", model_dir, languages: Sequence[str], *
     if gpus:
         num_actors = min(num_actors, gpus)
     out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(model_dir=model, threads=int(cpus_per_actor) or 1,
-                                                              device="cuda" if gpus else "cpu", precision=precision),
+                                                              device="cuda" if gpus else "cpu", precision=precision,
+                                                              itm_features=itm_features),
                          batch_size=batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
                          num_cpus=cpus_per_actor, num_gpus=1 if gpus else 0)
     t0 = time.perf_counter()
-    ids, img, txt, slots = [], [], [], []
+    ids, img, txt, slots, refs = [], [], [], [], []
     bar = progress(total=total, desc="embedding", unit="image", disable=not bars_enabled())
-    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+    if itm_features:
+        # the blocks stay in the object store (pinned by the materialized dataset, owned here);
+        # only their small columns come into this process, one block at a time
+        blocks = out.materialize()
+        refs = blocks.to_arrow_refs()
+        batches = (_columns(ray.get(ref), SMALL_COLUMNS) for ref in refs)
+    else:
+        batches = out.iter_batches(batch_size=None, batch_format="numpy")
+    for batch in batches:
         bar.update(len(batch["image_id"]))
         ids.append(batch["image_id"])
         img.append(batch["image_emb"])
@@ -58,8 +73,99 @@ def embed_dataset(ds: "ray.data.Dataset", model_dir, languages: Sequence[str], *
     log.info("embedded %d images on %d %s actor(s) in %.1f s (%.1f images/s, %s)", len(ids_arr), num_actors,
              "GPU" if gpus else "CPU", seconds, len(ids_arr) / max(seconds, 1e-9), precision)
     order = np.argsort(ids_arr, kind="stable")
-    captions = Captions.from_slots(np.concatenate(txt)[order], np.concatenate(slots)[order], languages)
-    return ids_arr[order], np.concatenate(img)[order], captions
+    slot_language = np.concatenate(slots)[order]
+    captions = Captions.from_slots(np.concatenate(txt)[order], slot_language, languages)
+    if not itm_features:
+        return ids_arr[order], np.concatenate(img)[order], captions
+    block_of = np.concatenate([np.full(len(b), j) for j, b in enumerate(ids)])[order]
+    row_of = np.concatenate([np.arange(len(b)) for b in ids])[order]
+    slot_of = np.concatenate([np.nonzero(slot_language == j)[1] for j in range(len(languages))])
+    features = ItmFeatures(refs, block_of, row_of, captions.owner, slot_of, _keep=blocks)
+    return ids_arr[order], np.concatenate(img)[order], captions, features
+
+
+def _columns(table, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Columns of an Arrow block as numpy (tensor columns zero-copy where Arrow allows)."""
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(table).to_numpy(list(names))
+
+
+class ItmFeatures:
+    """Where a split's ITM features are: embedding blocks in the object store (``refs``), image i at
+    row ``image_row[i]`` of block ``image_block[i]``, caption c in slot ``caption_slot[c]`` of its
+    image ``caption_image[c]``. Travels to eval actors as refs; each actor maps the blocks it
+    needs (zero-copy from the node's object store). ``_keep`` pins the blocks in the driver."""
+
+    def __init__(self, refs, image_block, image_row, caption_image, caption_slot, _keep=None):
+        self.refs, self.image_block, self.image_row = list(refs), np.asarray(image_block), np.asarray(image_row)
+        self.caption_image, self.caption_slot = np.asarray(caption_image), np.asarray(caption_slot)
+        self._keep = _keep
+        self._blocks: dict[int, dict[str, np.ndarray]] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__, _blocks={})
+        state["_keep"] = None           # the pin stays with the driver
+        return state
+
+    def _block(self, b: int) -> dict[str, np.ndarray]:
+        if b not in self._blocks:
+            self._blocks[b] = _columns(ray.get(self.refs[b]), ITM_COLUMNS)
+        return self._blocks[b]
+
+    def images(self, idx: np.ndarray) -> np.ndarray:
+        """image_tokens of images ``idx`` (P×T×h)."""
+        return self._gather(self.image_block[idx], self.image_row[idx], "image_tokens")
+
+    def texts(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(text_hidden P×L×h, text_mask P×L) of captions ``idx``."""
+        img = self.caption_image[idx]
+        blocks, rows, slots = self.image_block[img], self.image_row[img], self.caption_slot[idx]
+        return (self._gather(blocks, rows, "text_hidden", slots), self._gather(blocks, rows, "text_mask", slots))
+
+    def _gather(self, blocks: np.ndarray, rows: np.ndarray, name: str, slots: np.ndarray | None = None) -> np.ndarray:
+        out = None
+        for b in np.unique(blocks):
+            sel = np.flatnonzero(blocks == b)
+            col = self._block(int(b))[name]
+            part = col[rows[sel]] if slots is None else col[rows[sel], slots[sel]]
+            if out is None:
+                out = np.empty((len(blocks), *part.shape[1:]), dtype=part.dtype)
+            out[sel] = part
+        return out
+
+
+class BlockRescorer:
+    """Two-stage re-scorer reading the ITM features from the embedding blocks (``ItmFeatures``):
+    the ITM head's "match" logit of (query, candidate) pairs, ``batch_size`` pairs at a time. The
+    model (a saved model's path) loads on first use, in the eval actor."""
+
+    def __init__(self, model_dir: str, features: ItmFeatures, batch_size: int = 256):
+        self.model_dir, self.features, self.batch_size = str(model_dir), features, batch_size
+        self.model = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, model=None)
+
+    def __call__(self, direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        import torch
+
+        from ccrk_ray.model import CCRKModel
+
+        if self.model is None:
+            self.model = CCRKModel.from_pretrained(self.model_dir).eval()
+        q = np.repeat(queries, candidates.shape[1])
+        c = candidates.ravel()
+        image_idx, text_idx = (c, q) if direction == "t2i" else (q, c)
+        out = np.empty(len(q), dtype=np.float64)
+        step = self.batch_size * 16            # pairs gathered at once (bounded memory)
+        for s in range(0, len(q), step):
+            tokens = self.features.images(image_idx[s:s + step])
+            hidden, mask = self.features.texts(text_idx[s:s + step])
+            n = len(tokens)
+            out[s:s + n] = itm_scores(self.model, torch.as_tensor(tokens), torch.as_tensor(hidden),
+                                      torch.as_tensor(mask), np.arange(n), np.arange(n), batch_size=self.batch_size)
+        return out.reshape(candidates.shape)
 
 
 class RankActor:

@@ -8,8 +8,9 @@ image→text query over all of them. Embedding runs on Ray Data actors
 take ranges of one language's queries and score them against its whole gallery in chunks
 (``rank_on_actors``), so no process holds a score matrix. Two-stage (``--k-test K`` without
 ``--itc-only``): each query's top K by ITC are re-scored with the ITM head on the same actors; the
-split (local or ``s3://``) is then encoded in the driver (token and hidden states for the ITM
-head), which suits test sets of a few thousand images.
+ITM features (image tokens, caption hidden states) stay in the object store as the embedding
+actors wrote them (``ItmFeatures``), and the eval actors read the ones each pair needs: the driver
+holds only the embeddings, for local and ``s3://`` splits alike.
 
 Writes into ``--out``: ``report.json``, ``report.md``, PNG plots (``ccrk_ray.eval.plots``),
 ``clip_benchmark/<dataset>_<pretrained>_<model>_<lang>_zeroshot_retrieval.json`` (CLIP_benchmark's
@@ -39,15 +40,14 @@ from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data import schema
 from ccrk_ray.data.ingest import eval_dataset
 from ccrk_ray.data.tokenizer import CaptionTokenizer
-from ccrk_ray.data.transforms import ImageTransform, caption_slots, load_split
-from ccrk_ray.eval.actors import embed_dataset, rank_on_actors
+from ccrk_ray.data.transforms import ImageTransform, caption_slots
+from ccrk_ray.eval.actors import BlockRescorer, embed_dataset, rank_on_actors
 from ccrk_ray.eval.plots import log_tensorboard, make_figures, write_plots
 from ccrk_ray.eval.ranks import RankSet
 from ccrk_ray.eval.ranks import save_ranks as write_ranks
 from ccrk_ray.eval.report import (DIRECTIONS, average_reports, clip_benchmark_filename, clip_benchmark_results,
                                   format_table, language_rank_correlation, report_from_ranks)
-from ccrk_ray.eval.retrieval import PRECISIONS, Captions, ItmRescorer, SubsetRescorer, encode_split
-from ccrk_ray.model import CCRKModel
+from ccrk_ray.eval.retrieval import PRECISIONS, SubsetRescorer
 from ccrk_ray.model.openclip import PREFIX, OpenClipModel, OpenClipSpec, OpenClipTokenizer, is_openclip
 from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
 
@@ -159,20 +159,15 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     if folds is not None and folds > total:
         raise ConfigError(f"--folds {folds} is more than the {total} rows of {data}")
     rescore = None
-    if two_stage:
-        model = CCRKModel.from_pretrained(subject.path)
-        split = load_split(data, langs, subject.tokenizer, subject.image_transform, on_bad_row="skip")
-        log.info("encoding %d images and %d captions for two-stage ranking (ITC top %d re-ranked by ITM)",
-                 len(split["pixel_values"]), len(split["owner"]), k_test)
-        feats = encode_split(model, split)
-        ids, image_emb, captions = split["image_id"], feats["image_emb"], feats["captions"]
-        rescore = ItmRescorer(str(subject.path), feats["image_tokens"], feats["text_hidden"], feats["text_mask"])
     with ray_session(evaluate_cpus(actors)):
-        if not two_stage:
-            ids, image_emb, captions = embed_split(data, subject.model, langs, subject.tokenizer,
-                                                   subject.image_transform.image_size, actors=actors,
-                                                   image_transform=subject.image_transform, batch_size=batch_size,
-                                                   precision=precision)
+        embedded = embed_split(data, subject.model, langs, subject.tokenizer, subject.image_transform.image_size,
+                               actors=actors, image_transform=subject.image_transform, batch_size=batch_size,
+                               precision=precision, itm_features=two_stage)
+        ids, image_emb, captions = embedded[:3]
+        if two_stage:
+            log.info("two-stage ranking of %d images and %d captions: ITC top %d re-ranked by ITM on the eval "
+                     "actors", len(ids), len(captions.owner), k_test)
+            rescore = BlockRescorer(str(subject.path), embedded[3])
         kwargs = dict(k_test=k_test, rescore=rescore) if two_stage else {}
         ranks = _rank(data, image_emb, captions, actors, **kwargs)
         fold_reports = []
@@ -275,9 +270,10 @@ def rank_split_itc(data: str, model_dir, languages: Sequence[str], tokenizer, im
 
 def embed_split(data: str, model_dir, languages: Sequence[str], tokenizer, image_size: int, *,
                 actors: int = 1, image_transform: ImageTransform | None = None, batch_size: int = 128,
-                precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, Captions]:
+                precision: str = "fp32", itm_features: bool = False) -> tuple:
     """(image ids, image embeddings, every caption) of a model on a parquet split, embedded on Ray
-    actors (``embed_dataset``). Ray must be running."""
+    actors (``embed_dataset``), and with ``itm_features`` the ``ItmFeatures`` left in the object
+    store for two-stage re-scoring. Ray must be running."""
     slots, per_language = caption_slots(data, languages)
     empty = [lang for lang, n in per_language.items() if n == 0]
     if empty:
@@ -285,7 +281,7 @@ def embed_split(data: str, model_dir, languages: Sequence[str], tokenizer, image
     ds = eval_dataset(data, languages=languages, tokenizer=tokenizer, slots=slots, batch_size=batch_size,
                       image_transform=image_transform or ImageTransform(image_size, train=False))
     return embed_dataset(ds, model_dir, languages, num_actors=actors, total=storage.count_rows(data),
-                         batch_size=batch_size, precision=precision)
+                         batch_size=batch_size, precision=precision, itm_features=itm_features)
 
 
 def _rank(data: str, image_emb, captions, actors: int, **kwargs) -> RankSet:

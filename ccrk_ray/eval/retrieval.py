@@ -47,9 +47,12 @@ class Embedder:
     ``image_emb`` N×d and ``text_emb`` N×S×d (float32, zeros in empty slots; computed under
     autocast for a ``precision`` other than fp32). Only real captions are encoded."""
 
-    def __init__(self, model_dir, threads: int | None = None, device: str | None = None, precision: str = "fp32"):
+    def __init__(self, model_dir, threads: int | None = None, device: str | None = None, precision: str = "fp32",
+                 itm_features: bool = False):
         """``model_dir``: a saved model (directory or training checkpoint) or an ``OpenClipSpec``;
-        ``device`` None: CUDA when this process sees a GPU (a GPU actor sees only its own)."""
+        ``device`` None: CUDA when this process sees a GPU (a GPU actor sees only its own).
+        ``itm_features``: also ``image_tokens`` N×T×h, ``text_hidden`` N×S×L×h and ``text_mask``
+        N×S×L (float32, zeros in empty slots), what a two-stage re-scorer fuses."""
         import torch
 
         from ccrk_ray.model.openclip import load_encoders
@@ -60,6 +63,7 @@ class Embedder:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_encoders(model_dir).to(self.device)
+        self.itm_features = itm_features
         dtype = PRECISIONS[precision]
         self.autocast = torch.autocast(self.device.type, dtype=getattr(torch, dtype or "float32"),
                                        enabled=dtype is not None)
@@ -75,14 +79,28 @@ class Embedder:
         real = (slot_lang >= 0).ravel()
         ids = torch.as_tensor(ids.reshape(n * k, length)[real], device=self.device)
         mask = torch.as_tensor(np.asarray(batch["attention_mask"]).reshape(n * k, length)[real], device=self.device)
+        pixels = torch.as_tensor(np.array(batch["pixel_values"]), device=self.device)
+        extra = {}
         with self.autocast:
-            img = self.model.encode_image(torch.as_tensor(np.array(batch["pixel_values"]), device=self.device))
-            txt = self.model.encode_text(ids, mask) if len(ids) else None
+            if self.itm_features:
+                tokens = self.model.image_tokens(pixels)
+                img = self.model.image_feature(tokens)
+                hidden = self.model.text_hidden(ids, mask) if len(ids) else None
+                txt = self.model.text_feature(hidden) if hidden is not None else None
+                width = hidden.shape[-1] if hidden is not None else self.model.text.config.hidden_size
+                all_hidden = np.zeros((n * k, length, width), dtype=np.float32)
+                if hidden is not None:
+                    all_hidden[real] = hidden.float().cpu().numpy()
+                extra = {"image_tokens": tokens.float().cpu().numpy(), "text_hidden": all_hidden.reshape(n, k, length, -1),
+                         "text_mask": np.asarray(batch["attention_mask"])}
+            else:
+                img = self.model.encode_image(pixels)
+                txt = self.model.encode_text(ids, mask) if len(ids) else None
         text_emb = np.zeros((n * k, img.shape[-1]), dtype=np.float32)
         if txt is not None:
             text_emb[real] = txt.float().cpu().numpy()
         out = {"image_id": np.asarray(batch["image_id"], dtype=object), "image_emb": img.float().cpu().numpy(),
-               "text_emb": text_emb.reshape(n, k, -1)}
+               "text_emb": text_emb.reshape(n, k, -1), **extra}
         if "caption_language" in batch:
             out["caption_language"] = slot_lang
         return out
