@@ -93,7 +93,9 @@ def add_arguments(convert: argparse.ArgumentParser) -> None:
 
     p = fmt.add_parser("multi30k", help="Multi30K aligned caption files + image list + image folder(s)")
     p.add_argument("--captions", action="append", type=_lang_file_arg, default=[], metavar="LANG=FILE",
-                   help="caption file of one language, e.g. pt=framed-multi30k-pt/.../val.pt.gz (repeatable)")
+                   help="caption file of one language, e.g. pt=framed-multi30k-pt/.../val.pt.gz (repeatable; a "
+                        "language given again adds a caption per image: task2's en=raw/test_2016.1.en.gz ... "
+                        "en=raw/test_2016.5.en.gz)")
     p.add_argument("--image-list", default=None, metavar="FILE", help="image_splits/{split}.txt")
     p.add_argument("--task1", default=None, metavar="DIR",
                    help="multi30k data/task1 folder: reads raw/{--name}.{lang}.gz and image_splits/{--name}.txt")
@@ -155,18 +157,16 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError("iglue needs --ann LANG=FILE or --ann-dir DIR --languages ...")
         result = convert_iglue(ann, args.images, args.out, **opts)
     elif fmt == "multi30k":
-        captions: dict[str, str | Path] = {}
+        captions: dict[str, list[str | Path]] = {}
         image_list = args.image_list
         if args.task1 is not None:
             if not args.name or not args.languages:
                 raise ConfigError("multi30k --task1 needs --name (e.g. val) and --languages")
             caps, listed = multi30k_files(args.task1, args.name, args.languages)
-            captions.update(caps)
+            captions.update({lang: [path] for lang, path in caps.items()})
             image_list = image_list or listed
         for lang, path in args.captions:
-            if lang in captions:
-                raise ConfigError(f"multi30k: language {lang} given twice")
-            captions[lang] = path
+            captions.setdefault(lang, []).append(path)
         if not captions or image_list is None:
             raise ConfigError("multi30k needs --captions LANG=FILE ... and --image-list FILE "
                               "(or --task1 DIR --name SPLIT --languages ...)")

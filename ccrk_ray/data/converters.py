@@ -667,11 +667,13 @@ def multi30k_files(task1_dir: str | os.PathLike, split: str, languages: Sequence
     return captions, image_list
 
 
-def convert_multi30k(captions: Mapping[str, str | os.PathLike], image_list: str | os.PathLike,
+def convert_multi30k(captions: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]],
+                     image_list: str | os.PathLike,
                      image_root: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                      **writer_opts) -> ConvertResult:
-    """Multi30K task1 → shards. ``captions``: language → one text file (``.gz`` or plain; e.g.
-    ``raw/val.en.gz`` and framed-multi30k's ``raw/val.pt.gz``); ``image_list``: the split's
+    """Multi30K → shards. ``captions``: language → one text file (``.gz`` or plain; task1's
+    ``raw/val.en.gz``, framed-multi30k's ``raw/val.pt.gz``) or several aligned files, one caption of
+    each image in each (task2's ``raw/test_2016.{1..5}.en.gz``: 5 captions); ``image_list``: the split's
     ``image_splits/{split}.txt``. Line i of every file belongs to image i; all files must have as
     many lines as the image list (ConfigError naming the file and both counts, before anything is
     written). Lines are taken as bytes minus the line ending and decoded as UTF-8 (bad bytes →
@@ -681,28 +683,36 @@ def convert_multi30k(captions: Mapping[str, str | os.PathLike], image_list: str 
     if not isinstance(captions, Mapping) or not captions:
         raise ConfigError(f"multi30k captions: expected a mapping language -> file, got {captions!r}")
     langs = _check_languages(list(captions), "multi30k captions")
-    files = {lang: _existing_file(captions[lang], f"multi30k caption file ({lang})") for lang in langs}
+    files = {lang: [_existing_file(p, f"multi30k caption file ({lang})")
+                    for p in ([captions[lang]] if isinstance(captions[lang], (str, os.PathLike)) else captions[lang])]
+             for lang in langs}
     names_path = _existing_file(image_list, "multi30k image list")
     roots = _existing_dirs(image_root, "image folder")
     n = _count_lines(names_path)
-    for lang, path in files.items():
-        k = _count_lines(path)
-        if k != n:
-            raise ConfigError(f"multi30k caption file {path} ({lang}) has {k} lines but the image list "
-                              f"{names_path} has {n}: the files must align line by line")
-    args = {"captions": {lang: str(p) for lang, p in files.items()}, "image_list": str(names_path),
-            "image_root": [str(r) for r in roots], "input_files": _fingerprint([names_path, *files.values()])}
+    for lang, paths in files.items():
+        for path in paths:
+            k = _count_lines(path)
+            if k != n:
+                raise ConfigError(f"multi30k caption file {path} ({lang}) has {k} lines but the image list "
+                                  f"{names_path} has {n}: the files must align line by line")
+    flat = [(lang, p) for lang, paths in files.items() for p in paths]
+    args = {"captions": {lang: [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
+                         for lang, paths in files.items()},
+            "image_list": str(names_path), "image_root": [str(r) for r in roots],
+            "input_files": _fingerprint([names_path, *(p for _, p in flat)])}
     with _writer(out_dir, langs, "multi30k", args, writer_opts) as w:
         if w.already_done:
             return w.result
-        handles = [_open_binary(names_path)] + [_open_binary(files[lang]) for lang in langs]
+        handles = [_open_binary(names_path)] + [_open_binary(p) for _, p in flat]
         try:
             for i, lines in _progress(enumerate(zip(*handles)), n, "multi30k"):
                 name = _strip_newline(lines[0]).decode("utf-8", "replace").strip()
                 file_name = name.split("#", 1)[0]
                 iid = Path(file_name).stem if file_name else f"{names_path.name}:{i + 1}"
                 found = _find_image(roots, file_name) if file_name else None
-                caps = {lang: [_strip_newline(line)] for lang, line in zip(langs, lines[1:])}
+                caps: dict[str, list[bytes]] = {}
+                for (lang, _), line in zip(flat, lines[1:]):
+                    caps.setdefault(lang, []).append(_strip_newline(line))
                 w.write(iid, found.read_bytes() if found else None, caps)
         finally:
             for h in handles:
