@@ -338,14 +338,17 @@ def vicreg_terms(image_feat: torch.Tensor, text_feat: torch.Tensor) -> dict[str,
 # ---------------------------------------------------------------------------------------------
 
 def triplet_ranking_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, margin: float = 0.2,
-                         hardest: bool = True) -> torch.Tensor:
+                         hardest: bool = True, reduction: str = "mean") -> torch.Tensor:
     """Bidirectional hinge triplet loss on paired N×d features (image i ↔ text i).
 
     S = image_feat @ text_featᵀ (cosine when the caller L2-normalises). For i ≠ j:
     c_i2t[i, j] = relu(margin + S[i, j] − S[i, i]) and c_t2i[i, j] = relu(margin + S[i, j] − S[j, j]).
     With ``hardest`` (VSE++ max-violation) row i costs max_j c_i2t[i, j] and column j costs
-    max_i c_t2i[i, j]; otherwise the sums. Result = (Σ row costs + Σ column costs) / N.
+    max_i c_t2i[i, j]; otherwise the sums. Result = (Σ row costs + Σ column costs) / N, or
+    ``reduction="sum"`` the sum itself (NRCCR's ``cost_style='sum'``).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if image_feat.dim() != 2 or image_feat.shape != text_feat.shape:
         raise ValueError(f"need paired N×d image and text features, got {tuple(image_feat.shape)} "
                          f"and {tuple(text_feat.shape)}")
@@ -361,7 +364,74 @@ def triplet_ranking_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, marg
         row_cost, col_cost = cost_i2t.max(dim=1).values, cost_t2i.max(dim=0).values
     else:
         row_cost, col_cost = cost_i2t.sum(dim=1), cost_t2i.sum(dim=0)
-    return (row_cost.sum() + col_cost.sum()) / n
+    total = row_cost.sum() + col_cost.sum()
+    return total if reduction == "sum" else total / n
+
+
+# ---------------------------------------------------------------------------------------------
+# NRCCR (ACM MM 2022, LiJiaBei-7/nrccr loss.py / adv.py / model.py forward_loss)
+# ---------------------------------------------------------------------------------------------
+# The full objective, with the reference scripts' weights:
+#   triplet(source, item) + 0.6 triplet(translation, item)
+#   + 0.4 similarity_distillation(cross.detach(), translation, item)
+#   + 0.1 feature_distillation(cross, translation)
+#   + 0.5 triplet(source, back-translation) + 0.001 generator term,
+# every triplet max-violation, margin 0.2, summed over the batch. At these weights the feature
+# term is numerically inert (a SmoothL1 with β 4 of unit-norm features is ~1e-4 against a summed
+# triplet of order 10); it is kept as the reference has it.
+
+NRCCR_WEIGHTS = {"triplet": 1.0, "triplet_translation": 0.6, "similarity_distillation": 0.4,
+                 "feature_distillation": 0.1, "back_translation": 0.5, "adversarial": 0.001}
+
+
+def nrccr_triplet(text_feat: torch.Tensor, item_feat: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """NRCCR's ranking loss: the max-violation triplet of paired features, summed over the batch."""
+    return triplet_ranking_loss(item_feat, text_feat, margin=margin, hardest=True, reduction="sum")
+
+
+def similarity_distillation(target_text: torch.Tensor, text_feat: torch.Tensor, item_feat: torch.Tensor,
+                            temperature: float = 0.07) -> torch.Tensor:
+    """L_sim: the translation's item↔text similarity distributions follow the cross view's.
+
+    Targets p = softmax(item · targetᵀ / τ) (item→text rows) and softmax(target · itemᵀ / τ)
+    (text→item rows), computed from ``target_text`` with stop-gradient; the loss is the cross
+    entropy of the same softmaxes of ``text_feat``, averaged over rows, both directions averaged."""
+    target = target_text.detach()
+    p_i2t = F.softmax(item_feat @ target.t() / temperature, dim=1)
+    p_t2i = F.softmax(target @ item_feat.t() / temperature, dim=1)
+    loss_i2t = -(p_i2t * F.log_softmax(item_feat @ text_feat.t() / temperature, dim=1)).sum(dim=1).mean()
+    loss_t2i = -(p_t2i * F.log_softmax(text_feat @ item_feat.t() / temperature, dim=1)).sum(dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def feature_distillation(target_feat: torch.Tensor, feat: torch.Tensor, beta: float = 4.0) -> torch.Tensor:
+    """SmoothL1 (β 4) between the translation's features and the cross view's, mean over elements;
+    as the reference, both sides get gradients."""
+    return F.smooth_l1_loss(feat.float(), target_feat.float(), beta=beta)
+
+
+def discriminator_logits(discriminator: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """The language discriminator on sentence level: token states B×L×h mean-pooled, then scored."""
+    if states.dim() != 3:
+        raise ValueError(f"token states must be B×L×h, got {tuple(states.shape)}")
+    return discriminator(states.mean(dim=1))
+
+
+def discriminator_loss(discriminator: torch.nn.Module, source_states: torch.Tensor,
+                       translation_states: torch.Tensor) -> torch.Tensor:
+    """The discriminator's step (on detached states): source sentences are "real" (label 1),
+    translations "fake" (0), binary cross-entropy with logits on every output, 0.5·(real + fake)."""
+    real = discriminator_logits(discriminator, source_states.detach())
+    fake = discriminator_logits(discriminator, translation_states.detach())
+    return 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                  + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+
+
+def generator_loss(discriminator: torch.nn.Module, translation_states: torch.Tensor) -> torch.Tensor:
+    """The text encoder's adversarial term: translations scored as "real" (label 1); the caller
+    weights it (0.001) and steps only the encoder with it."""
+    fake = discriminator_logits(discriminator, translation_states)
+    return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
 
 
 def contrastive_with_ids(image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor,
