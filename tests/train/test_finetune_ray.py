@@ -135,13 +135,17 @@ def test_mscoco_several_captions_per_image_and_test_sets_per_language(ray_local,
     root, r = rows
     data = task_data.coco(root, r["train"], r["val"], {"en": r["test"], "ja": r["test2"]})
     cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
-                                                   "test": {"en": str(data["test_en"]), "ja": str(data["test_ja"])}},
+                                                   "test": {"en": str(data["test_en"]), "ja": str(data["test_ja"])},
+                                                   "caption_passes": 2},       # the task's 5, fewer steps here
                       task={"test_languages": ["en", "ja"], "k_test": None}, epochs=1)
+    from ccrk_ray.tasks.finetune import TASK_DIR
+
+    assert yaml.safe_load((TASK_DIR / "mscoco.yaml").read_text())["data"]["caption_passes"] == 5
     report = run_finetune("mscoco", cfg, base_model)
     check_report(tmp_path / "out", {"test_en": ["en"], "test_ja": ["ja"]}, None)
     assert report["test"]["test_ja"]["num_images"] == 12
-    # caption-level epochs (the config's data.caption_passes 5): every train row five times
-    assert report["train"]["step"] == 5 * 48 // 8
+    # caption-level epochs (data.caption_passes): every train row twice, each showing its next caption
+    assert report["train"]["step"] == 2 * 48 // 8
     # en and ja also as the mean of five folds (the paper's 1K protocol), the reference's fold sizes
     for name, sizes in (("test_en", [4, 4, 4, 4, 4]), ("test_ja", [2, 2, 2, 2, 4])):
         folds = report["test"][name]["folds"]
