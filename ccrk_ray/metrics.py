@@ -210,8 +210,10 @@ def retrieval_metrics(scores, owner) -> dict:
 
 
 def _direction(ranks: np.ndarray, m_ap: float) -> dict[str, float]:
-    out = {f"R@{k}": float(100.0 * np.mean(ranks <= k)) for k in RECALL_KS}
-    out.update(MedR=float(np.median(ranks)), MeanR=float(np.mean(ranks)), mAP=m_ap)
+    """One direction's block from 1-based ranks."""
+    zero_based = ranks - 1
+    out = {f"R@{k}": recall_at_k(zero_based, k) for k in RECALL_KS}
+    out.update(MedR=median_rank(zero_based), MeanR=mean_rank(zero_based), mAP=m_ap)
     return out
 
 

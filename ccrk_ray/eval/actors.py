@@ -17,7 +17,7 @@ import ray.data
 from ccrk_ray.core.log import bars_enabled, get_logger, progress
 from ccrk_ray.eval.ranks import RankSet
 from ccrk_ray.eval.retrieval import (Captions, Embedder, LanguageView, ShardRanks, Task, check_inputs, check_tasks,
-                                     itm_scores, merge_tasks, plan_tasks, rank_task, true_scores)
+                                     itm_scores, merge_tasks, pair_indices, plan_tasks, rank_task, true_scores)
 
 
 log = get_logger(__name__)
@@ -154,12 +154,10 @@ class BlockRescorer:
 
         if self.model is None:
             self.model = CCRKModel.from_pretrained(self.model_dir).eval()
-        q = np.repeat(queries, candidates.shape[1])
-        c = candidates.ravel()
-        image_idx, text_idx = (c, q) if direction == "t2i" else (q, c)
-        out = np.empty(len(q), dtype=np.float64)
+        image_idx, text_idx = pair_indices(direction, queries, candidates)
+        out = np.empty(len(image_idx), dtype=np.float64)
         step = self.batch_size * 16            # pairs gathered at once (bounded memory)
-        for s in range(0, len(q), step):
+        for s in range(0, len(image_idx), step):
             tokens = self.features.images(image_idx[s:s + step])
             hidden, mask = self.features.texts(text_idx[s:s + step])
             n = len(tokens)

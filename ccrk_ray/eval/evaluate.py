@@ -162,7 +162,7 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
     with ray_session(evaluate_cpus(actors)):
         embedded = embed_split(data, subject.model, langs, subject.tokenizer, subject.image_transform.image_size,
                                actors=actors, image_transform=subject.image_transform, batch_size=batch_size,
-                               precision=precision, itm_features=two_stage)
+                               precision=precision, itm_features=two_stage, total=total)
         ids, image_emb, captions = embedded[:3]
         if two_stage:
             log.info("two-stage ranking of %d images and %d captions: ITC top %d re-ranked by ITM on the eval "
@@ -270,17 +270,18 @@ def rank_split_itc(data: str, model_dir, languages: Sequence[str], tokenizer, im
 
 def embed_split(data: str, model_dir, languages: Sequence[str], tokenizer, image_size: int, *,
                 actors: int = 1, image_transform: ImageTransform | None = None, batch_size: int = 128,
-                precision: str = "fp32", itm_features: bool = False) -> tuple:
+                precision: str = "fp32", itm_features: bool = False, total: int | None = None) -> tuple:
     """(image ids, image embeddings, every caption) of a model on a parquet split, embedded on Ray
     actors (``embed_dataset``), and with ``itm_features`` the ``ItmFeatures`` left in the object
-    store for two-stage re-scoring. Ray must be running."""
+    store for two-stage re-scoring. ``total``: the split's rows when the caller counted them. Ray
+    must be running."""
     slots, per_language = caption_slots(data, languages)
     empty = [lang for lang, n in per_language.items() if n == 0]
     if empty:
         raise ConfigError(f"{data} has no caption in {', '.join(empty)}")
     ds = eval_dataset(data, languages=languages, tokenizer=tokenizer, slots=slots, batch_size=batch_size,
                       image_transform=image_transform or ImageTransform(image_size, train=False))
-    return embed_dataset(ds, model_dir, languages, num_actors=actors, total=storage.count_rows(data),
+    return embed_dataset(ds, model_dir, languages, num_actors=actors, total=total or storage.count_rows(data),
                          batch_size=batch_size, precision=precision, itm_features=itm_features)
 
 

@@ -678,6 +678,13 @@ class SubsetRescorer:
         return self.rescore(direction, self.images[queries], self.captions[candidates])
 
 
+def pair_indices(direction: str, queries: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image indices, caption indices) of a re-scorer's Q×k (query, candidate) pairs, row-major."""
+    q = np.repeat(queries, candidates.shape[1])
+    c = candidates.ravel()
+    return (c, q) if direction == "t2i" else (q, c)
+
+
 class ItmRescorer:
     """Two-stage re-scorer: the ITM head's "match" logit of (query, candidate) pairs.
 
@@ -702,9 +709,7 @@ class ItmRescorer:
         import torch
 
         model = self._loaded()
-        q = np.repeat(queries, candidates.shape[1])
-        c = candidates.ravel()
-        image_idx, text_idx = (c, q) if direction == "t2i" else (q, c)
+        image_idx, text_idx = pair_indices(direction, queries, candidates)
         return itm_scores(model, torch.as_tensor(self.image_tokens), torch.as_tensor(self.text_hidden),
                           torch.as_tensor(self.text_mask), image_idx, text_idx,
                           batch_size=self.batch_size).reshape(candidates.shape)
