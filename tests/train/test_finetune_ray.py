@@ -155,13 +155,12 @@ def test_mscoco_several_captions_per_image_and_test_sets_per_language(ray_local,
         assert mean["t2i"]["chance@1"] == pytest.approx(np.mean([100 / n for n in sizes]))   # galleries of a fold
 
 
-def test_paper_tables_xflickrco_zero_shot_few_shot_and_mrv_from_one_checkpoint(ray_local, base_model, rows,
-                                                                                 tmp_path):
-    """``ccrk paper-tables``: English fine-tune (zero-shot in 8 languages, translate-test), then de and
-    ja few-shot from its model, then MRV with en from the English model and de/ja from theirs."""
+def test_paper_tables_xflickrco_zero_shot_few_shot_and_mrv_from_one_checkpoint(base_model, rows, tmp_path):
+    """``ccrk paper-tables`` as a user runs it (a subprocess starting its own local cluster): English
+    fine-tune (zero-shot in 8 languages, translate-test), then de and ja few-shot from its model,
+    then MRV with en from the English model and de/ja from theirs."""
     from ccrk_ray.eval.ranks import load_ranks
     from ccrk_ray.metrics import mean_rank_variance
-    from ccrk_ray.tasks.paper import run_paper_tables
 
     root, r = rows
     langs = ("de", "en", "es", "id", "ja", "ru", "tr", "zh")
@@ -185,8 +184,11 @@ def test_paper_tables_xflickrco_zero_shot_few_shot_and_mrv_from_one_checkpoint(r
                      "data": {lang: {"train": str(few["train_10"]), "val": str(few["dev"])} for lang in ("de", "ja")},
                      "config": {k: v for k, v in few_config.items() if k != "output_dir"}},
         "mrv_languages": ["en", "de", "ja"]}))
-    tables = run_paper_tables(cfg, base_model)
+    res = ccrk("paper-tables", "--config", cfg, "--start-from", base_model, timeout=900)
+    assert noise(res) == [], "\n".join(noise(res))
     out = tmp_path / "paper"
+    tables = json.loads((out / "paper_tables.json").read_text())
+    assert res.stdout.endswith((out / "paper_tables.md").read_text())          # the tables, printed last
     check_report(out / "zero_shot", {"test": list(langs), "translate_test": ["de", "ja"]}, 3)
     for lang in ("de", "ja"):
         report = check_report(out / "few_shot" / lang, {"test": [lang]}, 3)
@@ -205,10 +207,13 @@ def test_paper_tables_xflickrco_zero_shot_few_shot_and_mrv_from_one_checkpoint(r
         assert tables["mrv"]["mrv"][d] == pytest.approx(mean_rank_variance(np.hstack([c[2 + j] for c in cols])))
     text = (out / "paper_tables.md").read_text()
     assert "| few_shot_10 | IR |" in text and "MRV over en, de, ja (20 test images" in text
-    # submitted again: every run is found done, the same tables
-    t0 = json.loads((out / "paper_tables.json").read_text())
-    again = run_paper_tables(cfg, base_model)
-    assert again["recall_at_1"] == t0["recall_at_1"] and again["mrv"] == t0["mrv"] and again["seconds"] < 30
+    # submitted again: every run is found done (no report rewritten), the same tables
+    reports = [out / "zero_shot" / "report.json"] + [out / "few_shot" / lang / "report.json" for lang in ("de", "ja")]
+    written = [p.stat().st_mtime_ns for p in reports]
+    assert ccrk("paper-tables", "--config", cfg, "--start-from", base_model, timeout=300).returncode == 0
+    again = json.loads((out / "paper_tables.json").read_text())
+    assert again["recall_at_1"] == tables["recall_at_1"] and again["mrv"] == tables["mrv"]
+    assert [p.stat().st_mtime_ns for p in reports] == written
 
 
 def test_wit_per_language_test_sets(ray_local, base_model, rows, tmp_path):
