@@ -18,6 +18,9 @@ RAY_NOISE = re.compile(r"\bINFO\b|\bWARNING\b|core_worker|worker processes have 
 
 
 def ccrk(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    ray = sys.modules.get("ray")
+    assert "RAY_ADDRESS" in (env or {}) or ray is None or not ray.is_initialized(), \
+        "a fixture cluster runs in the test process: the command would start a second one beside it"
     environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     environ["PYTHONPATH"] = str(REPO)
     environ.update(env or {})

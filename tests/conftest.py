@@ -25,6 +25,17 @@ from tests.ports import free_port
 RAY = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
 
+def pytest_collection_modifyitems(items):
+    """Within a module, tests that use the module's fixture cluster (``ray_local``, alive from its
+    first user to the module's end) run after the others: a ``ccrk`` subprocess starts its own
+    cluster, and two Ray clusters on one machine is not what a user's run has (Ray Train's
+    placement-group cleaner, for one, cannot tell them apart)."""
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.module, i)
+    items.sort(key=lambda item: (first[item.module], "ray_local" in item.fixturenames))
+
+
 @pytest.fixture(autouse=True)
 def package_logger_restored():
     """An in-process ``main()`` sets the package logger up for a person (its own handler, no

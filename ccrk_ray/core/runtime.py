@@ -88,9 +88,27 @@ def without_noise(lines: list[str]) -> list[str]:
     return [line for line in lines if not any(p.search(line) for p in RAY_NOISE)]
 
 
+# Ray Train starts a placement-group cleaner (a detached helper actor) per training run; it finds the
+# State API by looking for raylet processes on its machine, and where another Ray cluster runs there
+# too (a second ccrk command, a `ray start` cluster) it cannot tell which is its own: its monitor
+# thread dies with a 30-line traceback. Nothing of ours depends on it (a local cluster's placement
+# groups end with the command), so the traceback becomes one line of ours.
+CLEANER = "PlacementGroupCleaner"
+CLEANER_LOST = re.compile(r"ConnectionError: Found multiple active Ray instances")
+ANOTHER_CLUSTER = ("another Ray cluster runs on this machine: Ray Train's placement-group cleaner cannot tell "
+                   "which is ours and stops watching (harmless here: this command's cluster ends with it)")
+
+
+def cleaner_lost_its_cluster(data: dict) -> bool:
+    """Whether a batch of worker output is the placement-group cleaner's traceback for a machine
+    with more than one Ray cluster."""
+    return data.get("actor_name") == CLEANER and any(CLEANER_LOST.search(line) for line in data.get("lines") or ())
+
+
 def filter_worker_output() -> bool:
     """Without --verbose, drop ``RAY_NOISE`` lines from the worker output Ray prints in this (the
-    driver's) process; the workers' log files keep them. Ray has no public hook for this: the
+    driver's) process, and say the cleaner's lost cluster in one line; the workers' log files keep
+    them. Ray has no public hook for this: the
     driver's printing handler is wrapped, and when Ray's internals differ nothing changes
     (returns False)."""
     if verbosity() > 0:
@@ -104,7 +122,14 @@ def filter_worker_output() -> bool:
         return False
     (name, print_logs), = printers
 
+    warned = []
+
     def print_filtered(data):
+        if cleaner_lost_its_cluster(data):
+            if not warned:
+                log.warning(ANOTHER_CLUSTER)
+                warned.append(True)
+            return
         lines = without_noise(list(data.get("lines") or ()))
         if lines:
             print_logs({**data, "lines": lines})
