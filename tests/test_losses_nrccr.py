@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ccrk_ray.objectives.losses import (NRCCR_WEIGHTS, discriminator_loss, feature_distillation, generator_loss,
+from ccrk_ray.model.nrccr import LanguageDiscriminator
+from ccrk_ray.objectives.losses import (NRCCR_WEIGHTS, discriminator_logits, discriminator_loss, feature_distillation, generator_loss,
                                         nrccr_triplet, similarity_distillation, triplet_ranking_loss)
 
 
@@ -68,23 +69,39 @@ def test_feature_distillation_is_smooth_l1_with_beta_4_both_sides_trained():
 def test_the_discriminator_step_changes_only_the_discriminator_and_the_generator_term_only_the_encoder():
     torch.manual_seed(0)
     encoder = torch.nn.Linear(4, 4)
-    disc = torch.nn.Linear(4, 2)          # the reference's 'weak' discriminator with nclass 2
+    disc = LanguageDiscriminator("weak", 4)          # the reference's 'weak': linear, nclass 2
     tokens = torch.randn(3, 5, 4)
     source, translation = encoder(tokens), encoder(tokens + 0.5)
     loss = discriminator_loss(disc, source, translation)
     # by hand: mean-pooled states, BCE with logits against 1 (source) and 0 (translation) on every output
-    real, fake = disc(source.mean(1)), disc(translation.mean(1))
+    real, fake = disc.head(source.mean(1)), disc.head(translation.mean(1))
     bce = torch.nn.functional.softplus
     want = 0.5 * (bce(-real).mean() + bce(fake).mean())
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     loss.backward()
-    assert encoder.weight.grad is None and disc.weight.grad.abs().sum() > 0
+    assert encoder.weight.grad is None and disc.head.weight.grad.abs().sum() > 0
     disc.zero_grad()
     gen = generator_loss(disc, encoder(tokens + 0.5))
-    assert gen.item() == pytest.approx(bce(-disc(encoder(tokens + 0.5).mean(1))).mean().item(), rel=1e-6)
+    assert gen.item() == pytest.approx(bce(-disc.head(encoder(tokens + 0.5).mean(1))).mean().item(), rel=1e-6)
     gen.backward()
     assert encoder.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="B×L×h"):
         discriminator_loss(disc, source.mean(1), translation)
     assert NRCCR_WEIGHTS == {"triplet": 1.0, "triplet_translation": 0.6, "similarity_distillation": 0.4,
                              "feature_distillation": 0.1, "back_translation": 0.5, "adversarial": 0.001}
+
+
+@pytest.mark.parametrize("kind", ["weak", "not-so-weak", "strong"])
+def test_every_discriminator_pools_only_real_tokens(kind):
+    """A padded batch scores each sentence as its unpadded self would (the mask), for the pooled
+    discriminators and the convolutional one alike (its receptive field aside: checked without
+    padding for 'strong')."""
+    torch.manual_seed(0)
+    disc = LanguageDiscriminator(kind, 8).eval()
+    states = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    logits = discriminator_logits(disc, states, mask)
+    assert logits.shape == (2, 2)
+    if kind != "strong":
+        assert torch.allclose(logits[0], disc(states[:1, :4])[0], atol=1e-6)
+    assert torch.allclose(logits[1], disc(states[1:])[0], atol=1e-6)

@@ -1,6 +1,6 @@
 """A saved model directory: the one place that finds, writes and reads it.
 
-    DIR/config.json, model.safetensors    the model (``CCRKModel.save_pretrained``)
+    DIR/config.json, model.safetensors    the model (``CCRKModel`` / ``NRCCRModel.save_pretrained``)
     DIR/tokenizer.json, ...               its tokenizer (``AutoTokenizer``-loadable)
     DIR/preprocess.json                   image_size, max_length, languages of training
 
@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from ccrk_ray.core.config import ConfigError, first_line
 from ccrk_ray.model.ccrk import CONFIG_NAME, WEIGHTS_NAME, CCRKModel
+from ccrk_ray.model.nrccr import NRCCRModel
 
 PREPROCESS_FILE = "preprocess.json"
 CHECKPOINT_MODEL_DIR = "model"        # where a training checkpoint keeps its model
@@ -57,7 +58,7 @@ def resolve_model_dir(path: str | Path, flag: str = "--model") -> Path:
     if (p / CHECKPOINT_MODEL_DIR / CONFIG_NAME).is_file():
         p = p / CHECKPOINT_MODEL_DIR
     if not (p / CONFIG_NAME).is_file():
-        raise ConfigError(f"{flag} {path} is not a saved CCRK model or a training checkpoint (no {CONFIG_NAME})")
+        raise ConfigError(f"{flag} {path} is not a saved model or a training checkpoint (no {CONFIG_NAME})")
     if not (p / WEIGHTS_NAME).is_file():
         raise ConfigError(f"{flag} {path}: {p} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     check_weights(p)
@@ -80,9 +81,22 @@ def model_config(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / CONFIG_NAME).read_text())
 
 
-def load_model(path: str | Path) -> CCRKModel:
-    """The model of a saved model directory or a training checkpoint."""
-    return CCRKModel.from_pretrained(resolve_model_dir(path))
+# The model families a saved directory can hold (``config.json``'s "family"; none = CCRK).
+FAMILIES = {"ccrk": CCRKModel, "nrccr": NRCCRModel}
+
+
+def model_family(directory: str | Path) -> str:
+    return model_config(directory).get("family", "ccrk")
+
+
+def load_model(path: str | Path, family: str = "ccrk") -> CCRKModel | NRCCRModel:
+    """The model of a saved model directory or a training checkpoint, of the family a command
+    expects (a clear error naming the other family otherwise)."""
+    directory = resolve_model_dir(path)
+    found = model_family(directory)
+    if found != family:
+        raise ConfigError(f"{path} holds a saved {found.upper()} model, this command takes a {family.upper()} one")
+    return FAMILIES[found].from_pretrained(directory)
 
 
 def save_model_dir(directory: str | Path, model: CCRKModel, caption_tokenizer=None,

@@ -410,27 +410,32 @@ def feature_distillation(target_feat: torch.Tensor, feat: torch.Tensor, beta: fl
     return F.smooth_l1_loss(feat.float(), target_feat.float(), beta=beta)
 
 
-def discriminator_logits(discriminator: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
-    """The language discriminator on sentence level: token states B×L×h mean-pooled, then scored."""
+def discriminator_logits(discriminator: torch.nn.Module, states: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The language discriminator on sentence level: token states B×L×h (``mask`` B×L, 1 = real
+    token) → B×c logits; pooling the tokens is the discriminator's own (the reference's strong
+    discriminator convolves over them before its mean)."""
     if states.dim() != 3:
         raise ValueError(f"token states must be B×L×h, got {tuple(states.shape)}")
-    return discriminator(states.mean(dim=1))
+    return discriminator(states) if mask is None else discriminator(states, mask)
 
 
 def discriminator_loss(discriminator: torch.nn.Module, source_states: torch.Tensor,
-                       translation_states: torch.Tensor) -> torch.Tensor:
+                       translation_states: torch.Tensor, source_mask: torch.Tensor | None = None,
+                       translation_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The discriminator's step (on detached states): source sentences are "real" (label 1),
     translations "fake" (0), binary cross-entropy with logits on every output, 0.5·(real + fake)."""
-    real = discriminator_logits(discriminator, source_states.detach())
-    fake = discriminator_logits(discriminator, translation_states.detach())
+    real = discriminator_logits(discriminator, source_states.detach(), source_mask)
+    fake = discriminator_logits(discriminator, translation_states.detach(), translation_mask)
     return 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
                   + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
 
 
-def generator_loss(discriminator: torch.nn.Module, translation_states: torch.Tensor) -> torch.Tensor:
+def generator_loss(discriminator: torch.nn.Module, translation_states: torch.Tensor,
+                   translation_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The text encoder's adversarial term: translations scored as "real" (label 1); the caller
     weights it (0.001) and steps only the encoder with it."""
-    fake = discriminator_logits(discriminator, translation_states)
+    fake = discriminator_logits(discriminator, translation_states, translation_mask)
     return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
 
 
