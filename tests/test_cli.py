@@ -70,7 +70,7 @@ def test_help_lists_the_demo():
 def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
     res = ccrk("evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"))
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [f"ccrk: error: --model {tmp_path} is not a saved CCRK model "
+    assert res.stderr.strip().splitlines() == [f"ccrk: error: --model {tmp_path} is not a saved model "
                                                "or a training checkpoint (no config.json)"]
 
 

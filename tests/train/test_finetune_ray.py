@@ -237,7 +237,7 @@ def test_bad_finetune_configs_are_clear_errors(base_model, tmp_path):
     cfg = user_config(tmp_path, tmp_path / "o", {"train": "x"}, task={"name": "wit"})
     with pytest.raises(ConfigError, match="task.name 'wit' does not match --task multi30k"):
         load_config("multi30k", cfg, base_model)
-    with pytest.raises(ConfigError, match="is not a saved CCRK model"):
+    with pytest.raises(ConfigError, match="is not a saved model"):
         load_config("multi30k", cfg, tmp_path)
     cfg = user_config(tmp_path, tmp_path / "o", {"train": "x"})
     spec = tmp_path / "spec.yaml"
