@@ -10,7 +10,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ccrk_ray.objectives.collectives import gather_local_grad, gather_with_grad
+from ccrk_ray.model.nrccr import Embeddings
 from ccrk_ray.objectives.losses import one_to_k_contrastive, one_to_k_contrastive_local
+from ccrk_ray.objectives.nrccr import NRCCRLoss, NRCCRLossConfig
 from tests.ports import free_port
 
 N, K, D, WORLD = 6, 3, 8, 2
@@ -76,3 +78,47 @@ def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
         torch.testing.assert_close(got["ri"] * WORLD, got["gi"], atol=1e-5, rtol=0)
     parts = [torch.load(tmp_path / f"{r}.pt", weights_only=True)["part"] for r in range(WORLD)]
     torch.testing.assert_close(torch.stack(parts).mean(), loss.detach(), atol=1e-5, rtol=0)
+
+
+# NRCCR: every term over the gathered embeddings (the adversarial one is per sentence, local)
+NRCCR_GATHERED = NRCCRLossConfig(weights={"adversarial": 0.0})
+
+
+def nrccr_views():
+    g = torch.Generator().manual_seed(1)
+    return [F.normalize(torch.randn(N, D, generator=g), dim=-1) for _ in range(5)]
+
+
+def nrccr_embeddings(views):
+    empty = torch.zeros(views[0].shape[0], 1, 1)
+    return Embeddings(*views, empty, empty, empty[..., 0], empty[..., 0])
+
+
+def nrccr_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    n = N // WORLD
+    local = [v[rank * n:(rank + 1) * n].clone().requires_grad_() for v in nrccr_views()]
+    out = NRCCRLoss(NRCCR_GATHERED)(nrccr_embeddings(local), None)
+    out["loss"].backward()
+    torch.save({"loss": out["loss"].detach(), "grads": [v.grad for v in local]}, f"{out_dir}/{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_the_nrccr_objective_over_gathered_embeddings_equals_one_process(tmp_path):
+    """Hardest negatives come from the global batch: 2 ranks of 3 give the loss of one process with
+    6, and each rank's gradient / WORLD (DDP's average) is the global-batch gradient."""
+    mp.spawn(nrccr_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    views = [v.requires_grad_() for v in nrccr_views()]
+    loss = NRCCRLoss(NRCCR_GATHERED)(nrccr_embeddings(views), None)["loss"]
+    loss.backward()
+    n = N // WORLD
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=0)
+        for local_grad, v in zip(got["grads"], views):
+            torch.testing.assert_close(local_grad / WORLD, v.grad[rank * n:(rank + 1) * n], atol=1e-5, rtol=0)
+    # a global batch is not two halves: the loss of one rank's rows alone differs
+    half = NRCCRLoss(NRCCR_GATHERED)(nrccr_embeddings([v[:n].detach() for v in views]), None)["loss"]
+    assert abs(half.item() - loss.item()) > 1e-3

@@ -105,3 +105,46 @@ def test_every_discriminator_pools_only_real_tokens(kind):
     if kind != "strong":
         assert torch.allclose(logits[0], disc(states[:1, :4])[0], atol=1e-6)
     assert torch.allclose(logits[1], disc(states[1:])[0], atol=1e-6)
+
+
+def _embeddings(b: int = 5, d: int = 8, seed: int = 0):
+    from ccrk_ray.model.nrccr import Embeddings
+
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda: torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1).requires_grad_()  # noqa: E731
+    states = lambda n: torch.randn(b, n, 4, generator=g).requires_grad_()  # noqa: E731
+    mask = torch.ones(b, 3, dtype=torch.long)
+    mask[0, 2] = 0
+    return Embeddings(unit(), unit(), unit(), unit(), unit(), states(3), states(3), mask, mask)
+
+
+def test_the_nrccr_objective_is_the_weighted_sum_of_its_terms():
+    from ccrk_ray.objectives.nrccr import NRCCRLoss, NRCCRLossConfig
+
+    emb, disc = _embeddings(), LanguageDiscriminator("not-so-weak", 4)
+    out = NRCCRLoss()(emb, disc)
+    w = NRCCR_WEIGHTS
+    want = {"triplet": nrccr_triplet(emb.source, emb.item),
+            "triplet_translation": w["triplet_translation"] * nrccr_triplet(emb.translation, emb.item),
+            "similarity_distillation": w["similarity_distillation"] * similarity_distillation(emb.cross, emb.translation,
+                                                                                              emb.item),
+            "feature_distillation": w["feature_distillation"] * feature_distillation(emb.cross, emb.translation),
+            "back_translation": w["back_translation"] * nrccr_triplet(emb.source, emb.back),
+            "adversarial": w["adversarial"] * generator_loss(disc, emb.translation_states, emb.translation_mask)}
+    assert set(out) == set(want) | {"loss"}
+    for name, value in want.items():
+        assert out[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    assert out["loss"].item() == pytest.approx(sum(v.item() for v in want.values()), rel=1e-6)
+    out["loss"].backward()
+    assert emb.source_states.grad is None and emb.translation_states.grad.abs().sum() > 0   # generator: translations
+    # the discriminator's loss reaches no encoder state
+    emb2 = _embeddings(seed=1)
+    NRCCRLoss.discriminator_loss(emb2, disc).backward()
+    assert emb2.source_states.grad is None and emb2.translation_states.grad is None
+    # a term of weight 0 is not computed; the triplet alone is NRCCR's baseline
+    only = NRCCRLoss(NRCCRLossConfig(weights={k: 0.0 for k in w} | {"triplet": 1.0}))(_embeddings(), disc)
+    assert set(only) == {"triplet", "loss"}
+    for bad, needle in [({"tripplet": 1.0}, "unknown NRCCR loss term"), ({"triplet": -1.0}, "must be >= 0"),
+                        ({k: 0.0 for k in w}, "every weight is 0")]:
+        with pytest.raises(ValueError, match=needle):
+            NRCCRLossConfig(weights=bad)
