@@ -237,3 +237,28 @@ def item_ranks_for_mrv(scores, owner) -> tuple[np.ndarray, np.ndarray]:
     each N×L matrix to ``mean_rank_variance``."""
     scores, owner = _check_scores(scores, owner)
     return item_ranks_from_rivals(*caption_rivals(scores, owner), owner, scores.shape[1])
+
+
+def score_range(scores) -> tuple[float, float]:
+    """(min, max) of a whole score matrix: the first pass of a fused evaluation over shards."""
+    s = np.asarray(scores, dtype=np.float64)
+    return float(s.min()), float(s.max())
+
+
+def fuse_scores(native, translated, weight: float = 0.5, native_range: tuple[float, float] | None = None,
+                translated_range: tuple[float, float] | None = None) -> np.ndarray:
+    """NRCCR's test-time fusion of a native query's scores with its English translation's:
+    ``weight·minmax(native) + (1 − weight)·minmax(translated)``, each min–max normalised over the
+    whole query × gallery matrix (the reference's ``norm_score``). On shards, pass each matrix's
+    global ``score_range`` (a first pass) so every shard is normalised alike."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
+    a, b = np.asarray(native, dtype=np.float64), np.asarray(translated, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"native scores {a.shape} and translated scores {b.shape} differ in shape")
+
+    def minmax(s, rng):
+        lo, hi = rng if rng is not None else score_range(s)
+        return (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
+
+    return weight * minmax(a, native_range) + (1.0 - weight) * minmax(b, translated_range)
