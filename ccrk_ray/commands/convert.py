@@ -13,6 +13,7 @@ from ccrk_ray.core.languages import CCRK_LANGUAGES
 from ccrk_ray.core.log import get_logger
 from ccrk_ray.data.converters import (FORMATS, convert_ccrk, convert_coco, convert_iglue, convert_multi30k,
                                       convert_wit, multi30k_files)
+from ccrk_ray.data.nrccr import VIEW_TAGS, VIEWS, convert_nrccr
 
 log = get_logger(__name__)
 
@@ -117,6 +118,26 @@ def add_arguments(convert: argparse.ArgumentParser) -> None:
     p.add_argument("--image-field", default=None, metavar="FIELD", help="default: image_content or b64_bytes")
     _add_common(p)
 
+    tags = ", ".join(f"{v}={t.format(xx='xx')}" for v, t in VIEW_TAGS.items())
+    p = fmt.add_parser("nrccr", help="NRCCR's TextData caption views + FeatureData BigFile (or images), one split",
+                       description="One split of NRCCR's layout into parquet: one row per item, the caption views "
+                                   "aligned by (item, k), the item as features (T×D) or image bytes.")
+    p.add_argument("--view", action="append", type=_lang_file_arg, required=True, metavar="VIEW=FILE",
+                   help=f"a caption view and its TextData file (repeatable; the first is the key view). Views and "
+                        f"the tags their caption ids carry: {tags}")
+    p.add_argument("--language", required=True, metavar="XX", help="the target language (the xx of the tags)")
+    p.add_argument("--split", required=True, metavar="S", help="value of the split column (train, val, test)")
+    item = p.add_mutually_exclusive_group(required=True)
+    item.add_argument("--features", metavar="DIR", help="FeatureData BigFile folder (feature.bin, id.txt, shape.txt)")
+    item.add_argument("--images", metavar="DIR", help="folder of <item>.jpg/.png images (a model with an image tower)")
+    p.add_argument("--video2frames", default=None, metavar="FILE",
+                   help="video2frames.txt: the features are frames, grouped per video")
+    p.add_argument("--max-frames", type=_positive_int, default=64, metavar="N",
+                   help="frames kept per video, evenly spaced (default: %(default)s)")
+    p.add_argument("--ids", default=None, metavar="FILE", help="the split's item id list (default: the key view's items)")
+    p.add_argument("--rows-per-shard", type=_positive_int, default=1000, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="local output folder")
+
 
 def _grouped(pairs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
@@ -138,6 +159,8 @@ def main(args: argparse.Namespace) -> int:
             if isinstance(v, str) and storage.is_remote(v):
                 raise ConfigError(f"--{name.replace('_', '-')} {v}: ccrk convert reads and writes local files; "
                                   "convert to a local folder, then upload it (aws s3 sync DIR s3://...)")
+    if args.format == "nrccr":
+        return _nrccr(args)
     opts = {"rows_per_shard": args.rows_per_shard, "target_shard_mb": args.shard_mb, "split": args.split,
             "required_languages": tuple(args.require_languages or ())}
     if args.source is not None:
@@ -179,5 +202,25 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if result.rows_written == 0:
         log.error("convert %s: no rows written (see the skip reasons above)", fmt)
+        return 1
+    return 0
+
+
+def _nrccr(args: argparse.Namespace) -> int:
+    views: dict[str, str] = {}
+    for view, path in args.view:
+        if view not in VIEWS:
+            raise ConfigError(f"--view {view}={path}: unknown view (known: {', '.join(VIEWS)})")
+        if view in views:
+            raise ConfigError(f"--view {view} given twice")
+        views[view] = path
+    summary = convert_nrccr(views, args.out, language=args.language, split=args.split, features=args.features,
+                            video2frames=args.video2frames, images=args.images, ids=args.ids,
+                            max_frames=args.max_frames, rows_per_shard=args.rows_per_shard)
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(summary["skipped"].items())) or "nothing"
+    log.info("convert nrccr: %d items (%d captions) written to %d shard(s) in %s; skipped %s",
+             summary["rows_written"], summary["captions_written"], len(summary["shards"]), args.out, skipped)
+    if summary["rows_written"] == 0:
+        log.error("convert nrccr: no rows written (see the skip counts above)")
         return 1
     return 0

@@ -9,18 +9,31 @@
   separated ids), ``shape.txt`` (``N D``); ``read_bigfile`` memory-maps the matrix after checking
   that the three agree. ``video2frames.txt`` (a Python dict literal, item → frame ids) is parsed
   with ``ast.literal_eval`` (the reference ``eval``s it) and checked.
+
+``convert_nrccr`` writes one split as parquet, one row per item (``NRCCR_COLUMNS``):
+``image_id``; the caption views as aligned lists ``text_<view>`` (entry i of every view is the
+same caption k, ``caption_k``); and the item itself as ``features`` (T×D: T frames of a video, or
+one row for a precomputed image feature) or ``image`` (the image file's bytes, for a model with
+its own image tower); ``language`` (the target language), ``split``. Bad items and captions are
+skipped and counted by reason (``ccrk_ray.data.rows``), never silently dropped.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ccrk_ray.core.config import DataError
+from ccrk_ray.core.config import ConfigError, DataError
+from ccrk_ray.data.rows import SkipCounter, image_problem
+from ccrk_ray.data.schema import IMAGE, IMAGE_ID, ROW_GROUP_ROWS, SPLIT
 
 TAG = re.compile(r"enc|enc2[a-z]{2,3}|enc2[a-z]{2,3}2enc|[a-z]{2,3}|[a-z]{2,3}2enc")
 
@@ -151,3 +164,169 @@ def read_video2frames(path: str | Path, frame_ids: set[str] | None = None) -> di
                 raise DataError(f"{path}: frame {absent[0]!r} of {item!r} is not in the features' id.txt "
                                 f"({len(absent)} of its {len(frames)} frames missing)")
     return out
+
+
+# The caption views NRCCR reads, by the tag their files carry (xx = the target language).
+VIEWS = ("source", "translation", "back_translation", "native", "native_en")
+VIEW_TAGS = {"source": "enc", "translation": "enc2{xx}", "back_translation": "enc2{xx}2enc", "native": "{xx}",
+             "native_en": "{xx}2enc"}
+FEATURES = "features"
+CAPTION_K = "caption_k"
+LANGUAGE = "language"
+SUMMARY_FILE = "_SUCCESS.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def text_column(view: str) -> str:
+    return f"text_{view}"
+
+
+def nrccr_schema(views: Sequence[str], item: str) -> pa.Schema:
+    """Columns of an NRCCR split: ``item`` is ``features`` (list of T lists of D float32) or ``image``."""
+    fields = [pa.field(IMAGE_ID, pa.string(), nullable=False)]
+    fields.append(pa.field(FEATURES, pa.list_(pa.list_(pa.float32())), nullable=False) if item == FEATURES
+                  else pa.field(IMAGE, pa.binary(), nullable=False))
+    fields += [pa.field(text_column(v), pa.list_(pa.string()), nullable=False) for v in views]
+    fields += [pa.field(CAPTION_K, pa.list_(pa.int32()), nullable=False), pa.field(LANGUAGE, pa.string()),
+               pa.field(SPLIT, pa.string())]
+    return pa.schema(fields)
+
+
+def views_in(schema: pa.Schema) -> list[str]:
+    return [v for v in VIEWS if text_column(v) in schema.names]
+
+
+def even_frames(frames: list[str], max_frames: int) -> list[str]:
+    """At most ``max_frames`` of a video's frames, evenly spaced from first to last."""
+    if len(frames) <= max_frames:
+        return list(frames)
+    picks = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
+    return [frames[i] for i in picks]
+
+
+def _check_tag(view: str, tag: str, path: Path, language: str) -> None:
+    want = VIEW_TAGS[view].format(xx=language)
+    if tag != want:
+        raise ConfigError(f"{path}: its captions are tagged {tag!r}, the {view} view of language {language!r} "
+                          f"is {want!r}")
+
+
+def convert_nrccr(views: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike, *, language: str,
+                  split: str, features: str | os.PathLike | None = None, video2frames: str | os.PathLike | None = None,
+                  images: str | os.PathLike | None = None, ids: str | os.PathLike | None = None,
+                  max_frames: int = 64, rows_per_shard: int = 1000) -> dict:
+    """One split of NRCCR's layout → ``out_dir/part-NNNNN.parquet`` + ``_SUCCESS.json`` (counts).
+
+    ``views``: view name (``VIEWS``) → its TextData caption file; the first view given is the key
+    (``source`` for training, ``native`` for a test split); every file's tag must be its view's for
+    ``language``. The item per row comes from ``features`` (a BigFile folder: image features by
+    item id, or frame features with ``video2frames``; a video keeps at most ``max_frames`` frames,
+    evenly spaced) or from ``images`` (a folder of ``<item>.jpg``/``.png``/…). ``ids``: the split's
+    id list (whitespace separated; order kept), else the key view's items in file order.
+    Returns the summary written to ``_SUCCESS.json``.
+    """
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown or not views:
+        raise ConfigError(f"NRCCR views must be among {', '.join(VIEWS)}, got {', '.join(map(str, views)) or 'none'}")
+    if (features is None) == (images is None):
+        raise ConfigError("give the items as features (a BigFile folder) or as images (a folder), one of the two")
+    if video2frames is not None and features is None:
+        raise ConfigError("video2frames needs the frame features (a BigFile folder)")
+    if not isinstance(max_frames, int) or max_frames < 1 or rows_per_shard < 1:
+        raise ConfigError("max_frames and rows_per_shard must be integers >= 1")
+    paths = {v: Path(p) for v, p in views.items()}
+    keys, texts, _ = align_views(paths)
+    for view, path in paths.items():
+        _check_tag(view, read_captions(path)[0], path, language)
+    skipped = SkipCounter()
+    by_item: dict[str, list[int]] = {}
+    for key in keys:
+        if all(key in texts[v] for v in paths):
+            by_item.setdefault(key[0], []).append(key[1])
+        else:
+            skipped.add("missing_view_caption", f"{key[0]}#{key[1]}")
+    if ids is not None:
+        order = Path(ids).read_text(encoding="utf-8").split()
+        wanted = set(order)
+        for item, ks in by_item.items():
+            for k in ks if item not in wanted else ():
+                skipped.add("not_in_split", f"{item}#{k}")
+    else:
+        order = list(dict.fromkeys(item for item, _ in keys))
+    feats = frames = None
+    id_row: dict[str, int] = {}
+    if features is not None:
+        feat_ids, feats = read_bigfile(features)
+        id_row = {fid: i for i, fid in enumerate(feat_ids)}
+        if video2frames is not None:
+            frames = read_video2frames(video2frames, set(feat_ids))
+    image_dir = Path(images) if images is not None else None
+    if image_dir is not None and not image_dir.is_dir():
+        raise ConfigError(f"image folder {image_dir} does not exist")
+    view_names = list(paths)
+    schema = nrccr_schema(view_names, FEATURES if feats is not None else IMAGE)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("part-*.parquet")) + list(out.glob(SUMMARY_FILE)):
+        old.unlink()
+    rows: list[dict] = []
+    shards: list[str] = []
+    written = 0
+
+    def flush():
+        if rows:
+            name = f"part-{len(shards):05d}.parquet"
+            table = pa.Table.from_pylist(rows, schema=schema)
+            pq.write_table(table, out / f".{name}.tmp", row_group_size=ROW_GROUP_ROWS)
+            os.replace(out / f".{name}.tmp", out / name)
+            shards.append(name)
+            rows.clear()
+
+    seen = set()
+    captions = 0
+    for item in order:
+        if item in seen:
+            skipped.add("duplicate_id", item)
+            continue
+        seen.add(item)
+        ks = sorted(by_item.get(item, ()))
+        if not ks:
+            skipped.add("no_captions", item)
+            continue
+        row = {IMAGE_ID: item, CAPTION_K: ks, LANGUAGE: language, SPLIT: split}
+        for view in view_names:
+            row[text_column(view)] = [texts[view][(item, k)] for k in ks]
+        if feats is not None:
+            names = even_frames(frames[item], max_frames) if frames is not None and item in frames else (
+                None if frames is not None else [item])
+            if not names or any(n not in id_row for n in names):
+                skipped.add("missing_features", item)
+                continue
+            matrix = np.asarray(feats[[id_row[n] for n in names]], dtype=np.float32)
+            if not np.isfinite(matrix).all():
+                skipped.add("bad_features", item)
+                continue
+            row[FEATURES] = matrix.tolist()
+        else:
+            found = next((image_dir / f"{item}{ext}" for ext in IMAGE_SUFFIXES if (image_dir / f"{item}{ext}").is_file()),
+                         None)
+            if found is None:
+                skipped.add("missing_image", item)
+                continue
+            data = found.read_bytes()
+            problem = image_problem(data)
+            if problem:
+                skipped.add(problem, item)
+                continue
+            row[IMAGE] = data
+        rows.append(row)
+        written += 1
+        captions += len(ks)
+        if len(rows) >= rows_per_shard:
+            flush()
+    flush()
+    summary = {"converter": "nrccr", "rows_written": written, "captions_written": captions, "skipped": skipped.as_dict(),
+               "skipped_examples": skipped.example_ids, "shards": shards, "language": language, "split": split,
+               "views": view_names, "item": schema.names[1]}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary

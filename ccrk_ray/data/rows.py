@@ -10,6 +10,11 @@ A bad row is skipped and counted by reason (with a few example ids), never silen
     missing_language            fewer captions' languages than the row needs
     duplicate_id                an image id already seen
     missing_image               (converters) the image file named by the annotation is absent
+    missing_features            (NRCCR) an item without a feature vector / frames in the BigFile
+    bad_features                (NRCCR) features that are not finite numbers
+    missing_view_caption        (NRCCR, per caption) a caption absent from one of the other views
+    not_in_split                (NRCCR, per caption) a caption of an item outside the split's id list
+    no_captions                 (NRCCR) an item of the split's id list without any caption
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from PIL import Image
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
 REASONS = ("corrupt_image", "unsupported_image_format", "empty_caption", "non_string_caption", "invalid_utf8",
-           "missing_language", "duplicate_id", "missing_image")
+           "missing_language", "duplicate_id", "missing_image", "missing_features", "bad_features",
+           "missing_view_caption", "not_in_split", "no_captions")
 
 
 def image_problem(data: Any) -> str | None:

@@ -104,3 +104,139 @@ def test_video2frames_is_parsed_never_executed_and_frames_must_exist(tmp_path):
     p.write_text("{'v1': 3}")
     with pytest.raises(DataError, match=r"expected \{item: \[frame id, ...\]\}"):
         read_video2frames(p)
+
+
+def kit_image(item: str) -> Path | None:
+    import json
+
+    manifest = KIT.parents[2] / "index" / "images_manifest.jsonl"
+    for line in manifest.read_text().splitlines():
+        d = json.loads(line)
+        if d["key"] == f"flickr30k:{item}":
+            return KIT.parents[2] / d["file"]
+    return None
+
+
+def layout(tmp_path: Path, n: int = 12):
+    """One split in NRCCR's layout from real Multi30K val captions: training views (en source, its
+    "translation" and back-translation) and test views (native de, its English translation)."""
+    items, en = kit_lines("en", n)
+    _, de = kit_lines("de", n)
+    text = tmp_path / "TextData"
+    text.mkdir()
+    train = {"source": write_view(text / "val_enc.txt", items, "enc", en),
+             "translation": write_view(text / "val_enc2de.txt", items, "enc2de", de),
+             "back_translation": write_view(text / "val_enc2de2enc.txt", items, "enc2de2enc", en, skip={4})}
+    test = {"native": write_view(text / "val_de.txt", items, "de", de),
+            "native_en": write_view(text / "val_de2enc.txt", items, "de2enc", en)}
+    return items, en, de, train, test
+
+
+def test_convert_nrccr_with_image_features_keeps_views_aligned_and_counts_what_it_skips(tmp_path):
+    import pyarrow.parquet as pq
+
+    from ccrk_ray.data.nrccr import convert_nrccr
+
+    items, en, de, train, _ = layout(tmp_path)
+    feats = np.random.default_rng(0).normal(size=(len(items), 6)).astype(np.float32)
+    feats[7, 2] = np.nan                                              # a broken feature vector
+    keep = [i for i in range(len(items)) if i != 9]                   # item 9 has no features
+    write_bigfile(tmp_path / "FeatureData" / "resnet_152", [items[i] for i in keep], feats[keep])
+    ids = tmp_path / "val_id.txt"
+    ids.write_text("\n".join(items[:11]) + "\n")                      # the split leaves item 11 out
+    summary = convert_nrccr(train, tmp_path / "out", language="de", split="train",
+                            features=tmp_path / "FeatureData" / "resnet_152", ids=ids, rows_per_shard=4)
+    table = pq.read_table(tmp_path / "out")
+    expect = [i for i in range(11) if i not in (4, 7, 9)]
+    assert table.column("image_id").to_pylist() == [items[i] for i in expect]
+    assert table.column("text_source").to_pylist() == [[en[i]] for i in expect]
+    assert table.column("text_translation").to_pylist() == [[de[i]] for i in expect]
+    assert table.column("text_back_translation").to_pylist() == [[en[i]] for i in expect]
+    assert table.column("caption_k").to_pylist() == [[0]] * len(expect)
+    got = np.array(table.column("features").to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(got[:, 0, :], feats[expect])       # one row per image, exact
+    assert summary["rows_written"] == len(expect) == summary["captions_written"]
+    # item 4 lost its only caption (no back-translation), so it is an item without captions too
+    assert summary["skipped"] == {"missing_view_caption": 1, "no_captions": 1, "bad_features": 1,
+                                  "missing_features": 1, "not_in_split": 1}
+    assert summary["skipped_examples"]["missing_view_caption"] == [f"{items[4]}#0"]
+    assert len(summary["shards"]) == 2
+    assert set(table.column("language").to_pylist()) == {"de"} and set(table.column("split").to_pylist()) == {"train"}
+
+
+def test_convert_nrccr_with_frames_and_with_images(tmp_path):
+    import pyarrow.parquet as pq
+
+    from ccrk_ray.data.nrccr import convert_nrccr, even_frames
+
+    items, en, de, _, test = layout(tmp_path)
+    frames = {item: [f"{item}_{t}" for t in range(3 + i)] for i, item in enumerate(items)}
+    frame_ids = [f for fs in frames.values() for f in fs]
+    feats = np.arange(len(frame_ids) * 4, dtype=np.float32).reshape(-1, 4)
+    write_bigfile(tmp_path / "frames", frame_ids, feats)
+    (tmp_path / "video2frames.txt").write_text(repr({k: v for k, v in frames.items() if k != items[2]}))
+    summary = convert_nrccr(test, tmp_path / "vid", language="de", split="test", features=tmp_path / "frames",
+                            video2frames=tmp_path / "video2frames.txt", max_frames=5)
+    table = pq.read_table(tmp_path / "vid")
+    assert summary["skipped"] == {"missing_features": 1}
+    row = {r["image_id"]: r for r in table.to_pylist()}
+    row_of = {f: i for i, f in enumerate(frame_ids)}
+    for item in (items[0], items[10]):
+        picked = even_frames(frames[item], 5)
+        assert len(row[item]["features"]) == min(5, len(frames[item]))
+        np.testing.assert_array_equal(np.array(row[item]["features"]), feats[[row_of[f] for f in picked]])
+    assert even_frames([str(i) for i in range(10)], 4) == ["0", "3", "6", "9"]
+    assert row[items[0]]["text_native"] == [de[0]] and row[items[0]]["text_native_en"] == [en[0]]
+    # images: the kit's real photos of four of these items; the others are counted
+    folder = tmp_path / "images"
+    folder.mkdir()
+    real = [item for item in items if kit_image(item) is not None]
+    for item in real:
+        (folder / f"{item}.jpg").symlink_to(kit_image(item).resolve())
+    (folder / f"{items[0]}.jpg").write_bytes(b"not a jpeg")
+    summary = convert_nrccr(test, tmp_path / "img", language="de", split="test", images=folder)
+    table = pq.read_table(tmp_path / "img")
+    assert sorted(table.column("image_id").to_pylist()) == sorted(real) and len(real) == 4
+    assert summary["skipped"] == {"missing_image": len(items) - 5, "corrupt_image": 1}
+    assert table.column("image").to_pylist()[0][:2] == b"\xff\xd8"
+
+
+def test_convert_nrccr_refuses_what_it_cannot_read(tmp_path):
+    from ccrk_ray.core.config import ConfigError
+    from ccrk_ray.data.nrccr import convert_nrccr
+
+    items, en, de, train, test = layout(tmp_path)
+    write_bigfile(tmp_path / "f", items, np.zeros((len(items), 2)))
+    with pytest.raises(ConfigError, match="tagged 'enc2de', the translation view of language 'fr' is 'enc2fr'"):
+        convert_nrccr(train, tmp_path / "o", language="fr", split="train", features=tmp_path / "f")
+    with pytest.raises(ConfigError, match="views must be among"):
+        convert_nrccr({"english": train["source"]}, tmp_path / "o", language="de", split="train",
+                      features=tmp_path / "f")
+    with pytest.raises(ConfigError, match="one of the two"):
+        convert_nrccr(train, tmp_path / "o", language="de", split="train")
+    # a view with a caption the key view lacks: the files are not aligned
+    write_view(tmp_path / "extra.txt", items + ["999"], "enc2de", de + ["x"])
+    with pytest.raises(DataError, match="not aligned by"):
+        convert_nrccr({"source": train["source"], "translation": tmp_path / "extra.txt"}, tmp_path / "o",
+                      language="de", split="train", features=tmp_path / "f")
+
+
+def test_ccrk_convert_nrccr_as_a_user_runs_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tests.commands import ccrk
+
+    items, en, de, train, _ = layout(tmp_path)
+    write_bigfile(tmp_path / "feat", items, np.ones((len(items), 3)))
+    res = ccrk("convert", "nrccr", "--view", f"source={train['source']}", "--view",
+               f"translation={train['translation']}", "--view", f"back_translation={train['back_translation']}",
+               "--language", "de", "--split", "train", "--features", tmp_path / "feat", "--out", tmp_path / "out",
+               timeout=120)
+    assert f"convert nrccr: {len(items) - 1} items ({len(items) - 1} captions) written to 1 shard(s)" in res.stdout
+    assert "missing_view_caption: 1, no_captions: 1" in res.stdout
+    assert pq.read_table(tmp_path / "out").num_rows == len(items) - 1
+    res = ccrk("convert", "nrccr", "--view", f"english={train['source']}", "--language", "de", "--split", "train",
+               "--features", tmp_path / "feat", "--out", tmp_path / "o2", check=False, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"ccrk: error: --view english={train['source']}: unknown view (known: source, translation, "
+        "back_translation, native, native_en)"]
