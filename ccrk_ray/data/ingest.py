@@ -19,6 +19,7 @@ from ccrk_ray.core import storage
 from ccrk_ray.core.log import get_logger
 from ccrk_ray.data import schema
 from ccrk_ray.data.plan import CALL_FIELDS, Segment, plan_calls, read_segment, stream_items
+from ccrk_ray.data.nrccr import NRCCRBatchTransform
 from ccrk_ray.data.rows import SkipCounter
 from ccrk_ray.data.transforms import EvalCaptionsTransform, ImageTransform, OneToKBatchTransform
 from ccrk_ray.data.tokenizer import CaptionTokenizer
@@ -38,10 +39,11 @@ class DatasetCheck:
 
 
 def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None = None,
-                  on_bad_file: str = "skip") -> DatasetCheck:
+                  on_bad_file: str = "skip", check_schema=None) -> DatasetCheck:
     """Check every file's schema (footers only) before training starts.
 
-    A schema that does not match raises ``schema.SchemaError`` naming the file and the column. A
+    A schema that does not match raises ``schema.SchemaError`` naming the file and the column
+    (``check_schema(arrow_schema, where)``; default CCRK's for ``languages``). A
     file whose footer cannot be read at all is reported by name and left out
     (``on_bad_file="skip"``, the default) or raises (``"raise"``).
     """
@@ -58,7 +60,10 @@ def check_dataset(uri: str, languages: Sequence[str], endpoint_url: str | None =
             log.warning("skipping unreadable file %s: %s", f, exc)
             bad.append((f, str(exc)))
             continue
-        schema.check_schema(meta.schema_arrow, languages, where=f)
+        if check_schema is None:
+            schema.check_schema(meta.schema_arrow, languages, where=f)
+        else:
+            check_schema(meta.schema_arrow, f)
         rows += meta.metadata.num_rows
         good.append(f)
         groups.append([meta.metadata.row_group(g).num_rows for g in range(meta.metadata.num_row_groups)])
@@ -144,6 +149,10 @@ class CountingEvalTransform(_Counting, EvalCaptionsTransform):
     """EvalCaptionsTransform that counts rows read and skipped in the DataStats actor."""
 
 
+class CountingNRCCRTransform(_Counting, NRCCRBatchTransform):
+    """NRCCRBatchTransform that counts rows read and skipped in the DataStats actor."""
+
+
 def read_captions(uri: str, languages: Sequence[str], shuffle_files: bool = True, endpoint_url: str | None = None,
                   files: Sequence[str] | None = None, **read_kwargs) -> ray.data.Dataset:
     """Read only the id, image and the wanted languages' caption columns (file order shuffled).
@@ -209,10 +218,11 @@ def read_call(call_segments, epoch: int, open_file, seed: int, columns: Sequence
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
-class StreamTransform(CountingTransform):
-    """Read one call's plan segments (``ccrk_ray.data.plan.plan_calls``) *and* turn them into 1-to-K batches: the
-    encoded images go from parquet straight to pixels, never through the object store. The last
-    ``OPEN_FILES`` files stay open (footer parsed once; on S3 no HEAD and footer GET per segment)."""
+class PlanReader:
+    """Mixin for a counting row transform (``columns``: what it reads) that reads one call's plan
+    segments (``ccrk_ray.data.plan.plan_calls``) *and* transforms them: the encoded images go from
+    parquet straight to pixels, never through the object store. The last ``OPEN_FILES`` files stay
+    open (footer parsed once; on S3 no HEAD and footer GET per segment)."""
 
     OPEN_FILES = 64
 
@@ -221,7 +231,6 @@ class StreamTransform(CountingTransform):
         super().__init__(**transform_kwargs)
         self.fs, _ = storage.resolve(uri, endpoint_url)
         self.files, self.seed, self.run = list(files), seed, run
-        self.columns = [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in self.languages]
         self._open: dict[int, pq.ParquetFile] = {}
 
     def open_file(self, index: int) -> pq.ParquetFile:
@@ -242,6 +251,24 @@ class StreamTransform(CountingTransform):
         return super().__call__(rows, epoch, self.run)
 
 
+class StreamTransform(PlanReader, CountingTransform):
+    """Plan segments → 1-to-K training batches (CCRK): tensors only, bad rows skipped and counted."""
+
+    def __init__(self, *, with_ids: bool = False, on_bad_row: str = "skip", **kwargs):
+        super().__init__(with_ids=with_ids, on_bad_row=on_bad_row, **kwargs)
+
+    @property
+    def columns(self) -> list[str]:
+        return [schema.IMAGE_ID, schema.IMAGE] + [schema.caption_column(lang) for lang in self.languages]
+
+
+class NRCCRStreamTransform(PlanReader, CountingNRCCRTransform):
+    """Plan segments → NRCCR training batches (item + one caption in each training view)."""
+
+    def __init__(self, *, on_bad_row: str = "skip", **kwargs):
+        super().__init__(on_bad_row=on_bad_row, **kwargs)
+
+
 MAX_BLOCKS = 512          # input blocks of one stream dataset (each costs ~1.4 ms to create)
 WINDOW_SEGMENTS = 8192    # plan segments per stream dataset (~2M rows at 256 rows per segment)
 ROWS_PER_CALL = 1024      # rows one data-actor call reads and transforms (one output block)
@@ -249,12 +276,12 @@ TASKS_IN_FLIGHT = 2       # calls queued per data actor (each holds its output b
 
 
 def stream_dataset(items: Sequence[Mapping[str, Any]], *, uri: str, files: Sequence[str], seed: int,
-                   languages: Sequence[str], k: int, tokenizer: CaptionTokenizer, image_transform: ImageTransform,
-                   num_actors: int = 1, cpus_per_actor: float = 0.8, on_bad_row: str = "skip",
-                   endpoint_url: str | None = None, image_keys: bool = False, run: str | None = None,
-                   rows_per_call: int = ROWS_PER_CALL, caption_passes: int = 1) -> ray.data.Dataset:
+                   num_actors: int = 1, cpus_per_actor: float = 0.8, endpoint_url: str | None = None,
+                   run: str | None = None, rows_per_call: int = ROWS_PER_CALL, transform: type = StreamTransform,
+                   **transform_kwargs) -> ray.data.Dataset:
     """Plan items (``ccrk_ray.data.plan.stream_items``: segments of one or several epochs) as a
-    dataset of 1-to-K training batches in exactly the items' order, each row carrying its ``_pos``
+    dataset of training batches (``transform``, a ``PlanReader``, built with ``transform_kwargs``:
+    CCRK's 1-to-K batches by default) in exactly the items' order, each row carrying its ``_pos``
     (position in its epoch's stream), ``_key`` and ``_epoch``. Rows read and skipped are counted in
     the DataStats actor under (``run``, epoch).
 
@@ -276,11 +303,9 @@ def stream_dataset(items: Sequence[Mapping[str, Any]], *, uri: str, files: Seque
     if not calls:
         raise ValueError("this worker's share of the data is empty")
     return ray.data.from_items(calls, override_num_blocks=min(len(calls), MAX_BLOCKS)).map_batches(
-        StreamTransform,
+        transform,
         fn_constructor_kwargs=dict(uri=uri, endpoint_url=endpoint_url, files=list(files), seed=seed, run=run,
-                                   tokenizer=tokenizer, languages=tuple(languages), k=k,
-                                   image_transform=image_transform, with_ids=False, on_bad_row=on_bad_row,
-                                   image_keys=image_keys, caption_passes=caption_passes),
+                                   **transform_kwargs),
         batch_size=1, batch_format="numpy",
         # Every actor starts at once (an actor's start-up is seconds of imports: growing the pool
         # one by one costs the first epoch that much); it may still run on fewer if CPUs are short.

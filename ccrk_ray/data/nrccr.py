@@ -32,8 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ccrk_ray.core.config import ConfigError, DataError
-from ccrk_ray.data.rows import SkipCounter, image_problem
-from ccrk_ray.data.schema import IMAGE, IMAGE_ID, ROW_GROUP_ROWS, SPLIT
+from ccrk_ray.data.rows import SkipCounter, captions_problem, image_problem
+from ccrk_ray.data.schema import IMAGE, IMAGE_ID, ROW_GROUP_ROWS, SPLIT, SchemaError
+from ccrk_ray.data.transforms import BadRowError, ImageTransform, caption_index, decode_image
 
 TAG = re.compile(r"enc|enc2[a-z]{2,3}|enc2[a-z]{2,3}2enc|[a-z]{2,3}|[a-z]{2,3}2enc")
 
@@ -330,3 +331,123 @@ def convert_nrccr(views: Mapping[str, str | os.PathLike], out_dir: str | os.Path
                "views": view_names, "item": schema.names[1]}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+TRAIN_VIEWS = ("source", "translation", "back_translation")
+QUERY_VIEWS = ("native", "native_en")
+
+
+def check_nrccr_schema(schema: pa.Schema, views: Sequence[str], item: str, where: str) -> None:
+    """SchemaError naming ``where`` and the column when an NRCCR split lacks what a run reads."""
+    for name in [IMAGE_ID, item, *(text_column(v) for v in views)]:
+        if name not in schema.names:
+            raise SchemaError(f"{where}: missing column {name!r} (columns: {', '.join(schema.names)}); "
+                              "NRCCR data comes from `ccrk convert nrccr`")
+
+
+def item_column(schema: pa.Schema) -> str:
+    """``features`` or ``image``: how a split holds its items."""
+    return FEATURES if FEATURES in schema.names else IMAGE
+
+
+class NRCCRBatchTransform:
+    """Rows of an NRCCR split → a batch: the item and one caption per row in each of ``views``.
+
+    Items: ``features`` rows (T×D) → ``visual`` B×``max_frames``×D float32 and ``visual_mask``
+    B×``max_frames`` (a longer video keeps ``max_frames`` evenly spaced frames); ``image`` rows →
+    ``visual`` B×3×H×W uint8 via ``image_transform``. Captions: ``<view>_ids`` / ``<view>_mask`` B×L;
+    with ``caption_passes`` > 1 and the plan's ``_cycle`` the row's captions take turns
+    (``caption_index``), else a caption is drawn at random (training) or the first (no rng).
+    Bad rows (features of another width, non-finite values, views of unequal length, bad captions
+    or images) raise ``BadRowError`` or, with ``on_bad_row="skip"``, are skipped and counted.
+    Columns starting with ``_`` follow their rows."""
+
+    def __init__(self, tokenizer, views: Sequence[str] = TRAIN_VIEWS, item: str = FEATURES, max_frames: int = 1,
+                 feature_dim: int | None = None, image_transform: ImageTransform | None = None,
+                 seed: int | None = None, on_bad_row: str = "raise", caption_passes: int = 1):
+        if item not in (FEATURES, IMAGE):
+            raise ValueError(f"item must be {FEATURES!r} or {IMAGE!r}, got {item!r}")
+        if item == IMAGE and image_transform is None:
+            raise ValueError("image items need an image_transform")
+        if on_bad_row not in ("raise", "skip"):
+            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {on_bad_row!r}")
+        self.tokenize, self.views, self.item = tokenizer, tuple(views), item
+        self.max_frames, self.feature_dim, self.image_transform = max_frames, feature_dim, image_transform
+        self.on_bad_row, self.caption_passes = on_bad_row, caption_passes
+        self.rng = np.random.default_rng(seed) if seed is not None else None
+        self.skipped = SkipCounter()
+        self.rows_seen = 0
+
+    @property
+    def columns(self) -> list[str]:
+        return [IMAGE_ID, self.item, *(text_column(v) for v in self.views)]
+
+    def _visual(self, value, item_id) -> np.ndarray:
+        if self.item == IMAGE:
+            return self.image_transform(decode_image(value, item_id), self.rng)
+        try:
+            frames = np.asarray([np.asarray(f, dtype=np.float32) for f in value], dtype=np.float32)
+        except (ValueError, TypeError):
+            raise BadRowError(f"row {item_id!r}: field 'features' is not a T×D matrix", "bad_features") from None
+        if frames.ndim != 2 or not len(frames) or (self.feature_dim and frames.shape[1] != self.feature_dim):
+            raise BadRowError(f"row {item_id!r}: field 'features' has shape {frames.shape}, expected T×"
+                              f"{self.feature_dim or 'D'}", "bad_features")
+        if not np.isfinite(frames).all():
+            raise BadRowError(f"row {item_id!r}: field 'features' holds non-finite values", "bad_features")
+        if len(frames) > self.max_frames:
+            frames = frames[np.linspace(0, len(frames) - 1, self.max_frames).round().astype(int)]
+        return frames
+
+    def _captions(self, batch, i: int, item_id) -> list[str]:
+        lists = [batch[text_column(v)][i] for v in self.views]
+        for v, caps in zip(self.views, lists):
+            reason = captions_problem(caps)
+            if reason or caps is None or not len(caps):
+                raise BadRowError(f"row {item_id!r}: field {text_column(v)!r} has no usable caption "
+                                  f"({reason or 'empty'})", reason or "missing_view_caption")
+        if len({len(c) for c in lists}) != 1:
+            raise BadRowError(f"row {item_id!r}: its views have {[len(c) for c in lists]} captions, not aligned",
+                              "missing_view_caption")
+        n = len(lists[0])
+        if self.caption_passes > 1 and "_cycle" in batch:
+            k = caption_index(int(batch["_epoch"][i]), int(batch["_key"][i]), int(batch["_cycle"][i])) % n
+        else:
+            k = int(self.rng.integers(n)) if self.rng is not None else 0
+        return [str(c[k]) for c in lists]
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch[IMAGE_ID]
+        self.rows_seen += len(ids)
+        visuals, texts, kept = [], [], []
+        for i, item_id in enumerate(ids):
+            try:
+                vis = self._visual(batch[self.item][i], item_id)
+                caps = self._captions(batch, i, item_id)
+            except BadRowError as exc:
+                if self.on_bad_row == "raise":
+                    raise
+                self.skipped.add(exc.reason, item_id)
+                continue
+            visuals.append(vis)
+            texts.append(caps)
+            kept.append(i)
+        out: dict[str, np.ndarray] = {}
+        if self.item == FEATURES:
+            d = self.feature_dim or (visuals[0].shape[1] if visuals else 1)
+            visual = np.zeros((len(visuals), self.max_frames, d), dtype=np.float32)
+            mask = np.zeros((len(visuals), self.max_frames), dtype=np.int64)
+            for j, frames in enumerate(visuals):
+                visual[j, :len(frames)], mask[j, :len(frames)] = frames, 1
+            out["visual"], out["visual_mask"] = visual, mask
+        else:
+            size = self.image_transform.image_size
+            out["visual"] = np.stack(visuals) if visuals else np.zeros((0, 3, size, size), dtype=np.uint8)
+        for j, view in enumerate(self.views):
+            if texts:
+                out[f"{view}_ids"], out[f"{view}_mask"] = self.tokenize([t[j] for t in texts])
+            else:
+                out[f"{view}_ids"] = out[f"{view}_mask"] = np.zeros((0, self.tokenize.max_length), dtype=np.int64)
+        for col in batch:
+            if col.startswith("_"):
+                out[col] = np.asarray(batch[col])[np.asarray(kept, dtype=np.int64)]
+        return out

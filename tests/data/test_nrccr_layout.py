@@ -240,3 +240,33 @@ def test_ccrk_convert_nrccr_as_a_user_runs_it(tmp_path):
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         f"ccrk: error: --view english={train['source']}: unknown view (known: source, translation, "
         "back_translation, native, native_en)"]
+
+
+def test_the_batch_transform_pads_frames_tokenises_each_view_and_skips_bad_rows(tiny_data):
+    from ccrk_ray.data.nrccr import NRCCRBatchTransform
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.transforms import BadRowError
+
+    tok = CaptionTokenizer(tiny_data["tokenizer"], 12)
+    obj = lambda values: np.array(values + [None], dtype=object)[:-1]  # noqa: E731  (arrays of lists)
+    batch = {"image_id": np.array(["a", "b", "c", "d", "e"], dtype=object),
+             "features": obj([[[1.0, 2.0]] * 3, [[0.0, 1.0]] * 6, [[1.0, float("nan")]], [[1.0, 2.0, 3.0]],
+                              [[5.0, 5.0]]]),
+             "text_source": obj([["a red car", "a blue car"], ["a dog"], ["x"], ["y"], ["a cat", "two cats"]]),
+             "text_translation": obj([["ein rotes auto", "ein blaues auto"], ["ein hund"], ["x"], ["y"], ["eine katze"]]),
+             "text_back_translation": obj([["a red car", "a blue car"], ["a dog"], ["x"], ["y"], ["a cat", "a cat"]]),
+             "_pos": np.arange(5), "_key": np.arange(5), "_epoch": np.zeros(5, dtype=np.int64),
+             "_cycle": np.array([0, 0, 0, 0, 1])}
+    t = NRCCRBatchTransform(tok, max_frames=4, feature_dim=2, on_bad_row="skip", caption_passes=2)
+    out = t(batch)
+    assert out["visual"].shape == (2, 4, 2) and out["visual"].dtype == np.float32
+    np.testing.assert_array_equal(out["visual_mask"], [[1, 1, 1, 0], [1, 1, 1, 1]])   # b: 6 frames → 4
+    np.testing.assert_array_equal(out["_pos"], [0, 1])
+    assert t.skipped.as_dict() == {"bad_features": 2, "missing_view_caption": 1}
+    # row a shows caption k in all three views alike (the views stay aligned)
+    k = [tok(["a red car"])[0][0].tolist(), tok(["a blue car"])[0][0].tolist()].index(out["source_ids"][0].tolist())
+    want = tok([["ein rotes auto", "ein blaues auto"][k]])[0][0]
+    np.testing.assert_array_equal(out["translation_ids"][0], want)
+    assert out["back_translation_ids"].shape == (2, 12) and out["source_mask"].shape == (2, 12)
+    with pytest.raises(BadRowError, match="row 'c': field 'features' holds non-finite values"):
+        NRCCRBatchTransform(tok, max_frames=4, feature_dim=2)(batch)
