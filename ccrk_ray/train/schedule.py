@@ -4,6 +4,7 @@ Pure functions (no torch, no Ray), so configs are checked with them before anyth
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 SCHEDULES = ("cosine", "linear")
@@ -44,3 +45,39 @@ def total_steps(row_groups: Sequence[Sequence[int]], global_batch: int, epochs: 
 def warmup_steps(warmup: float, steps: int) -> int:
     """``warmup`` as optimiser steps: a fraction of the run when < 1, else a count; at most half."""
     return min(int(warmup * steps) if warmup < 1 else int(warmup), steps // 2)
+
+
+@dataclass
+class PlateauSchedule:
+    """NRCCR's per-epoch learning-rate schedule and early stop (the reference's trainer): after each
+    validation, the LR is multiplied by ``decay`` (0.99); when the score did not improve and the LR
+    has been held at least ``min_epochs`` (3) epochs since the last halving, it is also multiplied
+    by ``plateau_factor`` (0.5); training stops once more than ``patience`` (10) consecutive
+    epochs brought no improvement. The state is plain numbers (a checkpoint's progress holds it)."""
+    decay: float = 0.99
+    plateau_factor: float = 0.5
+    min_epochs: int = 3
+    patience: int = 10
+    best: float | None = None
+    since_change: int = 0
+    without_gain: int = 0
+
+    def after_epoch(self, score: float) -> tuple[float, bool, bool]:
+        """(LR multiplier for the next epoch, this epoch is the best so far, stop now)."""
+        improved = self.best is None or score > self.best
+        if improved:
+            self.best = score
+        self.since_change += 1
+        factor = self.decay
+        if not improved and self.since_change >= self.min_epochs:
+            factor *= self.plateau_factor
+            self.since_change = 0
+        self.without_gain = 0 if improved else self.without_gain + 1
+        return factor, improved, self.without_gain > self.patience
+
+    def state(self) -> dict:
+        return {"best": self.best, "since_change": self.since_change, "without_gain": self.without_gain}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.best, self.since_change, self.without_gain = state["best"], state["since_change"], state["without_gain"]
