@@ -122,3 +122,37 @@ def test_the_nrccr_objective_over_gathered_embeddings_equals_one_process(tmp_pat
     # a global batch is not two halves: the loss of one rank's rows alone differs
     half = NRCCRLoss(NRCCR_GATHERED)(nrccr_embeddings([v[:n].detach() for v in views]), None)["loss"]
     assert abs(half.item() - loss.item()) > 1e-3
+
+
+def batchnorm_worker(rank, port, out_dir):
+    from ccrk_ray.model.nrccr import GlobalBatchNorm1d
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(2))
+    n = N // WORLD
+    local = x[rank * n:(rank + 1) * n].clone().requires_grad_()
+    bn = GlobalBatchNorm1d(D).train()
+    y = bn(local)
+    (y * torch.arange(D)).sum().backward()
+    torch.save({"y": y.detach(), "grad": local.grad, "mean": bn.running_mean, "var": bn.running_var},
+               f"{out_dir}/{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_the_common_space_batchnorm_sees_the_global_batch_on_cpu(tmp_path):
+    """NRCCR's mappings normalise over every rank's rows (SyncBatchNorm refuses CPU tensors)."""
+    mp.spawn(batchnorm_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    bn = torch.nn.BatchNorm1d(D).train()
+    y = bn(x)
+    (y * torch.arange(D)).sum().backward()
+    n = N // WORLD
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["y"], y.detach()[rank * n:(rank + 1) * n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["mean"], bn.running_mean, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got["var"], bn.running_var, atol=1e-6, rtol=0)
+        # each rank's loss is its own rows' part; the gather's backward sums them: the full gradient
+        torch.testing.assert_close(got["grad"], x.grad[rank * n:(rank + 1) * n], atol=1e-5, rtol=0)

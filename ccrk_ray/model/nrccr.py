@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -258,13 +260,28 @@ class FrozenTowerEncoder(nn.Module):
         return self.proj(feats.float())
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are the global batch's when a process group of more
+    than one rank runs (every rank's rows all-gathered with gradients; ranks hold equal batches), as
+    one process with the whole batch would have them. ``SyncBatchNorm`` does this on GPUs only;
+    this works on CPU (gloo) too. Otherwise, and in eval mode, it is BatchNorm1d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        n, rank = x.shape[0], dist.get_rank()
+        full = torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+        return super().forward(full)[rank * n:(rank + 1) * n]
+
+
 class CommonSpace(nn.Module):
-    """Linear → BatchNorm → dropout, Xavier-uniform initialised, then L2 normalisation."""
+    """Linear → BatchNorm (over the global batch) → dropout, Xavier-uniform initialised, then L2
+    normalisation."""
 
     def __init__(self, d_in: int, d_out: int, dropout: float):
         super().__init__()
         self.linear = nn.Linear(d_in, d_out)
-        self.bn = nn.BatchNorm1d(d_out)
+        self.bn = GlobalBatchNorm1d(d_out)
         self.drop = nn.Dropout(dropout)
         nn.init.xavier_uniform_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)

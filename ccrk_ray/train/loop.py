@@ -62,6 +62,7 @@ class Resume:
     epoch: int = 0
     position: Position | None = None
     best: dict[str, Any] | None = None
+    progress: dict[str, Any] = field(default_factory=dict)     # the checkpoint's progress.json
 
 
 def resume_point(world: int) -> Resume:
@@ -71,7 +72,7 @@ def resume_point(world: int) -> Resume:
     progress_ = read_progress(checkpoint.filesystem, checkpoint.path)
     position = Position.from_dict(progress_["position"]).resume(world) if progress_.get("position") else None
     return Resume(step=progress_["step"], epoch=position.epoch if position else progress_["epoch"],
-                  position=position, best=progress_.get("best"))
+                  position=position, best=progress_.get("best"), progress=progress_)
 
 
 def epoch_phases(cfg: LoopConfig, start: Resume, world: int) -> list[Position]:
@@ -116,10 +117,11 @@ class WorkerLoop:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(cfg.threads_per_worker)
         torch.manual_seed(self.t.seed)
-        self.accum = accumulation(int(self.t.global_batch_size), self.t.batch_size, self.world)
+        self.batch_size, self.accum = self.batch_plan()
         self.steps_total = total_steps(cfg.data.row_groups, int(self.t.global_batch_size), self.t.epochs,
                                        self.t.max_steps, passes=cfg.data.caption_passes)
         start = resume_point(self.world)
+        self.start, self.stopped = start, False
         self.step, self.best = start.step, start.best
         if self.rank == 0 and ray.train.get_checkpoint() is not None:
             rows_left = f", {sum(s.rows for s in start.position.segments)} rows left in it" if start.position else ""
@@ -129,15 +131,32 @@ class WorkerLoop:
         # what earlier attempts of this run counted, taken before this attempt's stream reads a row
         self.seen = ray.get(self.stats.epochs.remote(cfg.data.run_id)) if self.stats is not None else None
         self.phases = epoch_phases(cfg, start, self.world)
-        self.batcher = open_stream(cfg, self.phases, self.rank)
+        self.batcher = self.open_stream()
         self.build()
         self.writer = SummaryWriter(cfg.tensorboard_dir, purge_step=self.step or None) \
             if self.rank == 0 and cfg.tensorboard_dir else None
-        self.val_batch = None
-        if self.rank == 0 and cfg.val_uri:
-            self.val_batch = load_split(cfg.val_uri, cfg.val_languages, cfg.data.tokenizer, cfg.data.image_size,
-                                        endpoint_url=cfg.data.endpoint_url)
+        self.val_batch = self.load_validation() if self.rank == 0 and cfg.val_uri else None
         self.open_trace()
+
+    # -- what a model family changes (NRCCR: ccrk_ray.train.nrccr) --------------------------------
+    def batch_plan(self) -> tuple[int, int]:
+        """(rows per forward pass on this worker, gradient accumulation steps)."""
+        return self.t.batch_size, accumulation(int(self.t.global_batch_size), self.t.batch_size, self.world)
+
+    def open_stream(self) -> EpochBatcher:
+        return open_stream(self.cfg, self.phases, self.rank)
+
+    def load_validation(self):
+        cfg = self.cfg
+        return load_split(cfg.val_uri, cfg.val_languages, cfg.data.tokenizer, cfg.data.image_size,
+                          endpoint_url=cfg.data.endpoint_url)
+
+    def extra_progress(self) -> dict[str, Any]:
+        """More of the run's state for the checkpoint's progress.json (plain values)."""
+        return {}
+
+    def save(self, directory: str, state: dict[str, Any]) -> None:
+        save_checkpoint(directory, self.model, self.optimizer, self.scheduler, state)
 
     def build(self) -> None:
         """Model, optimiser and schedule, with the checkpoint's states when resuming."""
@@ -169,7 +188,7 @@ class WorkerLoop:
     def run(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
         for phase in self.phases:
-            if self.step >= self.steps_total:
+            if self.step >= self.steps_total or self.stopped:
                 break
             metrics = self.run_epoch(phase)
         if self.writer is not None:
@@ -209,7 +228,7 @@ class WorkerLoop:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        tally.samples += self.t.batch_size * self.accum * self.world
+        tally.samples += self.batch_size * self.accum * self.world
         if self.trace is not None:
             self.trace.write(json.dumps({"step": self.step, "epoch": tally.epoch, "attempt": self.attempt,
                                          "time": time.time(), "keys": keys}) + "\n")
@@ -239,7 +258,7 @@ class WorkerLoop:
         bar.close()
         if not exhausted:   # stopped by max_steps: the epoch is over anyway when no full step is left
             left = sum(s.rows for s in phase.streams()[self.rank]) - consumed
-            exhausted = all_min(int(left >= self.t.batch_size * self.accum)) == 0
+            exhausted = all_min(int(left >= self.batch_size * self.accum)) == 0
         metrics = self.finish_epoch(epoch, tally)
         # An epoch cut short by max_steps keeps its position; a finished one starts the next afresh.
         self.checkpoint(None if exhausted else phase, consumed, epoch + 1 if exhausted else epoch, metrics)
@@ -262,7 +281,7 @@ class WorkerLoop:
 
     def steps_for(self, phase: Position) -> int:
         rows = sum(s.rows for s in phase.streams()[self.rank])
-        return max(0, min(rows // (self.t.batch_size * self.accum), self.steps_total - self.step))
+        return max(0, min(rows // (self.batch_size * self.accum), self.steps_total - self.step))
 
     def log_step(self, tally: "EpochTally", bar) -> None:
         rate = tally.rate()
@@ -273,7 +292,8 @@ class WorkerLoop:
             for name, values in tally.terms.items():
                 self.writer.add_scalar(f"train/{name}", float(torch.stack(values[-self.accum:]).mean()), self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
-            self.writer.add_scalar("train/temperature", float(self.model.temp.detach()), self.step)
+            if hasattr(self.model, "temp"):
+                self.writer.add_scalar("train/temperature", float(self.model.temp.detach()), self.step)
             self.writer.add_scalar("train/samples_per_s", rate, self.step)
         if not self.cfg.progress_bars:
             log.info("step %d/%d epoch %d loss %.4f lr %.2e %.0f samples/s", self.step, self.steps_total,
@@ -330,9 +350,9 @@ class WorkerLoop:
             ray.train.report(metrics)
             return
         pos = Position(phase.epoch, phase.segments, phase.world, gathered).to_dict() if phase is not None else None
-        state = {"epoch": epoch_done, "step": self.step, "position": pos, "best": self.best}
+        state = {"epoch": epoch_done, "step": self.step, "position": pos, "best": self.best, **self.extra_progress()}
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, self.model, self.optimizer, self.scheduler, state)
+            self.save(tmp, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{self.step:08d}_{'e' if pos is None else 'm'}")
 
