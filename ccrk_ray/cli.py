@@ -32,6 +32,7 @@ COMMANDS = {
     "evaluate": "per-language recall and MRV of a saved model on a parquet split",
     "convert": "convert a real data set into ccrk-ray parquet shards",
     "import-checkpoint": "a checkpoint of the CCRK reference code (pre-trained or fine-tuned) as a saved model",
+    "nrccr": "NRCCR (noise-robust CCR from machine translations): train / evaluate",
     "validate": "check parquet data (file or prefix, local or s3://) row by row",
     "mrv": "MRV over the rank files (ccrk evaluate --save-ranks) of several runs",
 }

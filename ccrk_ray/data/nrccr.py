@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError, DataError
 from ccrk_ray.data.rows import SkipCounter, captions_problem, image_problem
 from ccrk_ray.data.schema import IMAGE, IMAGE_ID, ROW_GROUP_ROWS, SPLIT, SchemaError
@@ -364,7 +365,7 @@ class NRCCRBatchTransform:
 
     def __init__(self, tokenizer, views: Sequence[str] = TRAIN_VIEWS, item: str = FEATURES, max_frames: int = 1,
                  feature_dim: int | None = None, image_transform: ImageTransform | None = None,
-                 seed: int | None = None, on_bad_row: str = "raise", caption_passes: int = 1):
+                 rng_seed: int | None = None, on_bad_row: str = "raise", caption_passes: int = 1):
         if item not in (FEATURES, IMAGE):
             raise ValueError(f"item must be {FEATURES!r} or {IMAGE!r}, got {item!r}")
         if item == IMAGE and image_transform is None:
@@ -374,7 +375,7 @@ class NRCCRBatchTransform:
         self.tokenize, self.views, self.item = tokenizer, tuple(views), item
         self.max_frames, self.feature_dim, self.image_transform = max_frames, feature_dim, image_transform
         self.on_bad_row, self.caption_passes = on_bad_row, caption_passes
-        self.rng = np.random.default_rng(seed) if seed is not None else None
+        self.rng = np.random.default_rng(rng_seed) if rng_seed is not None else None
         self.skipped = SkipCounter()
         self.rows_seen = 0
 
@@ -451,3 +452,54 @@ class NRCCRBatchTransform:
             if col.startswith("_"):
                 out[col] = np.asarray(batch[col])[np.asarray(kept, dtype=np.int64)]
         return out
+
+
+def load_nrccr_split(uri: str, tokenizer, *, views: Sequence[str] = QUERY_VIEWS, max_frames: int = 1,
+                     feature_dim: int | None = None, image_transform: ImageTransform | None = None,
+                     endpoint_url: str | None = None, on_bad_row: str = "raise") -> dict:
+    """A whole (validation / test sized) NRCCR split, local or ``s3://``, in id order: ``visual``
+    (+ ``visual_mask``) per item, and every caption of each of ``views`` tokenised (``<view>_ids``,
+    ``<view>_mask``, Q×L, the views aligned caption by caption) with ``owner`` (Q: its item's
+    index). Bad rows raise, or are skipped and counted (``skipped``)."""
+    fs, files = storage.list_parquet(uri, endpoint_url)
+    first = pq.ParquetFile(fs.open_input_file(files[0])).schema_arrow
+    item = item_column(first)
+    for f in files:
+        check_nrccr_schema(pq.ParquetFile(fs.open_input_file(f)).schema_arrow, views, item, f)
+    rows = NRCCRBatchTransform(tokenizer, views=views, item=item, max_frames=max_frames, feature_dim=feature_dim,
+                               image_transform=image_transform, on_bad_row=on_bad_row)
+    table = pq.read_table(files, filesystem=fs, columns=rows.columns).sort_by(IMAGE_ID)
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    visuals, kept, texts, owner = [], [], {v: [] for v in views}, []
+    for i, item_id in enumerate(batch[IMAGE_ID]):
+        try:
+            vis = rows._visual(batch[item][i], item_id)
+            lists = [batch[text_column(v)][i] for v in views]
+            if len({len(c) for c in lists}) != 1 or any(captions_problem(c) or not len(c) for c in lists):
+                raise BadRowError(f"row {item_id!r}: its views' captions are missing, bad or not aligned",
+                                  "missing_view_caption")
+        except BadRowError as exc:
+            if on_bad_row == "raise":
+                raise
+            rows.skipped.add(exc.reason, item_id)
+            continue
+        for v, caps in zip(views, lists):
+            texts[v] += [str(c) for c in caps]
+        owner += [len(kept)] * len(lists[0])
+        visuals.append(vis)
+        kept.append(str(item_id))
+    if not kept:
+        raise DataError(f"{uri}: no usable rows ({rows.skipped.summary()})")
+    out = {IMAGE_ID: np.asarray(kept, dtype=object), "owner": np.asarray(owner, dtype=np.int64),
+           "skipped": dict(rows.skipped.counts)}
+    if item == FEATURES:
+        d = feature_dim or visuals[0].shape[1]
+        out["visual"] = np.zeros((len(visuals), max_frames, d), dtype=np.float32)
+        out["visual_mask"] = np.zeros((len(visuals), max_frames), dtype=np.int64)
+        for j, frames in enumerate(visuals):
+            out["visual"][j, :len(frames)], out["visual_mask"][j, :len(frames)] = frames, 1
+    else:
+        out["visual"] = np.stack(visuals)
+    for v in views:
+        out[f"{v}_ids"], out[f"{v}_mask"] = tokenizer(texts[v])
+    return out

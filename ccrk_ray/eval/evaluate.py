@@ -104,7 +104,7 @@ def evaluation_subject(model: str, pretrained: str | None = None, image_size: in
                        False, spec.label, spec.pretrained or "random")
     if pretrained is not None:
         raise ConfigError("--pretrained goes with --model openclip:ARCH; a saved model carries its weights")
-    path = resolve_model_dir(model, flag="--model")
+    path = resolve_model_dir(model, flag="--model", family="ccrk")
     pre = Preprocess.read(path)
     image_size = image_size or pre.image_size
     max_length = max_length or pre.max_length

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -260,6 +261,16 @@ class FrozenTowerEncoder(nn.Module):
         return self.proj(feats.float())
 
 
+def normalise_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 B×3×H×W (as the data pipeline delivers them) → the tower's normalised floats; float
+    input is taken as already normalised."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    m = torch.tensor(mean, device=pixels.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels.float() / 255.0 - m) / s
+
+
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are the global batch's when a process group of more
     than one rank runs (every rank's rows all-gathered with gradients; ranks hold equal batches), as
@@ -270,7 +281,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if not self.training or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
         n, rank = x.shape[0], dist.get_rank()
-        full = torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+        with warnings.catch_warnings():     # the autograd-aware gather is deprecated, still public (torch 2.14)
+            warnings.simplefilter("ignore", FutureWarning)
+            full = torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
         return super().forward(full)[rank * n:(rank + 1) * n]
 
 
@@ -387,9 +400,14 @@ class NRCCRModel(nn.Module):
     # -- items ------------------------------------------------------------------------------
     def encode_item(self, visual: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Common-space embeddings of items: frame features B×T×D with mask B×T, image features
-        B×D, or pixels B×3×H×W, per ``config.visual``."""
+        B×D (or B×1×D, as the data pipeline holds them), or pixels B×3×H×W (uint8 from the pipeline,
+        normalised here with the tower's mean/std), per ``config.visual``."""
+        if self.config.visual == "vector" and visual.dim() == 3:
+            visual = visual[:, 0]
         if self.config.visual == "frames" and mask is None:
             mask = torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device)
+        if self.config.visual == "clip":
+            visual = normalise_pixels(visual, self.image_mean, self.image_std)
         return self.item_map(self.visual(visual, mask))
 
     def forward(self, visual: torch.Tensor, visual_mask: torch.Tensor | None, source, translation, back) -> Embeddings:

@@ -52,8 +52,9 @@ class Preprocess:
         (Path(directory) / PREPROCESS_FILE).write_text(json.dumps(d, indent=2))
 
 
-def resolve_model_dir(path: str | Path, flag: str = "--model") -> Path:
-    """The saved model of ``path``: a model directory, or a training checkpoint's ``model/``."""
+def resolve_model_dir(path: str | Path, flag: str = "--model", family: str | None = None) -> Path:
+    """The saved model of ``path``: a model directory, or a training checkpoint's ``model/``; with
+    ``family``, one of that family (a clear error naming the other otherwise)."""
     p = Path(path)
     if (p / CHECKPOINT_MODEL_DIR / CONFIG_NAME).is_file():
         p = p / CHECKPOINT_MODEL_DIR
@@ -62,6 +63,9 @@ def resolve_model_dir(path: str | Path, flag: str = "--model") -> Path:
     if not (p / WEIGHTS_NAME).is_file():
         raise ConfigError(f"{flag} {path}: {p} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     check_weights(p)
+    found = model_family(p)
+    if family is not None and found != family:
+        raise ConfigError(f"{path} holds a saved {found.upper()} model, this command takes a {family.upper()} one")
     return p
 
 
@@ -92,11 +96,7 @@ def model_family(directory: str | Path) -> str:
 def load_model(path: str | Path, family: str = "ccrk") -> CCRKModel | NRCCRModel:
     """The model of a saved model directory or a training checkpoint, of the family a command
     expects (a clear error naming the other family otherwise)."""
-    directory = resolve_model_dir(path)
-    found = model_family(directory)
-    if found != family:
-        raise ConfigError(f"{path} holds a saved {found.upper()} model, this command takes a {family.upper()} one")
-    return FAMILIES[found].from_pretrained(directory)
+    return FAMILIES[family].from_pretrained(resolve_model_dir(path, family=family))
 
 
 def save_model_dir(directory: str | Path, model: CCRKModel, caption_tokenizer=None,

@@ -99,3 +99,14 @@ def all_gather_int(value: int) -> list[int]:
     out = [torch.zeros_like(t) for _ in range(world_size())]
     dist.all_gather(out, t)
     return [int(x) for x in out]
+
+
+def average_gradients(params) -> None:
+    """Average the ``.grad`` of ``params`` over the ranks (in place): what DDP does for a module it
+    wraps, for one kept outside it (NRCCR's discriminator, stepped on its own)."""
+    if world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world_size()

@@ -108,45 +108,36 @@ class ScalingSection:
     threads_per_worker: int | None = None    # torch threads; default cpus_per_worker
 
 
-@dataclass
-class PretrainConfig:
-    output_dir: str
-    data: DataSection
-    model: dict[str, Any] = field(default_factory=dict)         # ModelConfig fields
-    objective: dict[str, Any] = field(default_factory=lambda: {"name": "one_to_k"})
-    train: TrainSection = field(default_factory=TrainSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    storage_path: str | None = None
-    name: str = "pretrain"
+class RunConfig:
+    """What every training config (CCRK's ``PretrainConfig``, NRCCR's) shares: typed sections
+    (``SECTIONS``: key → dataclass), free mappings checked later (``MAPPINGS``), reading from YAML
+    with ``--set`` items, where Ray Train keeps the run, the CPUs it holds."""
 
-    SECTIONS = {"data": DataSection, "train": TrainSection, "scaling": ScalingSection}
+    SECTIONS: dict[str, type] = {}
+    MAPPINGS: tuple[str, ...] = ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "PretrainConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "config"):
         d = dict(d)
         if "output_dir" not in d or "data" not in d:
             raise ConfigError(f"{where}: needs output_dir and data.train")
         for key, section in cls.SECTIONS.items():
             d[key] = build(section, d.get(key), f"{where}: {key}")
-        for key in ("model", "objective"):
+        for key in cls.MAPPINGS:
             if not isinstance(d.get(key, {}), dict):
                 raise ConfigError(f"{where}: {key} must be a mapping, got {d[key]!r}")
         return build(cls, d, where).validate()
 
     @classmethod
-    def from_yaml(cls, path: str | Path, sets: Sequence[str] | None = None) -> "PretrainConfig":
+    def from_yaml(cls, path: str | Path, sets: Sequence[str] | None = None):
         """The config file, with ``--set section.key=value`` items on top."""
         return cls.from_dict(read_config(path, sets), where=str(path))
 
-    def validate(self) -> "PretrainConfig":
+    def check_shared(self) -> tuple[int, int]:
+        """The checks every run's data, train and scaling sections share; (min, max) workers."""
         d, t, s = self.data, self.train, self.scaling
         if not d.train:
             raise ConfigError("data.train: the training data URI is required")
-        d.languages = validate_languages(d.languages, known=None)
-        if d.captions_per_image is None:
-            d.captions_per_image = len(d.languages)
-        check_range("data.captions_per_image", d.captions_per_image, 1, len(d.languages))
-        check_range("data.image_size", d.image_size, 32, 2048)
         check_range("data.max_length", d.max_length, 8, 512)
         check_range("data.chunk_rows", d.chunk_rows, 1)
         check_range("data.caption_passes", d.caption_passes, 1)
@@ -158,8 +149,42 @@ class PretrainConfig:
             raise ConfigError(f"scaling.workers must be [MIN, MAX] with 1 <= MIN <= MAX, got {list(s.workers)}")
         check_range("train.epochs", t.epochs, 1)
         check_range("train.eval_every", t.eval_every, 1)
-        check_range("train.batch_size", t.batch_size, 2)
         check_range("train.lr", t.lr, 1e-10, 10.0)
+        check_range("train.log_every", t.log_every, 1)
+        return lo, hi
+
+    def cpus_held(self) -> float:
+        """CPUs the run holds at once at its largest: each worker and its data actors."""
+        return self.scaling.workers[1] * (self.scaling.cpus_per_worker + self.data.data_actors * self.data.cpus_per_actor)
+
+    @property
+    def run_storage(self) -> str:
+        return self.storage_path or str(Path(self.output_dir).resolve() / "ray_results")
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    output_dir: str
+    data: DataSection
+    model: dict[str, Any] = field(default_factory=dict)         # ModelConfig fields
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "one_to_k"})
+    train: TrainSection = field(default_factory=TrainSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    storage_path: str | None = None
+    name: str = "pretrain"
+
+    SECTIONS = {"data": DataSection, "train": TrainSection, "scaling": ScalingSection}
+    MAPPINGS = ("model", "objective")
+
+    def validate(self) -> "PretrainConfig":
+        d, t, s = self.data, self.train, self.scaling
+        d.languages = validate_languages(d.languages, known=None)
+        if d.captions_per_image is None:
+            d.captions_per_image = len(d.languages)
+        check_range("data.captions_per_image", d.captions_per_image, 1, len(d.languages))
+        check_range("data.image_size", d.image_size, 32, 2048)
+        lo, hi = self.check_shared()
+        check_range("train.batch_size", t.batch_size, 2)
         check_range("train.warmup", t.warmup, 0)
         check_range("train.checkpoint_every", t.checkpoint_every, 0)
         check_range("train.num_to_keep", t.num_to_keep, 1)
@@ -180,7 +205,6 @@ class PretrainConfig:
             train_transform(d)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"data: {exc} (crop_scale, interpolation, hflip, randaugment)") from None
-        check_range("train.log_every", t.log_every, 1)
         if (t.pause_after_epoch is None) != (t.pause_until is None):
             raise ConfigError("train.pause_after_epoch and train.pause_until go together")
         check_range("scaling.cpus_per_worker", s.cpus_per_worker, 0.01)
@@ -211,16 +235,6 @@ class PretrainConfig:
             except ValueError as exc:
                 raise ConfigError(f"model: {exc}") from None
         return self
-
-    def cpus_held(self) -> float:
-        """CPUs the run holds at once at its largest: each worker and its data actors."""
-        return self.scaling.workers[1] * (self.scaling.cpus_per_worker + self.data.data_actors * self.data.cpus_per_actor)
-
-    @property
-    def run_storage(self) -> str:
-        return self.storage_path or str(Path(self.output_dir).resolve() / "ray_results")
-
-
 
 def fill_text_config(model: dict[str, Any], tokenizer) -> dict[str, Any]:
     """A text encoder built from a config takes its vocabulary size and special ids from the

@@ -312,7 +312,8 @@ class WorkerLoop:
             metrics.update(self.validate())
             self.keep_best(metrics, epoch)
         if self.rank == 0 and self.best is not None:
-            metrics["best/r_mean"], metrics["best/step"] = self.best["score"], self.best["step"]
+            name = self.best.get("metric", "val/r_mean").rsplit("/", 1)[-1]      # r_mean (CCRK), t2i_sumr (NRCCR)
+            metrics[f"best/{name}"], metrics["best/step"] = self.best["score"], self.best["step"]
         if self.writer is not None:
             for name, value in metrics.items():
                 if name not in ("epoch", "step", "world_size") and isinstance(value, (int, float)):
@@ -422,8 +423,12 @@ def log_epoch(metrics: dict[str, Any], epochs: int) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's entry point: ``config["loop"]`` is the run's ``LoopConfig``."""
-    cfg: LoopConfig = config["loop"]
+    return run_worker(WorkerLoop, config["loop"])
+
+
+def run_worker(loop_class: type[WorkerLoop], cfg) -> dict[str, Any]:
+    """A worker's logging set up as the command's, then ``loop_class(cfg).run()``."""
     setup_logging(cfg.verbosity)
     # Ray Train logs each report at INFO under a logger named by its file, not under "ray.train"
     quiet_ray_loggers(_train_context.__file__)
-    return WorkerLoop(cfg).run()
+    return loop_class(cfg).run()

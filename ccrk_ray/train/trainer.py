@@ -34,9 +34,11 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"     # Ray Train V2's record of com
 
 def build_trainer(loop: LoopConfig, *, storage_path: str, name: str,
                   num_workers: tuple[int, int] = (1, 2), cpus_per_worker: float = 1.0, use_gpu: bool = False,
-                  max_failures: int = 0, num_to_keep: int = 2, callbacks: list | None = None) -> TorchTrainer:
+                  max_failures: int = 0, num_to_keep: int = 2, callbacks: list | None = None,
+                  train_fn=train_loop_per_worker) -> TorchTrainer:
     """``callbacks``: Ray Train callbacks for the RunConfig (``ccrk tune`` passes its report to
-    Tune and a record of the worker group's placement group)."""
+    Tune and a record of the worker group's placement group); ``train_fn``: the per-worker loop
+    (NRCCR's: ``ccrk_ray.train.nrccr.nrccr_loop_per_worker``)."""
     lo, hi = num_workers
     if not 1 <= lo <= hi:
         raise ValueError(f"worker range must satisfy 1 <= min <= max, got {num_workers}")
@@ -52,7 +54,7 @@ def build_trainer(loop: LoopConfig, *, storage_path: str, name: str,
         # with --verbose
         logging_config=ray.train.LoggingConfig(log_level="INFO" if verbosity() > 0 else "WARNING"),
     )
-    return TorchTrainer(train_loop_per_worker, train_loop_config={"loop": loop}, scaling_config=scaling,
+    return TorchTrainer(train_fn, train_loop_config={"loop": loop}, scaling_config=scaling,
                         run_config=run)
 
 
