@@ -42,9 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="translation error rates, comma-separated (default: 0,0.5)")
     d.add_argument("--variants", type=lambda t: tuple(x for x in t.split(",") if x), default=tuple(VARIANTS),
                    help=f"comma-separated among {','.join(VARIANTS)} (default: all)")
+    d.add_argument("--errors", default="systematic", choices=["systematic", "random"],
+                   help="how a wrong translation errs: the same word always mistranslated the same way "
+                        "(default), or at random")
     d.add_argument("--train-items", type=int, default=400)
     d.add_argument("--val-items", type=int, default=60)
-    d.add_argument("--test-items", type=int, default=100)
+    d.add_argument("--test-items", type=int, default=300)
     d.add_argument("--epochs", type=int, default=6)
     d.add_argument("--seed", type=int, default=0)
 
@@ -70,7 +73,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.action == "demo":
         try:
-            cfg = NRCCRDemoConfig(out=args.out, noise=args.noise, variants=args.variants, train_items=args.train_items,
+            cfg = NRCCRDemoConfig(out=args.out, noise=args.noise, variants=args.variants, errors=args.errors,
+                                  train_items=args.train_items,
                                   val_items=args.val_items, test_items=args.test_items, epochs=args.epochs,
                                   seed=args.seed)
         except ValueError as exc:

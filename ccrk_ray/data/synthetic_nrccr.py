@@ -4,8 +4,9 @@ FeatureData BigFile) so that ``convert_nrccr`` reads it as it reads the real thi
 Each item is a scene (``ccrk_ray.data.synthetic``) whose "image feature" is a fixed random
 projection of its attributes plus Gaussian noise. Training captions: the English ``source`` of the
 true scene; its machine ``translation`` into the target language, which with probability ``noise``
-per caption is wrong — one attribute swapped for another value (the colour, kind, count or size)
-and, at the same rate, an optional detail dropped; the ``back_translation`` into English carries
+per caption is wrong — one attribute (the colour, kind, count or size) mistranslated, the same
+way every time by default (``errors="systematic"``: blue always becomes green, as a translation
+system errs consistently) or at random — and an optional detail dropped; the ``back_translation`` into English carries
 the translation's errors (it is made from the same corrupted scene). Validation / test captions:
 the ``native`` target-language caption of the true scene (people wrote it) and its English
 translation ``native_en`` (clean). Nothing is downloaded; everything depends only on the seed.
@@ -40,22 +41,33 @@ def projection(dim: int = FEATURE_DIM, seed: int = 1234) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(width, dim)).astype(np.float32) / np.sqrt(width)
 
 
-def corrupt(scene: Scene, rng: np.random.Generator) -> Scene:
-    """The scene with one swappable attribute changed to another value."""
+ERRORS = ("systematic", "random")
+
+
+def corrupt(scene: Scene, rng: np.random.Generator, errors: str = "systematic") -> Scene:
+    """The scene with one swappable attribute changed: ``systematic`` — to the value after it
+    (blue is always rendered green, a circle always a square: a word mistranslated the same way
+    every time, as machine translation errs), ``random`` — to any other value."""
     name = SWAPPABLE[int(rng.integers(len(SWAPPABLE)))]
-    others = [v for v in ATTRIBUTES[name] if v != getattr(scene, name)]
-    values = {f: getattr(scene, f) for f in ATTRIBUTES}
-    values[name] = others[int(rng.integers(len(others)))]
-    return Scene(**values)
+    allowed, current = ATTRIBUTES[name], getattr(scene, name)
+    if errors == "systematic":
+        wrong = allowed[(allowed.index(current) + 1) % len(allowed)]
+    else:
+        others = [v for v in allowed if v != current]
+        wrong = others[int(rng.integers(len(others)))]
+    return Scene(**{**{f: getattr(scene, f) for f in ATTRIBUTES}, name: wrong})
 
 
 def write_split(root: str | Path, split: str, num_items: int, *, language: str = "de", noise: float = 0.0,
-                captions_per_item: int = 2, seed: int = 0, feature_noise: float = 0.1) -> dict[str, Path]:
+                errors: str = "systematic", captions_per_item: int = 2, seed: int = 0,
+                feature_noise: float = 0.3) -> dict[str, Path]:
     """Write ``root/TextData/<split>_<tag>.txt`` for every view and ``root/FeatureData/<split>``;
     returns {view: caption file} (training views for ``split == "train"``, query views otherwise)
     plus ``"features"``."""
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {', '.join(ERRORS)}, got {errors!r}")
     root = Path(root)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
     proj = projection()
@@ -70,7 +82,7 @@ def write_split(root: str | Path, split: str, num_items: int, *, language: str =
             mention = frozenset(a for a in OPTIONAL_ATTRIBUTES if rng.random() < 0.7)
             if split == "train":
                 wrong = rng.random() < noise
-                seen = corrupt(scene, rng) if wrong else scene
+                seen = corrupt(scene, rng, errors) if wrong else scene
                 said = (mention - {sorted(mention)[int(rng.integers(len(mention)))]}
                         if wrong and mention else mention)
                 texts = {"source": caption(scene, "en", mention), "translation": caption(seen, language, said),

@@ -25,7 +25,7 @@ from ccrk_ray.core.files import prepare_out_dir
 from ccrk_ray.core.log import get_logger
 from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data.nrccr import convert_nrccr, read_captions
-from ccrk_ray.data.synthetic_nrccr import write_split
+from ccrk_ray.data.synthetic_nrccr import ERRORS, write_split
 from ccrk_ray.data.tokenizer import train_tokenizer
 from ccrk_ray.objectives.losses import NRCCR_WEIGHTS
 from ccrk_ray.tasks.nrccr import evaluate_nrccr
@@ -50,9 +50,10 @@ class NRCCRDemoConfig:
     out: str
     noise: tuple[float, ...] = (0.0, 0.5)
     variants: tuple[str, ...] = tuple(VARIANTS)
+    errors: str = "systematic"
     train_items: int = 400
     val_items: int = 60
-    test_items: int = 100
+    test_items: int = 300
     captions_per_item: int = 2
     language: str = "de"
     epochs: int = 6
@@ -70,6 +71,8 @@ class NRCCRDemoConfig:
         check_range("--epochs", self.epochs, 1)
         for p in self.noise:
             check_range("--noise", p, 0.0, 1.0)
+        if self.errors not in ERRORS:
+            raise ValueError(f"--errors must be one of {', '.join(ERRORS)}, got {self.errors!r}")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
@@ -80,7 +83,7 @@ def make_data(cfg: NRCCRDemoConfig, root: Path, noise: float) -> dict[str, str]:
     out = {}
     for split, n in (("train", cfg.train_items), ("val", cfg.val_items), ("test", cfg.test_items)):
         files = write_split(root / "raw", split, n, language=cfg.language, noise=noise if split == "train" else 0.0,
-                            captions_per_item=cfg.captions_per_item, seed=cfg.seed)
+                            errors=cfg.errors, captions_per_item=cfg.captions_per_item, seed=cfg.seed)
         views = {k: v for k, v in files.items() if k != "features"}
         convert_nrccr(views, root / split, language=cfg.language, split=split, features=files["features"],
                       rows_per_shard=max(n // 4, 8))

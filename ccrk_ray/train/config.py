@@ -151,6 +151,12 @@ class RunConfig:
         check_range("train.eval_every", t.eval_every, 1)
         check_range("train.lr", t.lr, 1e-10, 10.0)
         check_range("train.log_every", t.log_every, 1)
+        check_range("train.checkpoint_every", t.checkpoint_every, 0)
+        check_range("train.num_to_keep", t.num_to_keep, 1)
+        if t.max_steps is not None:
+            check_range("train.max_steps", t.max_steps, 1)
+        if (t.pause_after_epoch is None) != (t.pause_until is None):
+            raise ConfigError("train.pause_after_epoch and train.pause_until go together")
         return lo, hi
 
     def cpus_held(self) -> float:
@@ -186,10 +192,6 @@ class PretrainConfig(RunConfig):
         lo, hi = self.check_shared()
         check_range("train.batch_size", t.batch_size, 2)
         check_range("train.warmup", t.warmup, 0)
-        check_range("train.checkpoint_every", t.checkpoint_every, 0)
-        check_range("train.num_to_keep", t.num_to_keep, 1)
-        if t.max_steps is not None:
-            check_range("train.max_steps", t.max_steps, 1)
         if t.schedule not in ("cosine", "linear"):
             raise ConfigError(f"train.schedule must be cosine or linear, got {t.schedule!r}")
         if t.precision not in PRECISIONS:
@@ -205,8 +207,6 @@ class PretrainConfig(RunConfig):
             train_transform(d)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"data: {exc} (crop_scale, interpolation, hflip, randaugment)") from None
-        if (t.pause_after_epoch is None) != (t.pause_until is None):
-            raise ConfigError("train.pause_after_epoch and train.pause_until go together")
         check_range("scaling.cpus_per_worker", s.cpus_per_worker, 0.01)
         check_range("scaling.max_failures", s.max_failures, -1)
         check_range("data.cpus_per_actor", d.cpus_per_actor, 0.01)

@@ -259,6 +259,7 @@ class WorkerLoop:
         if not exhausted:   # stopped by max_steps: the epoch is over anyway when no full step is left
             left = sum(s.rows for s in phase.streams()[self.rank]) - consumed
             exhausted = all_min(int(left >= self.batch_size * self.accum)) == 0
+        self.epoch_complete = exhausted
         metrics = self.finish_epoch(epoch, tally)
         # An epoch cut short by max_steps keeps its position; a finished one starts the next afresh.
         self.checkpoint(None if exhausted else phase, consumed, epoch + 1 if exhausted else epoch, metrics)

@@ -22,6 +22,7 @@ global batch must divide by every worker count of ``scaling.workers``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -241,12 +242,15 @@ class NRCCRWorkerLoop(WorkerLoop):
         for col in ("_key", "_epoch", "_cycle"):
             b.pop(col, None)
         emb = self.forward(b)
-        # the discriminator first, on detached token states (its gradients averaged over the ranks) ...
-        self.disc_optimizer.zero_grad(set_to_none=True)
-        disc_loss = NRCCRLoss.discriminator_loss(emb, self.disc)
-        disc_loss.backward()
-        average_gradients(self.disc.parameters())
-        self.disc_optimizer.step()
+        terms = {}
+        if self.loss.config.weights["adversarial"] > 0:
+            # the discriminator first, on detached token states (its gradients averaged over the ranks) ...
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss = NRCCRLoss.discriminator_loss(emb, self.disc)
+            disc_loss.backward()
+            average_gradients(self.disc.parameters())
+            self.disc_optimizer.step()
+            terms["discriminator"] = disc_loss.detach()
         # ... then the encoders against the updated discriminator, as the reference
         out = self.loss(emb, self.disc)
         self.optimizer.zero_grad(set_to_none=True)
@@ -256,7 +260,7 @@ class NRCCRWorkerLoop(WorkerLoop):
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        tally.add({**out, "discriminator": disc_loss.detach()})
+        tally.add({**out, **terms})
         tally.samples += self.batch_size * self.world
         return int(pos[-1]) + 1
 
@@ -269,6 +273,8 @@ class NRCCRWorkerLoop(WorkerLoop):
                 "val/translated_t2i_R@1": report["translated"]["t2i"]["R@1"]}
 
     def keep_best(self, metrics: dict[str, Any], epoch: int) -> None:
+        if not self.epoch_complete:     # cut short by max_steps: the epoch's end decides, after a resume
+            return
         self.epoch_decision = self.schedule.after_epoch(metrics[VAL_METRIC])
         if self.epoch_decision[1] and self.cfg.best_dir:
             self.best = BestStore(self.cfg.best_dir).save_model(
@@ -281,7 +287,8 @@ class NRCCRWorkerLoop(WorkerLoop):
         factor, _, stop = self.epoch_decision or (self.t.lr_decay, False, False)
         halved = broadcast_int(int(factor < self.t.lr_decay))
         self.stopped = bool(broadcast_int(int(stop)))
-        self.lr_scale *= self.t.lr_decay * (self.t.plateau_factor if halved else 1.0)
+        if self.epoch_complete:
+            self.lr_scale *= self.t.lr_decay * (self.t.plateau_factor if halved else 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = self.t.lr * self.lr_scale
         metrics["lr_next"] = self.t.lr * self.lr_scale
@@ -349,7 +356,10 @@ def run_nrccr_training(cfg: NRCCRTrainConfig, *, resume: bool = False,
                          caption_passes=cfg.data.caption_passes, data_actors=cfg.data.data_actors,
                          cpus_per_actor=cfg.data.cpus_per_actor, on_bad_row=cfg.data.on_bad_row,
                          endpoint_url=cfg.data.endpoint_url, run_id=uuid.uuid4().hex)
-    loop = NRCCRLoopConfig(model=model, loss=dict(cfg.loss), data=stream, train=cfg.train,
+    train = cfg.train
+    if train.pause_until:
+        train = dataclasses.replace(train, pause_until=str(out / train.pause_until))
+    loop = NRCCRLoopConfig(model=model, loss=dict(cfg.loss), data=stream, train=train,
                            threads_per_worker=int(cfg.scaling.threads_per_worker or max(1, cfg.scaling.cpus_per_worker)),
                            tensorboard_dir=str(out / "tensorboard"), val_uri=cfg.data.val,
                            best_dir=str(out / "best") if cfg.data.val else None, verbosity=verbosity(),
