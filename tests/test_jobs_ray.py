@@ -86,6 +86,11 @@ def test_entrypoints_forward_to_the_cli_and_exit_with_its_code(tmp_path):
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith("ccrk: error:") and f"{tmp_path}/none" in line, line
     assert f"ccrk evaluate: running {REPO / 'ccrk_ray'}" in res.stdout
+    # nrccr: its actions through the CLI, the variable expanded, the model named
+    res = run_entry("nrccr.py", "evaluate", "--checkpoint", "${MODEL_HOME}/none", "--data", str(tmp_path), "--out",
+                    str(tmp_path / "n"), MODEL_HOME=str(tmp_path))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"ccrk: error: --model {tmp_path}/none is not a saved model or a training checkpoint (no config.json)"]
     # convert: argparse's error through the CLI (no such format)
     res = run_entry("convert.py", "nosuchformat", "--out", str(tmp_path / "c"))
     assert res.returncode == 2 and res.stderr.startswith("ccrk: error:") and "nosuchformat" in res.stderr
