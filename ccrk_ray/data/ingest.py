@@ -1,7 +1,8 @@
 """The Ray Data side of the data path: read parquet (local, ``s3://`` or any pyarrow URI), apply the
 pure batch transform in actors, and count what was read and skipped.
 
-Only wiring lives here; the per-row work is ``ccrk_ray.data.transforms``.
+Only wiring lives here; the per-row work is ``ccrk_ray.data.transforms`` (CCRK) and
+``ccrk_ray.data.nrccr`` (NRCCR): a training stream takes either family's row transform.
 """
 
 from __future__ import annotations
