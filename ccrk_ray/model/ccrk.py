@@ -16,20 +16,18 @@ offline, including the text encoder's full HF config) and ``model.safetensors``;
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import nn
 
 from ccrk_ray.model.encoders import build_text_encoder, build_vision_encoder, vision_mean_std
 from ccrk_ray.model.fusion import FRESH_PREFIXES, FusionLayer, ITMHead, MLMHead
+from ccrk_ray.model.pretrained import Pretrained, offline_text_config
 
 # The learned ITC temperature starts at TEMPERATURE_INIT and is clamped to [MIN, MAX] when used.
 TEMPERATURE_MIN = 0.001
@@ -38,8 +36,6 @@ TEMPERATURE_INIT = 0.07
 
 TEXT_POSITIONS = ("model", "from_zero")
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -136,7 +132,10 @@ def _token_layout(features: torch.Tensor, width: int, output_fmt: str | None) ->
     return features.flatten(2).transpose(1, 2)
 
 
-class CCRKModel(nn.Module):
+class CCRKModel(Pretrained, nn.Module):
+    family = "ccrk"
+    config_class = ModelConfig
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.temperature is None:
@@ -369,29 +368,10 @@ class CCRKModel(nn.Module):
     def frozen_config(self) -> dict[str, Any]:
         """Config that rebuilds this architecture offline: no pretrained loading, full text config."""
         d = self.config.to_dict()
-        text_cfg = self.text.config.to_dict()
-        for k in ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"):
-            text_cfg.pop(k, None)
+        text_cfg = offline_text_config(self.text)
         n_text = self.text.config.num_hidden_layers
         text_cfg["num_hidden_layers"] = n_text + len(self.fusion)
         d.update(vision_pretrained=False, vision_checkpoint=None, text_name_or_path=None, text_layers_from=None,
                  mlm_head_from_pretrained=False,
                  text_pretrained=False, text_config=text_cfg, text_layers=n_text)
         return d
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(self.frozen_config(), indent=2, sort_keys=True))
-        save_model(self, str(out / WEIGHTS_NAME))
-        return out
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "CCRKModel":
-        """The saved model, in eval mode (as Hugging Face's ``from_pretrained``); ``.train()`` to train."""
-        d = Path(directory)
-        if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{d} is not a saved CCRK model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        model = cls(ModelConfig.from_dict(json.loads((d / CONFIG_NAME).read_text())))
-        load_model(model, str(d / WEIGHTS_NAME), device=map_location)
-        return model.eval()

@@ -24,22 +24,19 @@ the model (``discriminator``) but has its own optimiser.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ccrk_ray.model.ccrk import CONFIG_NAME, WEIGHTS_NAME
 from ccrk_ray.model.encoders import build_text_encoder, build_vision_encoder, vision_mean_std
+from ccrk_ray.model.pretrained import Pretrained, offline_text_config
 
 FAMILY = "nrccr"
 VISUALS = ("frames", "vector", "clip")
@@ -340,8 +337,9 @@ class LanguageDiscriminator(nn.Module):
         return self.head(pooled)
 
 
-class NRCCRModel(nn.Module):
+class NRCCRModel(Pretrained, nn.Module):
     family = FAMILY
+    config_class = NRCCRConfig
 
     def __init__(self, config: NRCCRConfig):
         super().__init__()
@@ -422,28 +420,9 @@ class NRCCRModel(nn.Module):
     def frozen_config(self) -> dict[str, Any]:
         """Config that rebuilds this architecture offline: no pretrained loading, full text config."""
         d = self.config.to_dict()
-        text_cfg = self.text.config.to_dict()
-        for k in ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"):
-            text_cfg.pop(k, None)
+        text_cfg = offline_text_config(self.text)
         d.update(text_name_or_path=None, text_pretrained=False, text_config=text_cfg, clip_pretrained=False,
                  clip_checkpoint=None)
         if self.config.visual == "clip":
             d.update(image_mean=list(self.image_mean), image_std=list(self.image_std))
         return d
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(self.frozen_config(), indent=2, sort_keys=True))
-        save_model(self, str(out / WEIGHTS_NAME))
-        return out
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "NRCCRModel":
-        """The saved model, in eval mode; ``.train()`` to train."""
-        d = Path(directory)
-        if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{d} is not a saved NRCCR model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        model = cls(NRCCRConfig.from_dict(json.loads((d / CONFIG_NAME).read_text())))
-        load_model(model, str(d / WEIGHTS_NAME), device=map_location)
-        return model.eval()

@@ -18,7 +18,8 @@ from typing import Any
 from safetensors import safe_open
 
 from ccrk_ray.core.config import ConfigError, first_line
-from ccrk_ray.model.ccrk import CONFIG_NAME, WEIGHTS_NAME, CCRKModel
+from ccrk_ray.model.ccrk import CCRKModel
+from ccrk_ray.model.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from ccrk_ray.model.nrccr import NRCCRModel
 
 PREPROCESS_FILE = "preprocess.json"

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_model as load_weights
 
 from ccrk_ray.model import CCRKModel
-from ccrk_ray.model.ccrk import WEIGHTS_NAME
+from ccrk_ray.model.pretrained import WEIGHTS_NAME
 from ccrk_ray.model.saved import CHECKPOINT_MODEL_DIR as MODEL_DIR
 
 STATE_FILE = "training_state.pt"
