@@ -198,12 +198,16 @@ def views_in(schema: pa.Schema) -> list[str]:
     return [v for v in VIEWS if text_column(v) in schema.names]
 
 
+def even_indices(n: int, max_frames: int) -> np.ndarray:
+    """Indices of at most ``max_frames`` of ``n`` frames, evenly spaced from first to last."""
+    if n <= max_frames:
+        return np.arange(n)
+    return np.linspace(0, n - 1, max_frames).round().astype(int)
+
+
 def even_frames(frames: list[str], max_frames: int) -> list[str]:
     """At most ``max_frames`` of a video's frames, evenly spaced from first to last."""
-    if len(frames) <= max_frames:
-        return list(frames)
-    picks = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
-    return [frames[i] for i in picks]
+    return [frames[i] for i in even_indices(len(frames), max_frames)]
 
 
 def _check_tag(view: str, tag: str, path: Path, language: str) -> None:
@@ -383,7 +387,8 @@ class NRCCRBatchTransform:
     def columns(self) -> list[str]:
         return [IMAGE_ID, self.item, *(text_column(v) for v in self.views)]
 
-    def _visual(self, value, item_id) -> np.ndarray:
+    def visual(self, value, item_id) -> np.ndarray:
+        """One row's item: pixels (CHW uint8) or its frames (T×D, T <= ``max_frames``), checked."""
         if self.item == IMAGE:
             return self.image_transform(decode_image(value, item_id), self.rng)
         try:
@@ -395,11 +400,10 @@ class NRCCRBatchTransform:
                               f"{self.feature_dim or 'D'}", "bad_features")
         if not np.isfinite(frames).all():
             raise BadRowError(f"row {item_id!r}: field 'features' holds non-finite values", "bad_features")
-        if len(frames) > self.max_frames:
-            frames = frames[np.linspace(0, len(frames) - 1, self.max_frames).round().astype(int)]
-        return frames
+        return frames[even_indices(len(frames), self.max_frames)]
 
-    def _captions(self, batch, i: int, item_id) -> list[str]:
+    def view_captions(self, batch, i: int, item_id) -> list:
+        """Row ``i``'s captions in each of ``views``, checked: usable and aligned (equal counts)."""
         lists = [batch[text_column(v)][i] for v in self.views]
         for v, caps in zip(self.views, lists):
             reason = captions_problem(caps)
@@ -409,6 +413,11 @@ class NRCCRBatchTransform:
         if len({len(c) for c in lists}) != 1:
             raise BadRowError(f"row {item_id!r}: its views have {[len(c) for c in lists]} captions, not aligned",
                               "missing_view_caption")
+        return lists
+
+    def _captions(self, batch, i: int, item_id) -> list[str]:
+        """One caption of the row in every view, the same k in each."""
+        lists = self.view_captions(batch, i, item_id)
         n = len(lists[0])
         if self.caption_passes > 1 and "_cycle" in batch:
             k = caption_index(int(batch["_epoch"][i]), int(batch["_key"][i]), int(batch["_cycle"][i])) % n
@@ -422,7 +431,7 @@ class NRCCRBatchTransform:
         visuals, texts, kept = [], [], []
         for i, item_id in enumerate(ids):
             try:
-                vis = self._visual(batch[self.item][i], item_id)
+                vis = self.visual(batch[self.item][i], item_id)
                 caps = self._captions(batch, i, item_id)
             except BadRowError as exc:
                 if self.on_bad_row == "raise":
@@ -432,17 +441,7 @@ class NRCCRBatchTransform:
             visuals.append(vis)
             texts.append(caps)
             kept.append(i)
-        out: dict[str, np.ndarray] = {}
-        if self.item == FEATURES:
-            d = self.feature_dim or (visuals[0].shape[1] if visuals else 1)
-            visual = np.zeros((len(visuals), self.max_frames, d), dtype=np.float32)
-            mask = np.zeros((len(visuals), self.max_frames), dtype=np.int64)
-            for j, frames in enumerate(visuals):
-                visual[j, :len(frames)], mask[j, :len(frames)] = frames, 1
-            out["visual"], out["visual_mask"] = visual, mask
-        else:
-            size = self.image_transform.image_size
-            out["visual"] = np.stack(visuals) if visuals else np.zeros((0, 3, size, size), dtype=np.uint8)
+        out = self.stack(visuals)
         for j, view in enumerate(self.views):
             if texts:
                 out[f"{view}_ids"], out[f"{view}_mask"] = self.tokenize([t[j] for t in texts])
@@ -452,6 +451,19 @@ class NRCCRBatchTransform:
             if col.startswith("_"):
                 out[col] = np.asarray(batch[col])[np.asarray(kept, dtype=np.int64)]
         return out
+
+    def stack(self, visuals: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Items as one array: ``visual`` B×``max_frames``×D with ``visual_mask`` (frames padded),
+        or ``visual`` B×3×H×W."""
+        if self.item == FEATURES:
+            d = self.feature_dim or (visuals[0].shape[1] if visuals else 1)
+            visual = np.zeros((len(visuals), self.max_frames, d), dtype=np.float32)
+            mask = np.zeros((len(visuals), self.max_frames), dtype=np.int64)
+            for j, frames in enumerate(visuals):
+                visual[j, :len(frames)], mask[j, :len(frames)] = frames, 1
+            return {"visual": visual, "visual_mask": mask}
+        size = self.image_transform.image_size
+        return {"visual": np.stack(visuals) if visuals else np.zeros((0, 3, size, size), dtype=np.uint8)}
 
 
 def load_nrccr_split(uri: str, tokenizer, *, views: Sequence[str] = QUERY_VIEWS, max_frames: int = 1,
@@ -473,11 +485,8 @@ def load_nrccr_split(uri: str, tokenizer, *, views: Sequence[str] = QUERY_VIEWS,
     visuals, kept, texts, owner = [], [], {v: [] for v in views}, []
     for i, item_id in enumerate(batch[IMAGE_ID]):
         try:
-            vis = rows._visual(batch[item][i], item_id)
-            lists = [batch[text_column(v)][i] for v in views]
-            if len({len(c) for c in lists}) != 1 or any(captions_problem(c) or not len(c) for c in lists):
-                raise BadRowError(f"row {item_id!r}: its views' captions are missing, bad or not aligned",
-                                  "missing_view_caption")
+            vis = rows.visual(batch[item][i], item_id)
+            lists = rows.view_captions(batch, i, item_id)
         except BadRowError as exc:
             if on_bad_row == "raise":
                 raise
@@ -491,15 +500,7 @@ def load_nrccr_split(uri: str, tokenizer, *, views: Sequence[str] = QUERY_VIEWS,
     if not kept:
         raise DataError(f"{uri}: no usable rows ({rows.skipped.summary()})")
     out = {IMAGE_ID: np.asarray(kept, dtype=object), "owner": np.asarray(owner, dtype=np.int64),
-           "skipped": dict(rows.skipped.counts)}
-    if item == FEATURES:
-        d = feature_dim or visuals[0].shape[1]
-        out["visual"] = np.zeros((len(visuals), max_frames, d), dtype=np.float32)
-        out["visual_mask"] = np.zeros((len(visuals), max_frames), dtype=np.int64)
-        for j, frames in enumerate(visuals):
-            out["visual"][j, :len(frames)], out["visual_mask"][j, :len(frames)] = frames, 1
-    else:
-        out["visual"] = np.stack(visuals)
+           "skipped": dict(rows.skipped.counts), **rows.stack(visuals)}
     for v in views:
         out[f"{v}_ids"], out[f"{v}_mask"] = tokenizer(texts[v])
     return out

@@ -17,7 +17,8 @@ from ccrk_ray.data.nrccr import LANGUAGE, load_nrccr_split
 from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.eval.nrccr import evaluate_languages
-from ccrk_ray.model.saved import Preprocess, load_model, resolve_model_dir
+from ccrk_ray.model.nrccr import NRCCRModel
+from ccrk_ray.model.saved import Preprocess, resolve_model_dir
 from ccrk_ray.train.nrccr import NRCCRTrainConfig, check_nrccr_data, run_nrccr_training
 
 log = get_logger(__name__)
@@ -60,7 +61,7 @@ def evaluate_nrccr(model_path: str | Path, data: str | Mapping[str, str], out: s
     if not 0.0 <= weight <= 1.0:
         raise ConfigError(f"fusion weight must be in [0, 1], got {weight}")
     directory = resolve_model_dir(model_path, family="nrccr")
-    model = load_model(directory, family="nrccr")
+    model = NRCCRModel.from_pretrained(directory)
     pre = Preprocess.read(directory)
     length = max_length or pre.max_length
     if not length:
