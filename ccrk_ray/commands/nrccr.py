@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--fusion-weight", type=float, default=0.5, help="the native query's share (default: %(default)s)")
     e.add_argument("--tokenizer", default=None, help="default: the tokenizer saved with the model")
     e.add_argument("--max-length", type=int, default=None, help="default: the model's preprocess.json")
+    e.add_argument("--actors", type=int, default=0,
+                   help="rank on N Ray eval actors (RAY_ADDRESS's cluster or a local one), in two passes that "
+                        "never hold a score matrix; 0 (default): in this process, the same two passes")
     d = sub.add_parser("demo", help="NRCCR's claim on synthetic noisy translations: four objectives x noise levels",
                        description="Synthetic scenes whose machine translations are wrong at rate p; triplet-only, "
                                    "+back-translation, +distillation and full NRCCR trained on Ray with one budget; "
@@ -90,6 +93,6 @@ def main(args: argparse.Namespace) -> int:
         print(result["table"], flush=True)
         return 0
     report = evaluate_nrccr(args.model, _data(args.data), args.out, weight=args.fusion_weight,
-                            tokenizer=args.tokenizer, max_length=args.max_length)
+                            tokenizer=args.tokenizer, max_length=args.max_length, actors=args.actors)
     print(format_report(report), flush=True)
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +18,8 @@ import ray.data
 from ccrk_ray.core.log import bars_enabled, get_logger, progress
 from ccrk_ray.eval.ranks import RankSet
 from ccrk_ray.eval.retrieval import (Captions, Embedder, LanguageView, ShardRanks, Task, check_inputs, check_tasks,
-                                     itm_scores, merge_tasks, pair_indices, plan_tasks, rank_task, true_scores)
+                                     itm_scores, merge_ranges, merge_tasks, pair_indices, plan_tasks, rank_task,
+                                     score_range_task, true_scores)
 
 
 log = get_logger(__name__)
@@ -175,9 +177,15 @@ class RankActor:
         self.views: dict[int, LanguageView] = {}
 
     def rank(self, task: Task, k_test: int | None, tile: int | None = None) -> ShardRanks:
+        return rank_task(self._view(task), task, k_test=k_test, rescore=self.rescore, tile=tile)
+
+    def score_range(self, task: Task) -> tuple[float, float]:
+        return score_range_task(self._view(task), task)
+
+    def _view(self, task: Task) -> LanguageView:
         if task.column not in self.views:
             self.views[task.column] = LanguageView.build(self.image_emb, self.captions, self.true, task.column)
-        return rank_task(self.views[task.column], task, k_test=k_test, rescore=self.rescore, tile=tile)
+        return self.views[task.column]
 
     def peak_rss_bytes(self) -> int:
         """This actor process's peak resident memory (shared object-store pages included)."""
@@ -216,47 +224,101 @@ def rank_on_actors(image_emb: np.ndarray, text_emb, *, languages: Sequence[str] 
     check_tasks(tasks, captions, columns, two_stage=rescore is not None)
     t0 = time.perf_counter()
     true = true_scores(image_emb, captions)
+    pool = _start_actors(image_emb, captions, true, rescore, min(num_actors, len(tasks)), cpus_per_actor)
+    try:
+        parts = _run_tasks(pool, tasks, lambda actor, task: actor.rank.remote(task, k_test, tile), captions,
+                           timeout_s, "ranking")
+        if stats is not None:
+            stats.update(seconds=time.perf_counter() - t0, tasks=list(tasks),
+                         actor_peak_rss_bytes=ray.get([a.peak_rss_bytes.remote() for a in pool]),
+                         actor_cpu_seconds=ray.get([a.cpu_seconds.remote() for a in pool]))
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+    views = {j: LanguageView.build(image_emb, captions, true, j) for j in columns}
+    return merge_tasks([part for _, part in parts], views, captions, image_emb.shape[0])
+
+
+def score_ranges_on_actors(image_emb: np.ndarray, captions: Captions, *, num_actors: int = 1,
+                           chunk: int | None = None, cpus_per_actor: float = 1.0,
+                           timeout_s: float | None = None) -> dict[str, tuple[float, float]]:
+    """{language: (min, max)} of each language's captions × gallery scores, on ``num_actors``
+    eval actors (``score_range_task`` over the tasks ``rank_on_actors`` would plan): the first
+    pass of a fused evaluation. Only two numbers per task come back."""
+    captions, columns = check_inputs(image_emb, captions)
+    tasks = plan_tasks(image_emb, captions, columns, num_actors, two_stage=False, chunk=chunk)
+    true = true_scores(image_emb, captions)
+    pool = _start_actors(image_emb, captions, true, None, min(num_actors, len(tasks)), cpus_per_actor)
+    try:
+        parts = _run_tasks(pool, tasks, lambda actor, task: actor.score_range.remote(task), captions,
+                           timeout_s, "score ranges")
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+    return merge_ranges(parts, captions)
+
+
+@dataclass
+class ActorRanking:
+    """``InProcessRanking``'s pair (rank, score ranges) on eval actors."""
+
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    timeout_s: float | None = None
+
+    def rank(self, image_emb: np.ndarray, captions: Captions) -> RankSet:
+        return rank_on_actors(image_emb, captions, num_actors=self.num_actors, cpus_per_actor=self.cpus_per_actor,
+                              timeout_s=self.timeout_s)
+
+    def score_ranges(self, image_emb: np.ndarray, captions: Captions) -> dict[str, tuple[float, float]]:
+        return score_ranges_on_actors(image_emb, captions, num_actors=self.num_actors,
+                                      cpus_per_actor=self.cpus_per_actor, timeout_s=self.timeout_s)
+
+
+def _start_actors(image_emb: np.ndarray, captions: Captions, true: np.ndarray, rescore, count: int,
+                  cpus_per_actor: float) -> list:
+    """``count`` RankActors sharing one copy of the gallery (and ``rescore``) in the object store."""
     refs = [ray.put(np.ascontiguousarray(image_emb, dtype=np.float32)), ray.put(captions), ray.put(true),
             ray.put(rescore) if rescore is not None else None]
     # Ray sets OMP_NUM_THREADS (which OpenBLAS follows) to the actor's CPUs; a runtime_env with
     # thread variables instead made actor start-up 3-4x slower here.
     actor_cls = ray.remote(RankActor).options(num_cpus=cpus_per_actor)
-    actors = [actor_cls.remote(*refs) for _ in range(min(num_actors, len(tasks)))]
-    pending: dict[ray.ObjectRef, tuple[Any, Task]] = {}
+    return [actor_cls.remote(*refs) for _ in range(count)]
+
+
+def _run_tasks(pool: list, tasks: Sequence[Task], call, captions: Captions, timeout_s: float | None,
+               desc: str) -> list:
+    """Every task's result, the actors taking the next task as they finish (``call(actor, task)``
+    submits one). An error inside an actor is re-raised here naming the task; ``timeout_s`` bounds
+    the whole run. The caller stops the actors."""
     todo = list(tasks)
-    parts: list[ShardRanks] = []
-    bar = progress(total=len(tasks), desc="ranking", unit="task", disable=not bars_enabled())
+    pending: dict[ray.ObjectRef, tuple[Any, Task]] = {}
+    parts: list = []
+    bar = progress(total=len(tasks), desc=desc, unit="task", disable=not bars_enabled())
     try:
-        for actor in actors:
+        for actor in pool:
             if todo:
                 task = todo.pop(0)
-                pending[actor.rank.remote(task, k_test, tile)] = (actor, task)
+                pending[call(actor, task)] = (actor, task)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             if not done:
-                raise TimeoutError(f"ranking did not finish in {timeout_s} s; tasks still running: "
+                raise TimeoutError(f"{desc} did not finish in {timeout_s} s; tasks still running: "
                                    f"{[_describe(t, captions) for _, t in pending.values()]}")
             actor, task = pending.pop(done[0])
             try:
-                parts.append(ray.get(done[0]))
+                parts.append((task, ray.get(done[0])))
             except ray.exceptions.RayTaskError as exc:
                 raise _with_task(exc, _describe(task, captions)) from exc
             bar.update(1)
             if todo:
                 nxt = todo.pop(0)
-                pending[actor.rank.remote(nxt, k_test, tile)] = (actor, nxt)
-        if stats is not None:
-            stats.update(seconds=time.perf_counter() - t0, tasks=list(tasks),
-                         actor_peak_rss_bytes=ray.get([a.peak_rss_bytes.remote() for a in actors]),
-                         actor_cpu_seconds=ray.get([a.cpu_seconds.remote() for a in actors]))
-        views = {j: LanguageView.build(image_emb, captions, true, j) for j in columns}
-        return merge_tasks(parts, views, captions, image_emb.shape[0])
+                pending[call(actor, nxt)] = (actor, nxt)
+        return parts
     finally:
         bar.close()
-        for actor in actors:
-            ray.kill(actor)
 
 
 def _describe(task: Task, captions: Captions) -> str:

@@ -1,9 +1,11 @@
 """NRCCR evaluation: a native-language query and its English machine translation are both scored
 against every item, each score matrix min–max normalised over the whole matrix and mixed with
-weight w (``ccrk_ray.metrics.fuse_scores``; the reference tests with w = 0.5 and validates with
-0.2). Reported per language with ``retrieval_metrics`` (every caption a text→item query; an item's
-best-ranked caption for item→text), for the fused scores and for each query alone; MRV over the
-languages' common items when several test sets are given.
+weight w (``ccrk_ray.metrics.fuse_scores`` defines it; the reference tests with w = 0.5 and
+validates with 0.2). Computed in two passes that never hold a score matrix (``rank_split``), in
+this process or on the eval actors, and reported per language as ``retrieval_metrics`` does
+(every caption a text→item query; an item's best-ranked caption for item→text), for the fused
+scores and for each query alone; MRV over the languages' common items when several test sets are
+given.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import numpy as np
 import torch
 
 from ccrk_ray.data.schema import IMAGE_ID
-from ccrk_ray.metrics import fuse_scores, item_ranks_for_mrv, mean_rank_variance, retrieval_metrics
+from ccrk_ray.eval.ranks import RankSet
+from ccrk_ray.eval.retrieval import Captions, InProcessRanking
+from ccrk_ray.metrics import item_ranks_from_rivals, mean_rank_variance
 from ccrk_ray.model.nrccr import NRCCRModel
 
 
@@ -40,35 +44,80 @@ def embed_split(model: NRCCRModel, split: Mapping[str, np.ndarray], views=("nati
     return out
 
 
-def split_scores(model: NRCCRModel, split: Mapping[str, np.ndarray], batch_size: int = 256) -> dict[str, np.ndarray]:
-    """(native, translated) query × item cosine scores of a split."""
-    emb = embed_split(model, split, batch_size=batch_size)
-    return {"native": emb["native"] @ emb["items"].T, "translated": emb["native_en"] @ emb["items"].T}
+def fused_queries(native: np.ndarray, translated: np.ndarray, weight: float, native_range: tuple[float, float],
+                  translated_range: tuple[float, float]) -> np.ndarray:
+    """Query embeddings whose scores with the items rank exactly as ``fuse_scores`` does. Min–max
+    normalisation is affine, so for item v: w·(n·v − lo_n)/(hi_n − lo_n) + (1 − w)·(t·v − lo_t)/(hi_t − lo_t)
+    = (a·n + b·t)·v + c with a = w/(hi_n − lo_n), b = (1 − w)/(hi_t − lo_t) and c the same for every
+    (query, item) pair, which no rank sees. The fused matrix then never exists: the eval actors
+    rank these queries like any others. A matrix without spread (hi = lo) contributes nothing, as
+    in ``fuse_scores``."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"fusion weight must be in [0, 1], got {weight}")
+    if native.shape != translated.shape:
+        raise ValueError(f"native queries {native.shape} and translated queries {translated.shape} differ in shape")
+
+    def scale(share, rng):
+        lo, hi = rng
+        return share / (hi - lo) if hi > lo else 0.0
+
+    out = scale(weight, native_range) * native.astype(np.float64) \
+        + scale(1.0 - weight, translated_range) * translated.astype(np.float64)
+    return out.astype(np.float32)
 
 
-def fused_report(scores: Mapping[str, np.ndarray], owner: np.ndarray, weight: float) -> dict[str, Any]:
-    """Metrics of the fused scores (top level) and of each query alone (``native``, ``translated``)."""
-    fused = fuse_scores(scores["native"], scores["translated"], weight)
-    out = retrieval_metrics(fused, owner)
+QUERIES = ("native", "translated", "fused")
+
+
+def rank_split(items: np.ndarray, native: np.ndarray, translated: np.ndarray, owner: np.ndarray, weight: float,
+               ranking=None) -> RankSet:
+    """Ranks of one split's native queries, their translations and the fused pair, as the three
+    "languages" of a ``RankSet`` (``QUERIES``). Two passes over the query × item scores: each
+    matrix's (min, max) (``ranking.score_ranges``), then ranking with ``fused_queries``
+    (``ranking.rank``). ``ranking``: ``InProcessRanking`` (default) or the eval actors'
+    ``ActorRanking``; neither holds a whole score matrix."""
+    ranking = ranking or InProcessRanking()
+    owner = np.asarray(owner, dtype=np.int64)
+    m = len(owner)
+    pair = Captions(np.concatenate([native, translated]), np.r_[owner, owner], [0, m, 2 * m], QUERIES[:2])
+    ranges = ranking.score_ranges(items, pair)
+    fused = fused_queries(native, translated, weight, ranges["native"], ranges["translated"])
+    three = Captions(np.concatenate([native, translated, fused]), np.r_[owner, owner, owner], [0, m, 2 * m, 3 * m],
+                     QUERIES)
+    return ranking.rank(items, three)
+
+
+def language_report(ranks: RankSet, weight: float) -> dict[str, Any]:
+    """Metrics of the fused queries (top level) and of each query alone (``native``, ``translated``),
+    with the query and candidate counts of both directions."""
+    out = ranks.languages["fused"].metrics()
     out["fusion_weight"] = weight
-    out["native"] = retrieval_metrics(scores["native"], owner)
-    out["translated"] = retrieval_metrics(scores["translated"], owner)
-    out["t2i"]["num_queries"] = out["i2t"]["num_candidates"] = int(len(owner))
-    out["t2i"]["num_candidates"] = out["i2t"]["num_queries"] = int(fused.shape[1])
+    for view in QUERIES[:2]:
+        out[view] = ranks.languages[view].metrics()
+    captions = ranks.languages["fused"].num_captions
+    out["t2i"]["num_queries"] = out["i2t"]["num_candidates"] = int(captions)
+    out["t2i"]["num_candidates"] = out["i2t"]["num_queries"] = int(ranks.num_images)
     return out
 
 
+def evaluate_split(model: NRCCRModel, split: Mapping[str, np.ndarray], weight: float, ranking=None) -> RankSet:
+    """``rank_split`` of a loaded split, embedded here."""
+    emb = embed_split(model, split)
+    return rank_split(emb["items"], emb["native"], emb["native_en"], split["owner"], weight, ranking)
+
+
 def evaluate_languages(model: NRCCRModel, splits: Mapping[str, Mapping[str, np.ndarray]],
-                       weight: float = 0.5) -> dict[str, Any]:
-    """{language: loaded split} → ``{"languages": {lang: fused_report}, "mean": {...}, "mrv": ...}``.
+                       weight: float = 0.5, ranking=None) -> dict[str, Any]:
+    """{language: loaded split} → ``{"languages": {lang: language_report}, "mean": {...}, "mrv": ...}``.
     MRV (rank std across languages per item, averaged) over the items every language has, from the
-    fused scores."""
+    fused ranks (``ccrk_ray.metrics`` defines an item's rank with several captions)."""
     report: dict[str, Any] = {"languages": {}, "fusion_weight": weight}
-    ranks: dict[str, dict[str, dict[str, int]]] = {}
+    ranks: dict[str, dict[str, dict[str, float]]] = {}
     for lang, split in splits.items():
-        scores = split_scores(model, split)
-        report["languages"][lang] = fused_report(scores, split["owner"], weight)
-        t2i, i2t = item_ranks_for_mrv(fuse_scores(scores["native"], scores["translated"], weight), split["owner"])
+        result = evaluate_split(model, split, weight, ranking)
+        report["languages"][lang] = language_report(result, weight)
+        fused = result.languages["fused"]
+        t2i, i2t = item_ranks_from_rivals(fused.t2i, fused.i2t, fused.own, fused.owner, result.num_images)
         ids = [str(i) for i in split[IMAGE_ID]]
         ranks[lang] = {"t2i": dict(zip(ids, t2i.tolist())), "i2t": dict(zip(ids, i2t.tolist()))}
     langs = list(report["languages"])

@@ -665,6 +665,52 @@ def rank_sharded(image_emb: np.ndarray, text_emb, *, languages: Sequence[str] | 
     return merge_tasks(parts, views, captions, image_emb.shape[0])
 
 
+def score_range_task(view: LanguageView, task: Task) -> tuple[float, float]:
+    """(min, max) of the scores of a "t2i" task's captions with every image of the language's
+    gallery, ``task.chunk`` rows at a time in float64: the first pass of a fused evaluation
+    (``ccrk_ray.eval.nrccr``), which normalises each whole score matrix by its range."""
+    if task.kind != "t2i" or not 0 <= task.start < task.stop <= view.num_captions:
+        raise ValueError(f"a score range needs caption queries of the language, got {task}")
+    images = view.images.astype(np.float64)
+    lo, hi = np.inf, -np.inf
+    for c0 in range(task.start, task.stop, task.chunk):
+        scores = view.captions[c0:min(task.stop, c0 + task.chunk)].astype(np.float64) @ images.T
+        lo, hi = min(lo, float(scores.min())), max(hi, float(scores.max()))
+    return lo, hi
+
+
+def merge_ranges(parts: Sequence[tuple[Task, tuple[float, float]]], captions: Captions) -> dict[str, tuple[float, float]]:
+    """Per language, the (min, max) over its tasks' ranges."""
+    out: dict[str, tuple[float, float]] = {}
+    for task, (lo, hi) in parts:
+        lang = captions.languages[task.column]
+        old = out.get(lang, (np.inf, -np.inf))
+        out[lang] = (min(old[0], lo), max(old[1], hi))
+    return out
+
+
+def score_ranges_sharded(image_emb: np.ndarray, captions: Captions, *, num_shards: int = 1,
+                         chunk: int | None = None) -> dict[str, tuple[float, float]]:
+    """Single-process driver of ``score_range_task``: {language: (min, max)} of each language's
+    captions × gallery scores, what ``ccrk_ray.eval.actors.score_ranges_on_actors`` computes on actors."""
+    captions, columns = check_inputs(image_emb, captions)
+    true = true_scores(image_emb, captions)
+    views = {j: LanguageView.build(image_emb, captions, true, j) for j in columns}
+    tasks = plan_tasks(image_emb, captions, columns, num_shards, two_stage=False, chunk=chunk)
+    return merge_ranges([(t, score_range_task(views[t.column], t)) for t in tasks], captions)
+
+
+class InProcessRanking:
+    """Ranking and score ranges in this process (``rank_sharded``, ``score_ranges_sharded``);
+    ``ccrk_ray.eval.actors.ActorRanking`` is the same pair on eval actors."""
+
+    def rank(self, image_emb: np.ndarray, captions: Captions) -> RankSet:
+        return rank_sharded(image_emb, captions)
+
+    def score_ranges(self, image_emb: np.ndarray, captions: Captions) -> dict[str, tuple[float, float]]:
+        return score_ranges_sharded(image_emb, captions)
+
+
 class SubsetRescorer:
     """A re-scorer of a whole split used on a subset of it (``Captions.subset``): the subset's image
     and caption indices are mapped back to the split's before ``rescore`` sees them."""

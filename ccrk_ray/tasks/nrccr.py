@@ -16,6 +16,7 @@ from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data.nrccr import LANGUAGE, load_nrccr_split
 from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from ccrk_ray.data.transforms import ImageTransform
+from ccrk_ray.eval.actors import ActorRanking
 from ccrk_ray.eval.nrccr import evaluate_languages
 from ccrk_ray.model.nrccr import NRCCRModel
 from ccrk_ray.model.saved import Preprocess, resolve_model_dir
@@ -54,12 +55,16 @@ def format_report(report: dict[str, Any]) -> str:
 
 def evaluate_nrccr(model_path: str | Path, data: str | Mapping[str, str], out: str | Path, *, weight: float = 0.5,
                    tokenizer: str | None = None, max_length: int | None = None,
-                   endpoint_url: str | None = None) -> dict[str, Any]:
+                   endpoint_url: str | None = None, actors: int = 0) -> dict[str, Any]:
     """Fused evaluation of a saved NRCCR model on {language: split} (or one split, its language
-    read from it); writes ``report.json`` and ``report.md`` to ``out``. In this process: the
-    splits (NRCCR's test sets are 1–2.5K items) are embedded here, not on actors."""
+    read from it); writes ``report.json`` and ``report.md`` to ``out``. The splits are embedded
+    in this process (NRCCR's test sets are 1–2.5K items); both passes of the fused ranking run on
+    ``actors`` eval actors (in a Ray session: ``RAY_ADDRESS``'s cluster or a local one), or here
+    when ``actors`` is 0. Neither holds a query × item score matrix."""
     if not 0.0 <= weight <= 1.0:
         raise ConfigError(f"fusion weight must be in [0, 1], got {weight}")
+    if actors < 0:
+        raise ConfigError(f"--actors must be >= 0, got {actors}")
     directory = resolve_model_dir(model_path, family="nrccr")
     model = NRCCRModel.from_pretrained(directory)
     pre = Preprocess.read(directory)
@@ -73,8 +78,13 @@ def evaluate_nrccr(model_path: str | Path, data: str | Mapping[str, str], out: s
                   image_transform=ImageTransform(pre.image_size or 224, train=False) if c.visual == "clip" else None,
                   endpoint_url=endpoint_url, on_bad_row="skip")
     splits = {lang: load_nrccr_split(uri, tok, **kwargs) for lang, uri in as_language_map(data, endpoint_url).items()}
-    report = evaluate_languages(model, splits, weight)
+    if actors:
+        with ray_session(local_cpus(actors)):
+            report = evaluate_languages(model, splits, weight, ActorRanking(num_actors=actors))
+    else:
+        report = evaluate_languages(model, splits, weight)
     report["model"] = str(directory)
+    report["ranked_on"] = f"{actors} eval actor(s)" if actors else "this process"
     report["skipped"] = {lang: s["skipped"] for lang, s in splits.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,14 +95,16 @@ def evaluate_nrccr(model_path: str | Path, data: str | Mapping[str, str], out: s
 
 def run_nrccr(cfg: NRCCRTrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train, then evaluate the selected model (the best on validation, else the final one) on
-    ``data.test`` with ``train.fusion_weight``."""
+    ``data.test`` with ``train.fusion_weight``, ranked on as many eval actors as the run's
+    largest worker count, in the same cluster."""
     check = check_nrccr_data(cfg)
     with ray_session(local_cpus(cfg.cpus_held())):
         summary = run_nrccr_training(cfg, resume=resume, check=check)
-    if cfg.data.test:
-        chosen = summary["best_model"] or summary["model"]
-        out = Path(cfg.output_dir).resolve() / "test"
-        summary["test"] = evaluate_nrccr(chosen, cfg.data.test, out, weight=cfg.train.fusion_weight,
-                                         endpoint_url=cfg.data.endpoint_url)
-        log.info("test (%s model):\n%s", "best" if summary["best_model"] else "final", format_report(summary["test"]))
+        if cfg.data.test:
+            chosen = summary["best_model"] or summary["model"]
+            out = Path(cfg.output_dir).resolve() / "test"
+            summary["test"] = evaluate_nrccr(chosen, cfg.data.test, out, weight=cfg.train.fusion_weight,
+                                             endpoint_url=cfg.data.endpoint_url, actors=cfg.scaling.workers[1])
+            log.info("test (%s model):\n%s", "best" if summary["best_model"] else "final",
+                     format_report(summary["test"]))
     return summary

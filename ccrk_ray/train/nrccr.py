@@ -45,7 +45,7 @@ from ccrk_ray.data.ingest import DatasetCheck, NRCCRStreamTransform, check_datas
 from ccrk_ray.data.nrccr import FEATURES, IMAGE, TRAIN_VIEWS, check_nrccr_schema, item_column, load_nrccr_split
 from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from ccrk_ray.data.transforms import ImageTransform
-from ccrk_ray.eval.nrccr import fused_report, split_scores
+from ccrk_ray.eval.nrccr import evaluate_split, language_report
 from ccrk_ray.model.nrccr import NRCCRConfig, NRCCRModel
 from ccrk_ray.model.saved import load_model, save_model_dir, Preprocess
 from ccrk_ray.objectives.collectives import average_gradients, broadcast_int
@@ -265,8 +265,8 @@ class NRCCRWorkerLoop(WorkerLoop):
         return int(pos[-1]) + 1
 
     def validate(self) -> dict[str, float]:
-        scores = split_scores(self.model, self.val_batch)
-        report = fused_report(scores, self.val_batch["owner"], self.t.val_fusion_weight)
+        weight = self.t.val_fusion_weight
+        report = language_report(evaluate_split(self.model, self.val_batch, weight), weight)
         t2i = report["t2i"]
         return {VAL_METRIC: t2i["R@1"] + t2i["R@5"] + t2i["R@10"], "val/sumr": report["SumR"],
                 "val/t2i_R@1": t2i["R@1"], "val/native_t2i_R@1": report["native"]["t2i"]["R@1"],

@@ -6,11 +6,13 @@ import time
 import numpy as np
 import pytest
 
-from ccrk_ray.eval.actors import rank_on_actors
+from ccrk_ray.eval.actors import ActorRanking, rank_on_actors, score_ranges_on_actors
+from ccrk_ray.eval.nrccr import rank_split
 from ccrk_ray.data.transforms import split_from_batch
-from ccrk_ray.eval.retrieval import Captions, ItmRescorer, Task, encode_split, rank_sharded
+from ccrk_ray.eval.retrieval import Captions, ItmRescorer, Task, encode_split, rank_sharded, score_ranges_sharded
 from tests.eval.test_retrieval import dense_ranks
 from tests.eval.test_every_caption import multi_caption_gallery
+from tests.eval.test_nrccr_eval import multi_caption_case
 from tests.eval.test_sharded import planted_ties, toy_setup
 from tests.eval.toy import ToyTwoStage
 from tests.conftest import RAY
@@ -58,6 +60,24 @@ def test_actors_equal_single_process_on_multi_caption_data(ray_local):
         for lang in caps.languages:
             for name in ("owner", "t2i", "i2t", "own"):
                 np.testing.assert_array_equal(getattr(got.languages[lang], name), getattr(want.languages[lang], name))
+
+
+def test_nrccr_fused_ranking_on_actors_equals_in_process(ray_local):
+    """Both passes on 2 actors (first: each matrix's range from its shards; second: the fused
+    queries ranked like any others) give the in-process ranks exactly."""
+    items, native, translated, owner = multi_caption_case(4, items=60)
+    m = len(owner)
+    pair = Captions(np.concatenate([native, translated]), np.r_[owner, owner], [0, m, 2 * m], ("native", "translated"))
+    on_actors, here = score_ranges_on_actors(items, pair, num_actors=2, chunk=16), score_ranges_sharded(items, pair)
+    assert on_actors.keys() == here.keys() == {"native", "translated"}
+    for view in here:
+        assert on_actors[view] == pytest.approx(here[view], abs=1e-12)
+    want = rank_split(items, native, translated, owner, 0.4)
+    got = rank_split(items, native, translated, owner, 0.4, ActorRanking(num_actors=2))
+    for view in ("native", "translated", "fused"):
+        for name in ("owner", "t2i", "i2t", "own"):
+            np.testing.assert_array_equal(getattr(got.languages[view], name), getattr(want.languages[view], name))
+    assert not alive_rank_actors()
 
 
 class ItmTable:

@@ -1,5 +1,6 @@
-"""NRCCR's evaluation over several languages: per-language fused reports and MRV over the common
-items, against a direct computation (a tiny model, no Ray)."""
+"""NRCCR's evaluation: the two-pass fused ranking against the dense fused matrix on random
+multi-caption cases, and per-language reports with MRV over the common items against a direct
+computation (a tiny model, no Ray)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ccrk_ray.eval.nrccr import evaluate_languages, split_scores
-from ccrk_ray.metrics import fuse_scores, item_ranks_for_mrv, mean_rank_variance, retrieval_metrics
+from ccrk_ray.eval.nrccr import embed_split, evaluate_languages, fused_queries, language_report, rank_split
+from ccrk_ray.eval.retrieval import Captions, score_ranges_sharded
+from ccrk_ray.metrics import fuse_scores, item_ranks_for_mrv, mean_rank_variance, retrieval_metrics, score_range
 from ccrk_ray.model.nrccr import NRCCRConfig, NRCCRModel
 
 
@@ -37,8 +39,8 @@ def test_languages_are_reported_and_mrv_covers_the_common_items():
     report = evaluate_languages(model, {"de": de, "ja": ja}, weight=0.4)
     ranks = {}
     for lang, s in (("de", de), ("ja", ja)):
-        scores = split_scores(model, s)
-        fused = fuse_scores(scores["native"], scores["translated"], 0.4)
+        emb = embed_split(model, s)
+        fused = fuse_scores(emb["native"] @ emb["items"].T, emb["native_en"] @ emb["items"].T, 0.4)
         want = retrieval_metrics(fused, s["owner"])
         assert report["languages"][lang]["SumR"] == pytest.approx(want["SumR"])
         assert report["languages"][lang]["t2i"]["num_queries"] == 2 * len(s["image_id"])
@@ -50,3 +52,58 @@ def test_languages_are_reported_and_mrv_covers_the_common_items():
         matrix = [[ranks["de"][d][i], ranks["ja"][d][i]] for i in common]
         assert report["mrv"][d] == pytest.approx(mean_rank_variance(np.array(matrix)))
     assert report["mean"]["SumR"] == pytest.approx(np.mean([report["languages"][x]["SumR"] for x in ("de", "ja")]))
+
+
+def multi_caption_case(seed, items=23, dim=8):
+    """Random embeddings, 1..4 captions per item, owners shuffled; translated queries on another
+    scale, so the two min–max ranges differ."""
+    g = np.random.default_rng(seed)
+    owner = np.concatenate([np.arange(items), g.integers(0, items, 2 * items)])
+    owner = owner[g.permutation(len(owner))]
+    return (g.normal(size=(items, dim)).astype(np.float32), g.normal(size=(len(owner), dim)).astype(np.float32),
+            (3 * g.normal(size=(len(owner), dim)) + 1).astype(np.float32), owner)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("weight", [0.0, 0.3, 0.5, 1.0])
+def test_two_pass_fused_ranking_equals_the_dense_fused_matrix(seed, weight):
+    items, native, translated, owner = multi_caption_case(seed)
+    s1, s2 = native.astype(np.float64) @ items.T.astype(np.float64), translated.astype(np.float64) @ items.T
+    ranks = rank_split(items, native, translated, owner, weight)
+    report = language_report(ranks, weight)
+    dense = retrieval_metrics(fuse_scores(s1, s2, weight), owner)
+    for d in ("t2i", "i2t"):
+        for key, value in dense[d].items():
+            assert report[d][key] == pytest.approx(value, abs=1e-9), (d, key)
+    assert report["SumR"] == pytest.approx(dense["SumR"])
+    assert report["native"] == retrieval_metrics(s1, owner)
+    assert report["translated"] == retrieval_metrics(s2, owner)
+    assert report["t2i"]["num_queries"] == len(owner) and report["i2t"]["num_queries"] == len(items)
+    # MRV's per-item ranks too
+    want_t2i, want_i2t = item_ranks_for_mrv(fuse_scores(s1, s2, weight), owner)
+    got_t2i, got_i2t = ranks.matrices()
+    np.testing.assert_allclose(got_t2i[:, 2], want_t2i)
+    np.testing.assert_allclose(got_i2t[:, 2], want_i2t)
+
+
+def test_fused_queries_score_as_the_fused_matrix_up_to_one_constant():
+    items, native, translated, owner = multi_caption_case(7)
+    s1, s2 = native.astype(np.float64) @ items.T, translated.astype(np.float64) @ items.T
+    q = fused_queries(native, translated, 0.3, score_range(s1), score_range(s2))
+    diff = fuse_scores(s1, s2, 0.3) - q.astype(np.float64) @ items.T
+    assert np.ptp(diff) < 1e-5 and abs(diff.mean()) > 0.01           # a real constant, the same everywhere
+    # a matrix without spread contributes nothing, as in fuse_scores
+    flat = fused_queries(native, translated, 0.3, (1.0, 1.0), score_range(s2))
+    np.testing.assert_allclose(flat, fused_queries(np.zeros_like(native), translated, 0.3, (0, 1), score_range(s2)))
+    with pytest.raises(ValueError, match="fusion weight"):
+        fused_queries(native, translated, 1.2, (0, 1), (0, 1))
+
+
+def test_score_ranges_over_shards_equal_the_whole_matrix():
+    items, native, translated, owner = multi_caption_case(3, items=40)
+    m = len(owner)
+    pair = Captions(np.concatenate([native, translated]), np.r_[owner, owner], [0, m, 2 * m], ("native", "translated"))
+    for shards, chunk in ((1, None), (3, 16), (5, 16)):
+        ranges = score_ranges_sharded(items, pair, num_shards=shards, chunk=chunk)
+        assert ranges["native"] == pytest.approx(score_range(native.astype(np.float64) @ items.T), abs=1e-12)
+        assert ranges["translated"] == pytest.approx(score_range(translated.astype(np.float64) @ items.T), abs=1e-12)

@@ -26,6 +26,16 @@ def test_the_shipped_configs_hold_the_reference_hyperparameters(path, monkeypatc
     assert cfg.model["train_layers"] == list(range(5 if video else 3, 12))
     assert cfg.model["discriminator"] == ("strong" if path.stem.startswith("vatex") else "not-so-weak")
     assert cfg.data.train.startswith("s3://bucket/data/nrccr/")
+    # caption-level epochs as the reference's data sets: each English caption one example
+    passes = {"multi30k_task1": 1, "multi30k_task2": 5, "mscoco": 5, "vatex": 10, "msrvttcn": 20}
+    assert cfg.data.caption_passes == passes[path.stem.rsplit("_", 1)[0]]
+    assert list(cfg.data.test) == [path.stem.rsplit("_", 1)[1]]
+
+
+def test_every_task_of_the_paper_ships_a_config():
+    assert [p.stem for p in CONFIGS] == sorted(
+        [f"multi30k_task{t}_{lang}" for t in (1, 2) for lang in ("de", "fr", "cs")]
+        + ["mscoco_ja", "mscoco_zh", "vatex_zh", "msrvttcn_zh"])
 
 
 def base(tmp_path, **sections) -> dict:

@@ -1,6 +1,6 @@
 """NRCCR end to end as a user runs it: data written in NRCCR's own layout, ``ccrk convert nrccr``'s
 converter, ``ccrk nrccr train`` (a subprocess starting its own 2-CPU cluster: Ray Data stream, Ray
-Train, fused validation, best model, test), ``ccrk nrccr evaluate`` against a direct computation."""
+Train, fused validation, best model, test), ``ccrk nrccr evaluate`` (fused ranking on eval actors) against a direct computation."""
 
 from __future__ import annotations
 
@@ -88,9 +88,10 @@ def test_evaluate_equals_a_direct_fused_computation(run, tmp_path):
     root = run[0]
     model_dir = root / "run" / "best_model"
     res = ccrk("nrccr", "evaluate", "--checkpoint", model_dir, "--data", f"de={root / 'test'}", "--out", tmp_path,
-               "--fusion-weight", "0.3", timeout=300)
+               "--fusion-weight", "0.3", "--actors", "2", timeout=300)
     report = json.loads((tmp_path / "report.json").read_text())
     assert res.stdout.strip().startswith("| lang |") and report["fusion_weight"] == 0.3
+    assert report["ranked_on"] == "2 eval actor(s)"
     model = load_model(model_dir, family="nrccr").eval()
     split = load_nrccr_split(str(root / "test"), CaptionTokenizer(model_dir, 24))
     with torch.no_grad():
