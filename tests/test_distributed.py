@@ -156,3 +156,45 @@ def test_the_common_space_batchnorm_sees_the_global_batch_on_cpu(tmp_path):
         torch.testing.assert_close(got["var"], bn.running_var, atol=1e-6, rtol=0)
         # each rank's loss is its own rows' part; the gather's backward sums them: the full gradient
         torch.testing.assert_close(got["grad"], x.grad[rank * n:(rank + 1) * n], atol=1e-5, rtol=0)
+
+
+def ddp_worker(rank, port, out_dir, ignore):
+    """Two DDP steps of an ITC-only objective on a model with fusion layers and heads."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ccrk_ray.objectives.styles import ObjectiveModule, build_objective
+    from tests.test_objectives import OBJ_ARGS, fusion_model, make_batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    module = ObjectiveModule(fusion_model(), build_objective("one_to_k", itm_weight=0.0, mlm_weight=0.0, **OBJ_ARGS))
+    names = module.unused_parameter_names()
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+    ddp = DistributedDataParallel(module)
+    result = {"names": names}
+    try:
+        for step in range(2):
+            ddp(make_batch(seed=10 * step + rank))["loss"].backward()
+        result["grad"] = module.model.text_proj.weight.grad.clone()
+        result["word_embeddings"] = module.model.text.get_input_embeddings().weight.grad is not None
+    except RuntimeError as exc:
+        result["error"] = str(exc)
+    torch.save(result, f"{out_dir}/{rank}.pt")
+    os._exit(0)                      # see worker()
+
+
+def test_ddp_skips_what_an_itc_only_objective_never_computes(tmp_path):
+    """``ccrk compare --itm-weight 0 --mlm-weight 0`` on 2 workers once failed in DDP: the fusion
+    layers and heads get no gradient. Named as unused, DDP skips them; the tied word embeddings
+    (also the MLM head's output matrix) stay synchronised."""
+    mp.spawn(ddp_worker, args=(free_port(), str(tmp_path), True), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in range(WORLD))
+    assert "error" not in r0 and "error" not in r1
+    torch.testing.assert_close(r0["grad"], r1["grad"])                  # averaged across ranks
+    assert r0["word_embeddings"]
+    assert {n.split(".")[1] for n in r0["names"]} == {"fusion", "itm_head", "mlm_head", "vision_to_text"}
+    assert not any("word_embeddings" in n for n in r0["names"])
+    # without them DDP fails on the second step, as it did for users
+    mp.spawn(ddp_worker, args=(free_port(), str(tmp_path), False), nprocs=WORLD, join=True)
+    assert "did not receive grad" in torch.load(tmp_path / "0.pt").get("error", "")

@@ -154,3 +154,15 @@ def test_bad_objective_configs():
     with pytest.raises(ValueError, match="not a whole multiple"):
         build_objective("one_to_k", itm_weight=0, mlm_weight=0)(dual, {**make_batch(n=4, k=2), "pixel_values":
                                                                       make_batch(n=3)["pixel_values"]})
+
+
+def test_unused_parts_are_named_by_weight():
+    """What DDP must skip: parts of the model a zero-weight term never computes."""
+    def names(itm, mlm):
+        module = ObjectiveModule(fusion_model(), build_objective("one_to_k", itm_weight=itm, mlm_weight=mlm, **OBJ_ARGS))
+        return {n.split(".")[1] for n in module.unused_parameter_names()}
+
+    assert names(1.0, 1.0) == set()
+    assert names(1.0, 0.0) == {"mlm_head"}
+    assert names(0.0, 1.0) == {"itm_head"}
+    assert names(0.0, 0.0) == {"fusion", "itm_head", "mlm_head", "vision_to_text"}

@@ -76,6 +76,15 @@ class Objective:
             raise ValueError(f"objective {self.name!r} with itm_weight={c.itm_weight}, mlm_weight={c.mlm_weight} "
                              "needs a model with fusion_layers > 0 (or set both weights to 0)")
 
+    def unused_modules(self, model) -> list[str]:
+        """The model's parts this objective never computes (their weights are 0): an ITC-only run
+        on a model with fusion layers leaves the fusion layers and both heads without gradients."""
+        c = self.config
+        names = ([] if c.itm_weight > 0 else ["itm_head"]) + ([] if c.mlm_weight > 0 else ["mlm_head"])
+        if c.itm_weight <= 0 and c.mlm_weight <= 0:
+            names += ["fusion", "vision_to_text"]
+        return [n for n in names if getattr(model, n, None) is not None]
+
     # shared pieces ---------------------------------------------------------------------------
     def matching_and_mlm(self, model, image_tokens, image_feat, text_hidden, text_feat, input_ids, attention_mask,
                          k: int, temperature, image_key: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -234,3 +243,13 @@ class ObjectiveModule(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.objective(self.model, batch)
+
+    def unused_parameter_names(self) -> list[str]:
+        """Names (as DDP names them) of the parameters the objective never computes, for DDP to
+        skip: with more than one worker it fails on a parameter without gradient. A weight tied to
+        a used part (the MLM head's word embeddings) stays in."""
+        unused = self.objective.unused_modules(self.model)
+        used = {id(p) for name, child in self.model.named_children() if name not in unused for p in child.parameters()}
+        used |= {id(p) for p in self.model.parameters(recurse=False)}
+        return [f"model.{name}.{n}" for name in unused
+                for n, p in getattr(self.model, name).named_parameters(remove_duplicate=False) if id(p) not in used]

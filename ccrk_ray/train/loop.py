@@ -33,6 +33,7 @@ import ray.train.torch
 from ray.train.v2._internal.execution import context as _train_context
 import torch
 from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from ccrk_ray.core.log import get_logger, setup_logging
@@ -108,6 +109,15 @@ def build_model(cfg: LoopConfig) -> CCRKModel:
     return model
 
 
+def prepare_module(module: torch.nn.Module, ignore=()) -> torch.nn.Module:
+    """``ray.train.torch.prepare_model`` (DDP with several workers), DDP told to skip the
+    parameters named in ``ignore``: ones the loss never reaches, which DDP would otherwise wait
+    for on every step and fail."""
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(ignore))
+    return ray.train.torch.prepare_model(module)
+
+
 class WorkerLoop:
     """One worker's run: the state the named steps share."""
 
@@ -171,8 +181,8 @@ class WorkerLoop:
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 load_training_state(d, self.model, self.optimizer, self.scheduler)
-        self.module = ray.train.torch.prepare_model(
-            ObjectiveModule(self.model, build_objective(self.cfg.objective, **self.cfg.objective_args)))
+        module = ObjectiveModule(self.model, build_objective(self.cfg.objective, **self.cfg.objective_args))
+        self.module = prepare_module(module, module.unused_parameter_names())
         self.forward = torch.compile(self.module) if self.t.compile else self.module
         self.device = ray.train.torch.get_device()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.precision == "bf16")

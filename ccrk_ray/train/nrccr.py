@@ -35,7 +35,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError, check_range
@@ -52,7 +51,7 @@ from ccrk_ray.objectives.collectives import average_gradients, broadcast_int
 from ccrk_ray.objectives.nrccr import NRCCRLoss, NRCCRLossConfig
 from ccrk_ray.train.best import BestStore
 from ccrk_ray.train.config import RunConfig, ScalingSection, TrainSection, fill_text_config
-from ccrk_ray.train.loop import WorkerLoop, run_worker
+from ccrk_ray.train.loop import WorkerLoop, prepare_module, run_worker
 from ccrk_ray.train.schedule import PlateauSchedule
 from ccrk_ray.train.state import load_training_state, save_checkpoint
 from ccrk_ray.train.trainer import RESULT_FILE, build_trainer, clean_orphan_checkpoints, prepare_run
@@ -229,9 +228,8 @@ class NRCCRWorkerLoop(WorkerLoop):
                 self.disc_optimizer.load_state_dict(torch.load(Path(d) / DISCRIMINATOR_STATE, weights_only=True))
         self.loss = NRCCRLoss(NRCCRLossConfig(**cfg.loss))
         encoders = NRCCREncoders(self.model)
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            encoders, [f"model.discriminator.{n}" for n, _ in self.disc.named_parameters()])
-        self.module = ray.train.torch.prepare_model(encoders)
+        # the discriminator has its own optimiser and step (gradients averaged by hand)
+        self.module = prepare_module(encoders, [f"model.discriminator.{n}" for n, _ in self.disc.named_parameters()])
         self.forward = self.module
         self.device = ray.train.torch.get_device()
         self.encoder_params = self.model.encoder_parameters()
