@@ -24,7 +24,8 @@ from ccrk_ray.core.storage import S3_SETTINGS, configure_s3
 # name: one-line help (kept here so that `ccrk --help` imports no subcommand)
 COMMANDS = {
     "demo": "synthetic data -> tokenizer -> 1-to-K pretraining on Ray -> report",
-    "compare": "one_to_k vs one_to_one vs cross_lingual on the same data and budget; recall and MRV side by side",
+    "compare": "one_to_k vs one_to_one vs cross_lingual on the same data and budget, ITC-only and full, "
+               "learning rate per arm, several seeds; recall and MRV with their spread",
     "pretrain": "1-to-K pre-training on Ray Train from a YAML config",
     "finetune": "fine-tune a checkpoint on a retrieval task; best on validation, tested per language with MRV",
     "paper-tables": "the paper's xFlickr&CO tables from a pre-trained checkpoint: zero-shot, few-shot per language, MRV",

@@ -1,77 +1,100 @@
-"""`ccrk compare` at tiny size through a real local Ray cluster: three styles, one table."""
+"""``ccrk compare`` at tiny size as a user runs it (a subprocess starting its own local cluster):
+three styles x two seeds of the full variant, aggregated with their spread; resumed runs are kept;
+the ITC variant's learning rate chosen on validation."""
 
 import json
 
+import numpy as np
 import pytest
 
-from ccrk_ray.experiments.compare import STYLES, CompareConfig
-from tests.commands import ccrk, noise
+from ccrk_ray.data.tokenizer import CaptionTokenizer
 from ccrk_ray.data.transforms import load_split
-from ccrk_ray.core.config import ConfigError
-from ccrk_ray.core.languages import CCRK_LANGUAGES
+from ccrk_ray.eval.report import report_from_ranks
+from ccrk_ray.eval.retrieval import evaluate_in_process
+from ccrk_ray.experiments.compare import STYLES, summarize
+from ccrk_ray.model import CCRKModel
+from tests.commands import ccrk, noise
 from tests.conftest import RAY
 
 pytestmark = RAY
 
 LANGS = ("zh", "en", "de")
+TINY = ["--train-images", 64, "--test-images", 24, "--languages", ",".join(LANGS), "--epochs", 1, "--batch-size", 16,
+        "--warmup-steps", 1, "--text-width", 32, "--embed-dim", 16, "--vocab-size", 300, "--k-test", 6,
+        "--workers", "1,1", "--omit-prob", "0.1,de=0.5"]
 
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory):
-    """``ccrk compare`` run as a user runs it (its own local cluster)."""
     out = tmp_path_factory.mktemp("compare")
-    cfg = CompareConfig(out=str(out), train_images=64, val_images=0, test_images=24, languages=LANGS, epochs=1,
-                        batch_size=16, warmup_steps=1, text_width=32, embed_dim=16, vocab_size=300, k_test=6,
-                        workers=(1, 1))
-    res = ccrk("compare", "--out", out, "--train-images", 64, "--val-images", 0, "--test-images", 24,
-               "--languages", ",".join(LANGS), "--epochs", 1, "--batch-size", 16, "--warmup-steps", 1,
-               "--text-width", 32, "--embed-dim", 16, "--vocab-size", 300, "--k-test", 6, "--workers", "1,1",
-               timeout=600)
+    args = ["compare", "--out", out, *TINY, "--val-images", 0, "--seeds", "0,1", "--variants", "full"]
+    res = ccrk(*args, timeout=900)
     assert noise(res) == [], "\n".join(noise(res))
-    assert "## Two-stage: ITC top-6 re-ranked by ITM" in res.stdout
-    return out, cfg, json.loads((out / "compare.json").read_text())
+    again = ccrk(*args, timeout=300)
+    return out, res, again, json.loads((out / "compare.json").read_text())
 
 
-def test_every_style_is_trained_evaluated_and_tabled(compare_run):
-    out, cfg, summary = compare_run
-    assert list(summary["results"]) == list(STYLES)
-    on_disk = json.loads((out / "compare.json").read_text())
+def test_every_arm_is_trained_per_seed_evaluated_and_aggregated(compare_run):
+    out, res, _, summary = compare_run
+    assert summary["config"]["omit_prob"] == {"zh": 0.1, "en": 0.1, "de": 0.5}
+    assert set(summary["results"]) == {"full", "full_two_stage"}
     table = (out / "compare.md").read_text()
-    for style in STYLES:
-        res = on_disk["results"][style]
-        assert list(res["languages"]) == list(LANGS)
-        assert set(res["mrv"]) == {"t2i", "i2t"}
-        for lang in LANGS:
-            assert table.count(f"| {style} | {lang} |") == 2          # ITC table and two-stage table
-        report = json.loads((out / "runs" / style / "report.json").read_text())
-        assert report["objective"] == style and report["two_stage"]["k_test"] == 6
-        assert set(on_disk["results_two_stage"][style]["languages"]) == set(LANGS)
-        assert report["train"]["step"] == 64 // 16          # one epoch, one worker, same budget for all
-        assert report["train"]["loss"] > 0
+    for ranking, per_objective in summary["results"].items():
+        assert list(per_objective) == list(STYLES)
+        for objective, result in per_objective.items():
+            variant = "itc" if ranking == "itc" else "full"
+            reports = [json.loads((out / "runs" / variant / objective / f"lr0.002-seed{s}" / "report.json").read_text())
+                       for s in (0, 1)]
+            assert [r["seed"] for r in reports] == [0, 1] and all(r["train"]["step"] == 64 // 16 for r in reports)
+            values = [summarize(r["test"][ranking])["SumR"] for r in reports]
+            agg = result["aggregate"]["SumR"]
+            assert agg["values"] == values and agg["mean"] == pytest.approx(np.mean(values))
+            assert agg["std"] == pytest.approx(np.std(values, ddof=1))
+            assert f"| {objective} | 0.002 | 2 |" in table
+    # seeds differ in initialisation and data order: the two runs of an arm are not copies
+    one, two = (json.loads((out / "runs" / "full" / "one_to_k" / f"lr0.002-seed{s}" / "report.json").read_text())
+                for s in (0, 1))
+    assert one["train"]["loss"] != two["train"]["loss"]
+    assert summary["budget"]["full"]["one_to_one"]["captions_per_image_step"] == 1
+    assert summary["budget"]["full"]["one_to_k"]["images_seen"] == 64
+    assert "Captions an image meets per step: one_to_k 3, one_to_one 1, cross_lingual 3" in table
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert "one_to_k" in res.stdout and "± " in res.stdout
 
 
-def test_two_stage_report_is_reproducible_from_the_saved_model(compare_run):
-    out, cfg, summary = compare_run
-    from ccrk_ray.eval.report import report_from_ranks
-    from ccrk_ray.eval.retrieval import evaluate_in_process
-    from ccrk_ray.model import CCRKModel
-    from ccrk_ray.data.tokenizer import CaptionTokenizer
+def test_the_same_command_again_keeps_every_finished_run(compare_run):
+    out, _, again, summary = compare_run
+    assert noise(again) == [], "\n".join(noise(again))
+    text = again.stdout + again.stderr
+    assert text.count("kept from an earlier run") == 6 and "training resnet10t" not in text
+    assert json.loads((out / "compare.json").read_text())["results"] == summary["results"]
 
-    model = CCRKModel.from_pretrained(out / "runs" / "one_to_k" / "model")
+
+def test_reports_are_reproducible_from_the_saved_models(compare_run):
+    out, _, _, summary = compare_run
+    run = out / "runs" / "full" / "one_to_k" / "lr0.002-seed1"
+    model = CCRKModel.from_pretrained(run / "model")
     assert len(model.fusion) == 1 and model.has_fusion
-    batch = load_split(str(out / "data" / "test"), LANGS, CaptionTokenizer(out / "tokenizer", cfg.max_length),
-                      cfg.image_size)
-    again = report_from_ranks(evaluate_in_process(model, batch, k_test=6))
-    assert again["languages"] == summary["results_two_stage"]["one_to_k"]["languages"]
-    itc = report_from_ranks(evaluate_in_process(model, batch, k_test=None))
-    assert itc["languages"] == summary["results"]["one_to_k"]["languages"]
+    batch = load_split(str(out / "data" / "test"), LANGS, CaptionTokenizer(out / "tokenizer", 32), 64)
+    saved = json.loads((run / "report.json").read_text())["test"]
+    assert report_from_ranks(evaluate_in_process(model, batch, k_test=6))["languages"] == saved["full_two_stage"]["languages"]
+    assert report_from_ranks(evaluate_in_process(model, batch, k_test=None))["languages"] == saved["full"]["languages"]
 
 
-def test_bad_compare_configs(tmp_path):
-    with pytest.raises(ConfigError, match="--objectives must be a comma-separated subset"):
-        CompareConfig(out=str(tmp_path), objectives=("one_to_k", "clip")).validate()
-    with pytest.raises(ConfigError, match="cross_lingual needs 'en'"):
-        CompareConfig(out=str(tmp_path), languages=("zh", "de")).validate()
-    with pytest.raises(ConfigError, match="--k-test must be in \\[1, 500\\], got 501"):
-        CompareConfig(out=str(tmp_path), k_test=501).validate()
-    assert CompareConfig(out=str(tmp_path), objectives=("one_to_k",), languages=CCRK_LANGUAGES).validate()
+def test_an_arms_learning_rate_is_chosen_on_validation(tmp_path):
+    res = ccrk("compare", "--out", tmp_path, *TINY, "--val-images", 16, "--objectives", "one_to_k", "--variants", "itc",
+               "--seeds", "0", "--lrs", "1e-4,3e-3", "--workers", "2,2", timeout=600)
+    assert noise(res) == [], "\n".join(noise(res))
+    summary = json.loads((tmp_path / "compare.json").read_text())
+    sweep = summary["sweep"]["itc"]["one_to_k"]
+    reports = {lr: json.loads((tmp_path / "runs" / "itc" / "one_to_k" / f"lr{lr}-seed0" / "report.json").read_text())
+               for lr in ("0.0001", "0.003")}
+    assert sweep == {lr: r["val"]["mean"]["SumR"] for lr, r in reports.items()}
+    best = max(sweep, key=sweep.get)
+    assert summary["chosen_lr"]["itc"]["one_to_k"] == float(best)
+    assert summary["results"]["itc"]["one_to_k"]["aggregate"]["SumR"]["values"] == [
+        summarize(reports[best]["test"]["itc"])["SumR"]]
+    assert set(reports[best]["test"]) == {"itc"}                      # the ITC variant ranks by ITC alone
+    model = CCRKModel.from_pretrained(tmp_path / "runs" / "itc" / "one_to_k" / "lr0.003-seed0" / "model")
+    assert model.has_fusion                                # same model; its fusion layers unused, skipped by DDP
+    assert "## Learning rate per arm" in (tmp_path / "compare.md").read_text()

@@ -66,6 +66,20 @@ def json_object(text: str) -> dict:
     return value
 
 
+def omit_probs(text: str) -> float | dict[str, float]:
+    """``0.2`` or ``0.1,zh=0.5,ja=0.4`` (the bare number for the unnamed languages, key ``*``)."""
+    out: dict[str, float] = {}
+    for item in comma_list(text):
+        key, _, value = item.rpartition("=")
+        try:
+            out[key.strip() or "*"] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected P or LANG=P items, got {item!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected P or LANG=P items, got nothing")
+    return out["*"] if list(out) == ["*"] else out
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
@@ -80,8 +94,10 @@ def add_run_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--languages", type=comma_list, default=d.languages,
                    help="comma-separated language codes (default: %(default)s)")
     p.add_argument("--captions-per-image", type=int, default=None, help="K (default: all languages)")
-    p.add_argument("--omit-prob", type=float, default=d.omit_prob,
-                   help="chance that a language's caption leaves out an optional attribute")
+    p.add_argument("--omit-prob", type=omit_probs, default=d.omit_prob,
+                   help="chance that a language's caption leaves out an optional attribute: P for every "
+                        "language, or LANG=P,... per language with a bare P for the others "
+                        "(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per worker per step")
     p.add_argument("--lr", type=float, default=d.lr)

@@ -1,23 +1,45 @@
-"""``ccrk compare``: the three training styles on the same data, budget and seed."""
+"""``ccrk compare``: the three training styles on the same data and budget, ITC-only and full,
+each arm's learning rate chosen on validation, several seeds (``ccrk_ray.experiments.compare``)."""
 
 from __future__ import annotations
 
 import argparse
 
 from ccrk_ray.commands._args import add_run_args, comma_list, run_options
-from ccrk_ray.experiments.compare import STYLES, CompareConfig, run_compare
+from ccrk_ray.experiments.compare import STYLES, VARIANTS, CompareConfig, run_compare
 
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     c = CompareConfig(out="")
     add_run_args(p, c)
     p.add_argument("--objectives", type=comma_list, default=STYLES, help="comma-separated subset of %(default)s")
+    p.add_argument("--variants", type=comma_list, default=VARIANTS,
+                   help="itc (ITC alone, ranked by ITC) and/or full (ITC + MITM + CMLM, ranked by ITC and "
+                        "two-stage) (default: %(default)s)")
+    p.add_argument("--seeds", type=_ints, default=c.seeds,
+                   help="training seeds per arm: initialisation, data order, augmentation (default: %(default)s)")
+    p.add_argument("--lrs", type=_floats, default=c.lrs,
+                   help="learning rates to choose from per arm, on validation with the first seed "
+                        "(default: --lr for every arm)")
     p.add_argument("--fusion-layers", type=int, default=c.fusion_layers)
-    p.add_argument("--itm-weight", type=float, default=c.itm_weight)
-    p.add_argument("--mlm-weight", type=float, default=c.mlm_weight)
-    p.add_argument("--k-test", type=int, default=c.k_test, help="ITM re-ranking depth (two-stage)")
-    p.add_argument("--itc-only", action="store_true", help="rank by ITC similarity alone")
+    p.add_argument("--itm-weight", type=float, default=c.itm_weight, help="the full variant's MITM weight")
+    p.add_argument("--mlm-weight", type=float, default=c.mlm_weight, help="the full variant's CMLM weight")
+    p.add_argument("--k-test", type=int, default=c.k_test, help="ITM re-ranking depth (two-stage) of the full variant")
+    p.add_argument("--itc-only", action="store_true", help="rank the full variant by ITC similarity alone")
 
 
 def main(args: argparse.Namespace) -> int:

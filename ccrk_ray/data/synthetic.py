@@ -23,7 +23,7 @@ import re
 import zlib
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -639,6 +639,17 @@ def sample_captions(scene: Scene, languages: str | Sequence[str], rng: np.random
     return {lang: _CAPTIONERS[lang](scene, _mention(row, p)) for lang, row in zip(langs, draws)}
 
 
+def omit_by_language(omit_prob: float | Mapping[str, float], languages: Sequence[str]) -> dict[str, float]:
+    """{language: omission probability} from one probability or a mapping naming every language."""
+    if not isinstance(omit_prob, Mapping):
+        p = _check_prob("omit_prob", omit_prob)
+        return {lang: p for lang in languages}
+    missing = [lang for lang in languages if lang not in omit_prob]
+    if missing:
+        raise ValueError(f"omit_prob has no value for language(s) {', '.join(missing)}")
+    return {lang: _check_prob(f"omit_prob[{lang}]", omit_prob[lang]) for lang in languages}
+
+
 def _mention(draws: np.ndarray, omit_prob: float) -> frozenset[str]:
     """Optional attributes kept by one row of uniform draws (kept where draw >= omit_prob)."""
     return frozenset(a for a, u in zip(OPTIONAL_ATTRIBUTES, draws) if u >= omit_prob)
@@ -669,20 +680,22 @@ def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
 
 def generate_split(out_dir: str | os.PathLike, split: str, num_images: int,
                    languages: str | Sequence[str] = CCRK_LANGUAGES, seed: int = 0,
-                   omit_prob: float = 0.2, image_size: int = 64, rows_per_shard: int = 1000,
+                   omit_prob: float | Mapping[str, float] = 0.2, image_size: int = 64, rows_per_shard: int = 1000,
                    jpeg_quality: int = 90) -> list[pathlib.Path]:
     """Write ``num_images`` synthetic rows to ``out_dir/part-00000.parquet``, ``part-00001`` ...
 
     Columns: the ccrk-ray schema for ``languages`` plus ``scene`` (``Scene.to_json()``); one
-    caption per language per row. Shards of an earlier run in ``out_dir`` that this run does not
-    rewrite (``part-NNNNN.parquet`` beyond the new last shard) are removed, so the directory holds
-    exactly this split. Returns the shard paths in order.
+    caption per language per row. ``omit_prob``: the chance that a caption leaves out each
+    optional attribute, for every language or per language ({lang: p}, every language named).
+    Shards of an earlier run in ``out_dir`` that this run does not rewrite (``part-NNNNN.parquet``
+    beyond the new last shard) are removed, so the directory holds exactly this split. Returns the
+    shard paths in order.
     """
     langs = _as_languages(languages)
     if not isinstance(split, str) or not split:
         raise ValueError(f"split must be a non-empty string, got {split!r}")
     num_images = _check_int("num_images", num_images, 1)
-    omit_prob = _check_prob("omit_prob", omit_prob)
+    omit = omit_by_language(omit_prob, langs)
     image_size = _check_int("image_size", image_size, _MIN_IMAGE_SIZE)
     rows_per_shard = _check_int("rows_per_shard", rows_per_shard, 1)
     jpeg_quality = _check_int("jpeg_quality", jpeg_quality, 1, 100)
@@ -713,7 +726,7 @@ def generate_split(out_dir: str | os.PathLike, split: str, num_images: int,
             cols[SOURCE].append(SOURCE_NAME)
             cols[SCENE_COLUMN].append(scene.to_json())
             for lang, k in zip(langs, lang_index):
-                text = _CAPTIONERS[lang](scene, _mention(draws[k], omit_prob))
+                text = _CAPTIONERS[lang](scene, _mention(draws[k], omit[lang]))
                 cols[caption_column(lang)].append([text])
         table = pa.Table.from_pydict(cols, schema=schema)
         path = out / f"part-{shard:05d}.parquet"

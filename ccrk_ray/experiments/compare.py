@@ -1,24 +1,39 @@
-"""``ccrk compare``: the three training styles on the same data, budget and seed.
+"""``ccrk compare``: the paper's claim as an experiment a reviewer can check.
 
-Trains ``one_to_k`` (CCRK), ``one_to_one`` (cross-modal style) and ``cross_lingual``
-(cross-lingual style) with the same model (dual encoder + fusion layers, ITM and MLM heads), then
-evaluates each on the test split by ITC similarity and (unless ``--itc-only``) two-stage, ITC
-shortlist re-ranked by ITM, and writes per-language tables of recall and MRV for all three.
+Three training styles on the same data, model and budget:
 
-    DIR/data, DIR/tokenizer            shared by every run
-    DIR/runs/<objective>/              ray_results/, tensorboard/, model/, report.json
-    DIR/compare.json, DIR/compare.md   the side-by-side results
+- ``one_to_k`` (CCRK): each image against all K of its captions at once;
+- ``one_to_one`` (cross-modal style): each image with one caption in a drawn language per step;
+- ``cross_lingual`` (cross-lingual style): image–English ITC plus English–other-language pairs.
+
+Two variants of each: ``itc`` (ITC alone, ranked by ITC similarity) and ``full`` (ITC + MITM +
+CMLM, ranked by ITC and two-stage: ITC top ``k_test`` re-scored by ITM). Each arm's learning rate
+is chosen on the validation split among ``lrs`` (the first seed's runs; the best mean SumR by
+ITC), then the arm trains once per seed (initialisation, data order and augmentation follow the
+seed; the data set is one). Reported per ranking: mean ± sample std over seeds of recall
+(averaged over languages), SumR, MRV and the spread of recall across languages, with the budget
+in images seen, captions seen and training seconds.
+
+    DIR/data, DIR/tokenizer                          shared by every run
+    DIR/runs/<variant>/<objective>/lr<LR>-seed<S>/   ray_results/, tensorboard/, model/, report.json
+    DIR/compare.json, compare.md, compare.png        the sweep, every run, the aggregates, the plot
+
+Runs that wrote their report.json are kept when the same command runs again on the same folder,
+so an interrupted experiment resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
-import torch
+import numpy as np
+from matplotlib.figure import Figure
 
 from ccrk_ray.core.config import ConfigError, check_range
 from ccrk_ray.core.log import get_logger
@@ -33,27 +48,56 @@ from ccrk_ray.train.config import objective_args
 
 log = get_logger(__name__)
 MARKER = "ccrk-compare.json"
-OUTPUTS = ("data", "tokenizer", "runs", "compare.json", "compare.md", MARKER)
+OUTPUTS = ("data", "tokenizer", "runs", "compare.json", "compare.md", "compare.png", MARKER)
 STYLES = tuple(STYLE_CLASSES)
+VARIANTS = ("itc", "full")
+RANKINGS = {"itc": "ITC objective, ranked by ITC", "full": "full objective (ITC + MITM + CMLM), ranked by ITC",
+            "full_two_stage": "full objective, two-stage (ITC top-k re-scored by ITM)"}
+# Controlled data: languages leave details out at different rates (English the most complete,
+# as a source language; the rest as lossier translations), so that what one language's caption
+# says about an image differs from another's and rank disagreement between languages can appear.
+COMPARE_OMIT = {"en": 0.05, "de": 0.15, "fr": 0.15, "es": 0.15, "ru": 0.3, "cs": 0.3, "id": 0.45, "tr": 0.45,
+                "ja": 0.6, "zh": 0.6, "*": 0.3}
+SUMMARY_KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "SumR", "MRV_t2i", "MRV_i2t",
+                "recall_std_t2i", "recall_std_i2t")
 
 
 @dataclass
 class CompareConfig(DemoConfig):
     objectives: tuple[str, ...] = STYLES
+    variants: tuple[str, ...] = VARIANTS
+    seeds: tuple[int, ...] = (0, 1, 2)           # training seeds (the data set follows ``seed``)
+    lrs: tuple[float, ...] = ()                  # per-arm sweep on validation; empty: ``lr`` for every arm
+    omit_prob: float | dict[str, float] = field(default_factory=lambda: dict(COMPARE_OMIT))
     fusion_layers: int = 1
     itm_weight: float = 1.0
     mlm_weight: float = 1.0
-    k_test: int | None = 16                  # two-stage re-ranking depth; None = ITC only
+    k_test: int | None = 16                      # two-stage re-ranking depth of the full variant; None = ITC only
 
     def validate(self) -> "CompareConfig":
+        if self.omit_prob == COMPARE_OMIT:
+            # the default's languages that are not generated drop out
+            self.omit_prob = {k: v for k, v in self.omit_prob.items() if k == "*" or k in self.languages}
         super().validate()
         unknown = [o for o in self.objectives if o not in STYLES]
         if unknown or not self.objectives:
             raise ConfigError(f"--objectives must be a comma-separated subset of {', '.join(STYLES)}, "
                               f"got {','.join(self.objectives) or 'nothing'}")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise ConfigError(f"--variants must be a comma-separated subset of {', '.join(VARIANTS)}, "
+                              f"got {','.join(self.variants) or 'nothing'}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ConfigError(f"--seeds must be distinct integers >= 0, got {list(self.seeds)}")
+        for lr in self.lrs:
+            check_range("--lrs", lr, 1e-8, 1.0)
+        if len(self.lrs) > 1 and not self.val_images:
+            raise ConfigError("--lrs with several values chooses on validation: --val-images must be > 0")
         check_range("--fusion-layers", self.fusion_layers, 1, 12)
         check_range("--itm-weight", self.itm_weight, 0.0)
         check_range("--mlm-weight", self.mlm_weight, 0.0)
+        if "full" in self.variants and self.itm_weight <= 0 and self.mlm_weight <= 0:
+            raise ConfigError("the full variant needs --itm-weight or --mlm-weight > 0 (or --variants itc)")
         if self.k_test is not None:
             check_range("--k-test", self.k_test, 1, self.test_images)
         if "cross_lingual" in self.objectives and "en" not in self.languages:
@@ -64,64 +108,202 @@ class CompareConfig(DemoConfig):
         return self
 
 
-def comparison_table(reports: dict[str, dict[str, Any]], languages) -> str:
-    """Markdown: one row per (objective, language) with recall both ways and MRV per objective."""
-    lines = ["| objective | lang | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 | SumR |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, rep in reports.items():
-        for lang in [*languages, "mean"]:
-            m = rep["languages"][lang] if lang != "mean" else rep["mean"]
-            cells = [m[d][f"R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)]
-            sumr = m["SumR"]
-            lines.append(f"| {name} | {lang} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {sumr:.1f} |")
-    lines += ["", "| objective | MRV t2i | MRV i2t | recall std across languages (t2i R@1) |", "|---|---|---|---|"]
-    for name, rep in reports.items():
-        lines.append(f"| {name} | {rep['mrv']['t2i']:.2f} | {rep['mrv']['i2t']:.2f} | "
-                     f"{rep['recall_std_across_languages']['t2i']:.2f} |")
+def captions_per_image_step(objective: str, k: int) -> int:
+    """Captions an image meets in one training step: all K (1-to-K; cross-lingual: English with
+    the image, the other K−1 against English), or the one drawn (1-to-1)."""
+    return 1 if objective == "one_to_one" else k
+
+
+def summarize(report: dict[str, Any]) -> dict[str, float]:
+    """One run's numbers that the comparison aggregates (recall means over languages)."""
+    m = report["mean"]
+    out = {f"{d}_R@{k}": m[d][f"R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)}
+    out["SumR"] = m["SumR"]
+    out.update({f"MRV_{d}": report["mrv"][d] for d in ("t2i", "i2t")})
+    out.update({f"recall_std_{d}": report["recall_std_across_languages"][d] for d in ("t2i", "i2t")})
+    return out
+
+
+def aggregate(summaries: Sequence[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """{metric: {"mean", "std", "values"}} over seeds; std is the sample std (0 for one seed)."""
+    out = {}
+    for key in SUMMARY_KEYS:
+        values = [float(s[key]) for s in summaries if s.get(key) is not None]
+        if values:
+            out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                        "values": values}
+    return out
+
+
+def choose_lr(sweep: dict[float, float]) -> float:
+    """The learning rate of the best validation score (ties: the smaller rate)."""
+    return max(sorted(sweep), key=lambda lr: sweep[lr])
+
+
+def _cell(agg: dict[str, Any], key: str, digits: int = 1) -> str:
+    a = agg.get(key)
+    return "–" if a is None else f"{a['mean']:.{digits}f} ± {a['std']:.{digits}f}"
+
+
+def results_table(results: dict[str, dict[str, dict[str, Any]]], budget: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one table per ranking, one row per objective, mean ± std over seeds."""
+    parts = []
+    for ranking, per_objective in results.items():
+        lines = [f"### {RANKINGS[ranking]}", "",
+                 "| objective | lr | seeds | t2i R@1 | t2i R@5 | t2i R@10 | i2t R@1 | i2t R@5 | i2t R@10 | SumR | "
+                 "MRV t2i | MRV i2t | recall std across languages t2i / i2t | train s |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for objective, res in per_objective.items():
+            agg, b = res["aggregate"], budget[res["variant"]][objective]
+            lines.append(f"| {objective} | {res['lr']:g} | {len(res['seeds'])} | "
+                         + " | ".join(_cell(agg, f"{d}_R@{k}") for d in ("t2i", "i2t") for k in (1, 5, 10))
+                         + f" | {_cell(agg, 'SumR')} | {_cell(agg, 'MRV_t2i', 2)} | {_cell(agg, 'MRV_i2t', 2)} | "
+                         f"{_cell(agg, 'recall_std_t2i', 2)} / {_cell(agg, 'recall_std_i2t', 2)} | "
+                         f"{b['train_seconds_mean']:.0f} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def sweep_table(sweeps: dict[str, dict[str, dict[float, float]]], chosen: dict[str, dict[str, float]]) -> str:
+    lines = ["| variant | objective | lr | validation SumR (ITC) | chosen |", "|---|---|---|---|---|"]
+    for variant, per_objective in sweeps.items():
+        for objective, sweep in per_objective.items():
+            for lr, score in sorted(sweep.items()):
+                mark = "yes" if lr == chosen[variant][objective] else ""
+                lines.append(f"| {variant} | {objective} | {lr:g} | {score:.1f} | {mark} |")
     return "\n".join(lines)
+
+
+def budget_lines(cfg: CompareConfig, budget: dict[str, dict[str, Any]]) -> str:
+    k = cfg.captions_per_image
+    lines = [f"Budget per run: {cfg.epochs} epochs of {cfg.train_images} images = "
+             f"{cfg.epochs * cfg.train_images} images seen and the same optimiser steps for every arm.",
+             "Captions an image meets per step: " + ", ".join(
+                 f"{o} {captions_per_image_step(o, k)}" for o in cfg.objectives)
+             + " (1-to-1 sees K x fewer captions per image-step: the comparison holds images and steps equal, "
+               "as the paper's, not captions).",
+             "Training wall time per run (mean over its runs, on this machine): " + "; ".join(
+                 f"{v}/{o} {b['train_seconds_mean']:.0f} s" for v, per in budget.items() for o, b in per.items()) + "."]
+    return "\n".join(lines)
+
+
+def comparison_figure(results: dict[str, dict[str, dict[str, Any]]]):
+    """Per ranking (rows): recall (t2i R@1/5/10, i2t R@10) and MRV (t2i, i2t) per objective, mean
+    with error bars (sample std over seeds)."""
+    rankings = list(results)
+    fig = Figure(figsize=(12, 3.6 * len(rankings)), dpi=100, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(rankings), 2, squeeze=False))
+    for row, ranking in enumerate(rankings):
+        objectives = list(results[ranking])
+        x = np.arange(len(objectives))
+        for ax, keys, label in ((axes[row, 0], ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@10"), "recall % (mean of languages)"),
+                                (axes[row, 1], ("MRV_t2i", "MRV_i2t"), "MRV (lower: more consistent)")):
+            width = 0.8 / len(keys)
+            for i, key in enumerate(keys):
+                aggs = [results[ranking][o]["aggregate"].get(key, {"mean": np.nan, "std": 0.0}) for o in objectives]
+                ax.bar(x + (i - (len(keys) - 1) / 2) * width, [a["mean"] for a in aggs], width,
+                       yerr=[a["std"] for a in aggs], capsize=3, label=key.replace("_", " "))
+            ax.set_xticks(x, objectives)
+            ax.set_ylabel(label)
+            ax.set_title(RANKINGS[ranking], fontsize="medium")
+            ax.legend(fontsize="small")
+        axes[row, 0].set_ylim(0, 100)
+    return fig
+
+
+class Experiment:
+    """The runs of one comparison: each trains on Ray Train, is evaluated here, and leaves its
+    report.json (read back instead of training again)."""
+
+    def __init__(self, cfg: CompareConfig, out: Path, tokenizer, caption_tokenizer):
+        self.cfg, self.out, self.tokenizer, self.caption_tokenizer = cfg, out, tokenizer, caption_tokenizer
+        self.test = load_split(str(out / "data" / "test"), cfg.languages, caption_tokenizer, cfg.image_size)
+        self.val = (load_split(str(out / "data" / "val"), cfg.languages, caption_tokenizer, cfg.image_size)
+                    if cfg.val_images and len(cfg.lrs) > 1 else None)
+        self.model_cfg = demo_model_config(cfg, tokenizer, fusion_layers=cfg.fusion_layers)
+
+    def objective(self, variant: str, objective: str) -> dict[str, Any]:
+        weights = ({"itm_weight": 0.0, "mlm_weight": 0.0} if variant == "itc"
+                   else {"itm_weight": self.cfg.itm_weight, "mlm_weight": self.cfg.mlm_weight})
+        _, args = objective_args(weights, self.tokenizer, self.cfg.languages)
+        return {"name": objective, **args}
+
+    def run(self, variant: str, objective: str, lr: float, seed: int) -> dict[str, Any]:
+        run_dir = self.out / "runs" / variant / objective / f"lr{lr:g}-seed{seed}"
+        done = run_dir / "report.json"
+        if done.exists():
+            log.info("%s/%s lr %g seed %d: kept from an earlier run", variant, objective, lr, seed)
+            return json.loads(done.read_text())
+        if run_dir.exists():
+            shutil.rmtree(run_dir)           # an interrupted run starts again from scratch
+        cfg = dataclasses.replace(self.cfg, lr=lr, seed=seed)
+        t0 = time.perf_counter()
+        metrics = pretrain(cfg, self.out, run_dir, self.tokenizer, self.caption_tokenizer, self.model_cfg,
+                           self.objective(variant, objective))
+        seconds = time.perf_counter() - t0
+        model = CCRKModel.from_pretrained(run_dir / "model")
+        report: dict[str, Any] = {"variant": variant, "objective": objective, "lr": lr, "seed": seed,
+                                  "train": metrics, "train_seconds": round(seconds, 1),
+                                  "images_seen": self.cfg.epochs * self.cfg.train_images,
+                                  "captions_per_image_step": captions_per_image_step(objective, self.cfg.captions_per_image)}
+        rankings = {variant: None} if variant == "itc" or self.cfg.k_test is None else {variant: None, "full_two_stage": self.cfg.k_test}
+        report["test"] = {name: report_from_ranks(evaluate_in_process(model, self.test, k_test=k))
+                          for name, k in rankings.items()}
+        if self.val is not None:
+            report["val"] = report_from_ranks(evaluate_in_process(model, self.val, k_test=None))
+        done.write_text(json.dumps(report, indent=2))
+        itc = report["test"][variant]
+        log.info("%s/%s lr %g seed %d: test t2i R@10 %.1f, SumR %.1f, MRV t2i %.2f / i2t %.2f (%.0f s training)",
+                 variant, objective, lr, seed, itc["mean"]["t2i"]["R@10"], itc["mean"]["SumR"],
+                 itc["mrv"]["t2i"], itc["mrv"]["i2t"], seconds)
+        return report
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
-    out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "compare")
-    test_batch = load_split(str(out / "data" / "test"), cfg.languages, caption_tokenizer, cfg.image_size)
-    model_cfg = demo_model_config(cfg, tokenizer, fusion_layers=cfg.fusion_layers)
-    _, args = objective_args({"itm_weight": cfg.itm_weight, "mlm_weight": cfg.mlm_weight}, tokenizer, cfg.languages)
-    reports: dict[str, dict[str, Any]] = {}
-    two_stage_reports: dict[str, dict[str, Any]] = {}
+    out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "compare", keep_same=True)
+    exp = Experiment(cfg, out, tokenizer, caption_tokenizer)
+    lrs = tuple(cfg.lrs) or (cfg.lr,)
+    sweeps: dict[str, dict[str, dict[float, float]]] = {}
+    chosen: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    budget: dict[str, dict[str, Any]] = {}
+    runs: list[dict[str, Any]] = []
     with ray_session(demo_cpus(cfg)):
-        for objective in cfg.objectives:
-            run_dir = out / "runs" / objective
-            torch.manual_seed(cfg.seed)
-            metrics = pretrain(cfg, out, run_dir, tokenizer, caption_tokenizer, model_cfg, {"name": objective, **args})
-            model = CCRKModel.from_pretrained(run_dir / "model")
-            report = report_from_ranks(evaluate_in_process(model, test_batch, k_test=None))
-            report.update(train=metrics, objective=objective, k_test=None)
-            reports[objective] = report
-            if cfg.k_test is not None:
-                two_stage = report_from_ranks(evaluate_in_process(model, test_batch, k_test=cfg.k_test))
-                two_stage.update(objective=objective, k_test=cfg.k_test)
-                report["two_stage"] = two_stage
-                two_stage_reports[objective] = two_stage
-            (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-            for label, rep in (("ITC", report), (f"ITC+ITM@{cfg.k_test}", report.get("two_stage"))):
-                if rep:
-                    log.info(f"{objective} [{label}]: mean t2i R@10 {rep['mean']['t2i']['R@10']:.1f}, "
-                             f"MRV t2i {rep['mrv']['t2i']:.2f} / i2t {rep['mrv']['i2t']:.2f}")
-    table = "## Ranking by ITC similarity\n\n" + comparison_table(reports, cfg.languages)
-    if two_stage_reports:
-        table += (f"\n\n## Two-stage: ITC top-{cfg.k_test} re-ranked by ITM\n\n"
-                  + comparison_table(two_stage_reports, cfg.languages))
-
-    def brief(r):
-        return {"mean": r["mean"], "mrv": r["mrv"], "languages": r["languages"],
-                "recall_std_across_languages": r["recall_std_across_languages"]}
-
+        for variant in cfg.variants:
+            for objective in cfg.objectives:
+                first = {lr: exp.run(variant, objective, lr, cfg.seeds[0]) for lr in lrs}
+                if len(lrs) > 1:
+                    sweeps.setdefault(variant, {})[objective] = {lr: r["val"]["mean"]["SumR"] for lr, r in first.items()}
+                    lr = choose_lr(sweeps[variant][objective])
+                else:
+                    lr = lrs[0]
+                chosen.setdefault(variant, {})[objective] = lr
+                mine = [first[lr]] + [exp.run(variant, objective, lr, s) for s in cfg.seeds[1:]]
+                runs += list(first.values()) + mine[1:]
+                budget.setdefault(variant, {})[objective] = {
+                    "images_seen": mine[0]["images_seen"], "captions_per_image_step": mine[0]["captions_per_image_step"],
+                    "train_seconds_mean": float(np.mean([r["train_seconds"] for r in mine]))}
+                for ranking in mine[0]["test"]:
+                    results.setdefault(ranking, {})[objective] = {
+                        "variant": variant, "lr": lr, "seeds": list(cfg.seeds),
+                        "aggregate": aggregate([summarize(r["test"][ranking]) for r in mine]),
+                        "languages": {lang: [r["test"][ranking]["languages"][lang] for r in mine]
+                                      for lang in cfg.languages}}
+    table = "## Results (mean ± sample std over seeds)\n\n" + results_table(results, budget)
+    table += "\n\n" + budget_lines(cfg, budget)
+    if sweeps:
+        table += "\n\n## Learning rate per arm (first seed, validation split)\n\n" + sweep_table(sweeps, chosen)
+    fig = comparison_figure(results)
+    fig.savefig(out / "compare.png")
     summary = {"config": dataclasses.asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
-               "results": {name: brief(r) for name, r in reports.items()},
-               "results_two_stage": {name: brief(r) for name, r in two_stage_reports.items()}}
+               "chosen_lr": chosen, "sweep": {v: {o: {f"{lr:g}": s for lr, s in sw.items()} for o, sw in per.items()}
+                                             for v, per in sweeps.items()},
+               "budget": budget, "results": results,
+               "runs": [{k: r[k] for k in ("variant", "objective", "lr", "seed", "train_seconds")}
+                        | {"test": {name: summarize(rep) for name, rep in r["test"].items()}} for r in runs]}
     (out / "compare.json").write_text(json.dumps(summary, indent=2, default=list))
     (out / "compare.md").write_text(table + "\n")
     summary["table"] = table
-    log.info("comparison written to %s", out / "compare.md")
+    log.info("comparison written to %s (compare.md, compare.png)", out)
     return summary

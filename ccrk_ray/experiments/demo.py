@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ccrk_ray.core.config import ConfigError, check_range
 from ccrk_ray.core.files import prepare_out_dir
@@ -47,7 +47,8 @@ class DemoConfig:
     image_size: int = 64
     languages: tuple[str, ...] = CCRK_LANGUAGES
     captions_per_image: int | None = None      # K; default: every language
-    omit_prob: float = 0.2                     # chance a language's caption leaves out an attribute
+    omit_prob: float | dict[str, float] = 0.2  # chance a language's caption leaves out an attribute:
+                                               # one for all, or {lang: p} ("*": the others')
     epochs: int = 4
     batch_size: int = 64                       # images per worker per step
     lr: float = 2e-3
@@ -78,7 +79,7 @@ class DemoConfig:
         check_range("--test-images", self.test_images, 2)
         check_range("--val-images", self.val_images, 0)
         check_range("--image-size", self.image_size, 32, 1024)
-        check_range("--omit-prob", self.omit_prob, 0.0, 1.0)
+        self.omit_prob = resolve_omit_prob(self.omit_prob, self.languages)
         check_range("--epochs", self.epochs, 1)
         check_range("--batch-size", self.batch_size, 2)
         check_range("--lr", self.lr, 1e-8, 1.0)
@@ -97,6 +98,23 @@ class DemoConfig:
                               f"({self.batch_size} x {hi} workers)")
         check_vision_model(self.vision_model, flag="--vision-model")
         return self
+
+
+def resolve_omit_prob(omit_prob: float | Mapping[str, float], languages) -> float | dict[str, float]:
+    """One probability, or {language: p} for every language (``"*"`` gives the unnamed ones)."""
+    if not isinstance(omit_prob, Mapping):
+        check_range("--omit-prob", omit_prob, 0.0, 1.0)
+        return float(omit_prob)
+    unknown = [k for k in omit_prob if k != "*" and k not in languages]
+    if unknown:
+        raise ConfigError(f"--omit-prob names language(s) not in --languages: {', '.join(unknown)}")
+    missing = [lang for lang in languages if lang not in omit_prob and "*" not in omit_prob]
+    if missing:
+        raise ConfigError(f"--omit-prob has no value for {', '.join(missing)} (a bare number sets the others)")
+    out = {lang: float(omit_prob.get(lang, omit_prob.get("*", 0.0))) for lang in languages}
+    for lang, p in out.items():
+        check_range(f"--omit-prob {lang}", p, 0.0, 1.0)
+    return out
 
 
 def text_model_config(cfg: DemoConfig, tokenizer) -> dict[str, Any]:
@@ -174,13 +192,23 @@ def evaluate_split(uri: str, model_dir: str, languages, tokenizer, image_size: i
     return report_from_ranks(ranks)
 
 
-def prepare_experiment(cfg: DemoConfig, marker: str, outputs: tuple[str, ...], command: str):
+def prepare_experiment(cfg: DemoConfig, marker: str, outputs: tuple[str, ...], command: str,
+                       keep_same: bool = False):
     """The output folder (with ``marker`` holding the config), the synthetic data and the tokenizer
-    of a demo or a comparison: (output folder, HF tokenizer, CaptionTokenizer)."""
+    of a demo or a comparison: (output folder, HF tokenizer, CaptionTokenizer). ``keep_same``: a
+    folder whose marker holds this very config keeps what it has (its data, tokenizer and runs:
+    the experiment resumes); any other earlier output is cleared."""
     cfg.validate()
     out = Path(cfg.out).resolve()
+    config = json.dumps(dataclasses.asdict(cfg), indent=2, default=list)
+    same = keep_same and (out / marker).is_file() and (out / marker).read_text() == config \
+        and (out / "data" / "test").is_dir() and (cfg.tokenizer or cfg.text_model or (out / "tokenizer").is_dir())
+    if same:
+        log.info("%s holds this experiment's data and runs: finished runs are kept", out)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.text_model or str(out / "tokenizer"))
+        return out, tokenizer, CaptionTokenizer(tokenizer, cfg.max_length)
     prepare_out_dir(out, marker, outputs, command)
-    (out / marker).write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
+    (out / marker).write_text(config)
     generate_data(cfg, out)
     return (out, *prepare_tokenizer(cfg, out))
 

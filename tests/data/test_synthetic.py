@@ -607,3 +607,18 @@ def test_most_of_500_test_images_have_a_unique_description(tmp_path):
     unique = sum(1 for c in counts.values() if c == 1)
     assert len(counts) > 0.8 * 500
     assert unique > 0.8 * 500
+
+
+def test_generate_split_omits_details_per_language(tmp_path):
+    """--omit-prob per language: each language leaves attributes out at its own rate, and a
+    language's captions do not depend on the others' rates."""
+    generate_split(tmp_path / "a", "train", 300, languages=("en", "de"), omit_prob={"en": 0.0, "de": 0.7}, seed=1)
+    generate_split(tmp_path / "b", "train", 300, languages=("en", "de"), omit_prob=0.0, seed=1)
+    a, b = pq.read_table(tmp_path / "a").to_pydict(), pq.read_table(tmp_path / "b").to_pydict()
+    assert a["captions_en"] == b["captions_en"]                    # en at 0.0 either way
+    de_words = sum(len(c[0].split()) for c in a["captions_de"]) / sum(len(c[0].split()) for c in b["captions_de"])
+    assert de_words < 0.85                                       # German drops details, English none
+    with pytest.raises(ValueError, match="no value for language"):
+        generate_split(tmp_path / "c", "train", 3, languages=("en", "de"), omit_prob={"en": 0.1})
+    with pytest.raises(ValueError, match=r"omit_prob\[de\]"):
+        generate_split(tmp_path / "c", "train", 3, languages=("en", "de"), omit_prob={"en": 0.1, "de": 2})

@@ -1,0 +1,75 @@
+"""``ccrk compare``'s experiment logic without Ray: aggregation over seeds, the learning-rate
+choice, per-language omission flags and the configuration checks."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+from ccrk_ray.commands._args import omit_probs
+from ccrk_ray.core.config import ConfigError
+from ccrk_ray.experiments.compare import (COMPARE_OMIT, CompareConfig, aggregate, captions_per_image_step, choose_lr,
+                                          results_table, summarize)
+
+
+def report(t2i, i2t, mrv=(3.0, 2.0), std=(1.0, 2.0)):
+    """A ``report_from_ranks``-shaped dict with the given mean recall triples."""
+    mean = {"t2i": dict(zip(("R@1", "R@5", "R@10"), t2i)), "i2t": dict(zip(("R@1", "R@5", "R@10"), i2t))}
+    mean["SumR"] = sum(t2i) + sum(i2t)
+    return {"mean": mean, "mrv": {"t2i": mrv[0], "i2t": mrv[1]},
+            "recall_std_across_languages": {"t2i": std[0], "i2t": std[1]}}
+
+
+def test_aggregate_is_mean_and_sample_std_over_seeds():
+    runs = [summarize(report((10, 20, 30), (11, 21, 31), mrv=(4.0, 1.0))),
+            summarize(report((14, 26, 40), (11, 21, 31), mrv=(6.0, 1.0)))]
+    agg = aggregate(runs)
+    assert agg["t2i_R@10"]["mean"] == 35 and agg["t2i_R@10"]["std"] == pytest.approx(np.std([30, 40], ddof=1))
+    assert agg["SumR"]["values"] == [123, 143]
+    assert agg["MRV_t2i"] == {"mean": 5.0, "std": pytest.approx(np.sqrt(2)), "values": [4.0, 6.0]}
+    assert agg["i2t_R@1"]["std"] == 0.0
+    assert aggregate(runs[:1])["SumR"]["std"] == 0.0            # one seed: no spread to report
+    table = results_table({"itc": {"one_to_k": {"variant": "itc", "lr": 0.002, "seeds": [0, 1], "aggregate": agg}}},
+                          {"itc": {"one_to_k": {"train_seconds_mean": 12.0}}})
+    assert "| one_to_k | 0.002 | 2 | 12.0 ± 2.8 | 23.0 ± 4.2 | 35.0 ± 7.1 |" in table
+
+
+def test_the_learning_rate_is_chosen_on_validation_ties_to_the_smaller():
+    assert choose_lr({1e-3: 50.0, 2e-3: 61.0, 4e-3: 60.0}) == 2e-3
+    assert choose_lr({4e-3: 61.0, 1e-3: 61.0}) == 1e-3
+
+
+def test_captions_per_image_step():
+    assert [captions_per_image_step(o, 10) for o in ("one_to_k", "one_to_one", "cross_lingual")] == [10, 1, 10]
+
+
+def test_omit_prob_flag_per_language():
+    assert omit_probs("0.2") == 0.2
+    assert omit_probs("0.1,zh=0.5,ja=0.4") == {"*": 0.1, "zh": 0.5, "ja": 0.4}
+    with pytest.raises(argparse.ArgumentTypeError, match="LANG=P"):
+        omit_probs("zh=lots")
+    cfg = CompareConfig(out="x", languages=("en", "de", "zh"), omit_prob={"*": 0.1, "zh": 0.5}).validate()
+    assert cfg.omit_prob == {"en": 0.1, "de": 0.1, "zh": 0.5}
+    # the default's controlled rates, cut to the generated languages
+    cfg = CompareConfig(out="x", languages=("en", "ja")).validate()
+    assert cfg.omit_prob == {"en": COMPARE_OMIT["en"], "ja": COMPARE_OMIT["ja"]}
+    with pytest.raises(ConfigError, match="not in --languages: ko"):
+        CompareConfig(out="x", languages=("en", "de"), omit_prob={"en": 0.1, "ko": 0.2}).validate()
+    with pytest.raises(ConfigError, match="no value for de"):
+        CompareConfig(out="x", languages=("en", "de"), omit_prob={"en": 0.1}).validate()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(variants=("itc", "mitm")), "--variants must be a comma-separated subset"),
+    (dict(seeds=(0, 0)), "--seeds must be distinct"),
+    (dict(lrs=(1e-3, 2e-3), val_images=0), "--val-images must be > 0"),
+    (dict(itm_weight=0.0, mlm_weight=0.0), "the full variant needs"),
+    (dict(objectives=("one_to_k", "clip")), "--objectives must be a comma-separated subset"),
+    (dict(languages=("zh", "de")), "cross_lingual needs 'en'"),
+    (dict(k_test=501), "--k-test must be in [1, 500], got 501"),
+])
+def test_bad_compare_configs(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        CompareConfig(out="x", **kwargs).validate()
