@@ -120,7 +120,9 @@ def add_run_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--chunk-rows", type=int, default=d.chunk_rows,
                    help="shuffle granularity: each epoch reads row-group slices of this many rows in a seeded order")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
-    p.add_argument("--precision", default=d.precision, help="fp32 or bf16 (autocast)")
+    p.add_argument("--precision", default=d.precision,
+                   help="fp32, amp_bf16 (alias bf16) or amp / amp_fp16 (alias fp16: float16 autocast with a "
+                        "gradient scaler), as open_clip names them")
     p.add_argument("--seed", type=int, default=d.seed)
 
 

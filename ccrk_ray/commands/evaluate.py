@@ -9,7 +9,7 @@ from ccrk_ray.commands._args import comma_list
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.eval.evaluate import run_evaluate
 from ccrk_ray.eval.report import format_table
-from ccrk_ray.eval.retrieval import PRECISIONS
+from ccrk_ray.core.precision import PRECISIONS
 
 
 

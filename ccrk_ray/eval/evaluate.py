@@ -36,6 +36,7 @@ from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError, DataError, first_line
 from ccrk_ray.core.languages import canonical_languages, validate_languages
 from ccrk_ray.core.log import get_logger
+from ccrk_ray.core.precision import PRECISIONS
 from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data import schema
 from ccrk_ray.data.ingest import eval_dataset
@@ -47,7 +48,7 @@ from ccrk_ray.eval.ranks import RankSet
 from ccrk_ray.eval.ranks import save_ranks as write_ranks
 from ccrk_ray.eval.report import (DIRECTIONS, average_reports, clip_benchmark_filename, clip_benchmark_results,
                                   format_table, language_rank_correlation, report_from_ranks)
-from ccrk_ray.eval.retrieval import PRECISIONS, SubsetRescorer
+from ccrk_ray.eval.retrieval import SubsetRescorer
 from ccrk_ray.model.openclip import PREFIX, OpenClipModel, OpenClipSpec, OpenClipTokenizer, is_openclip
 from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
 

@@ -19,6 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+from ccrk_ray.core.precision import autocast_dtype
 from ccrk_ray.eval.ranks import LanguageRanks, RankSet
 from ccrk_ray.metrics import own_at_or_above
 
@@ -36,9 +37,6 @@ def _no_grad(fn):
     return wrapper
 
 
-# Embedding precision: open_clip's names (amp_bf16, amp / amp_fp16) and ours (bf16, fp16) -> autocast dtype
-PRECISIONS = {"fp32": None, "amp_bf16": "bfloat16", "bf16": "bfloat16", "amp": "float16", "amp_fp16": "float16",
-              "fp16": "float16"}
 
 
 class Embedder:
@@ -57,14 +55,12 @@ class Embedder:
 
         from ccrk_ray.model.openclip import load_encoders
 
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        dtype = autocast_dtype(precision)
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_encoders(model_dir).to(self.device)
         self.itm_features = itm_features
-        dtype = PRECISIONS[precision]
         self.autocast = torch.autocast(self.device.type, dtype=getattr(torch, dtype or "float32"),
                                        enabled=dtype is not None)
 

@@ -23,6 +23,7 @@ from ccrk_ray.core.config import ConfigError, check_range
 from ccrk_ray.core.files import prepare_out_dir
 from ccrk_ray.core.languages import CCRK_LANGUAGES, validate_languages
 from ccrk_ray.core.log import get_logger
+from ccrk_ray.core.precision import PRECISIONS
 from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data.synthetic import generate_split
 from ccrk_ray.data.tokenizer import CaptionTokenizer, iter_captions, load_tokenizer, train_tokenizer
@@ -67,7 +68,7 @@ class DemoConfig:
     cpus_per_worker: int = 1
     chunk_rows: int = 64                       # shuffle granularity: row-group slices of this many rows
     gpu: bool = False                          # one GPU per Ray Train worker
-    precision: str = "fp32"                    # fp32 | bf16 (autocast)
+    precision: str = "fp32"                    # fp32 | amp_bf16 | amp (ccrk_ray.core.precision)
     seed: int = 0
 
     def validate(self) -> "DemoConfig":
@@ -88,8 +89,8 @@ class DemoConfig:
         check_range("--vocab-size", self.vocab_size, 100)
         check_range("--cpus-per-worker", self.cpus_per_worker, 1)
         check_range("--chunk-rows", self.chunk_rows, 1)
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         lo, hi = self.workers
         if not 1 <= lo <= hi:
             raise ConfigError(f"--workers must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")

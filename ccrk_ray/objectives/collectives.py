@@ -101,6 +101,17 @@ def all_gather_int(value: int) -> list[int]:
     return [int(x) for x in out]
 
 
+def all_gather_floats(values: list[float]) -> list[list[float]]:
+    """Every rank's list of ``values`` (the same length on every rank), in rank order."""
+    if world_size() == 1:
+        return [list(values)]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t)
+    return [x.tolist() for x in out]
+
+
 def average_gradients(params) -> None:
     """Average the ``.grad`` of ``params`` over the ranks (in place): what DDP does for a module it
     wraps, for one kept outside it (NRCCR's discriminator, stepped on its own)."""

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from ccrk_ray.core.config import ConfigError, build, check_range, check_types, read_config
 from ccrk_ray.core.languages import CCRK_LANGUAGES, validate_languages
+from ccrk_ray.core.precision import PRECISIONS
 from ccrk_ray.core.storage import configure_s3
 from ccrk_ray.data.tokenizer import CaptionTokenizer
 from ccrk_ray.data.transforms import ImageTransform
@@ -39,7 +40,6 @@ from ccrk_ray.objectives.styles import STYLES, ObjectiveConfig
 from ccrk_ray.train.schedule import accumulation
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -86,7 +86,8 @@ class TrainSection:
     warmup: float = 0.1                      # optimiser steps, or a fraction of them when < 1
     schedule: str = "cosine"                 # cosine | linear decay after warm-up
     grad_clip: float = 0.0
-    precision: str = "fp32"                  # fp32 | bf16 (autocast; for GPUs)
+    precision: str = "fp32"                  # fp32 | amp_bf16 (alias bf16) | amp / amp_fp16 (alias fp16:
+                                             # float16 autocast with a gradient scaler): core/precision.py
     grad_checkpointing: bool = False
     compile: bool = False
     seed: int = 0

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from ccrk_ray.core.log import get_logger, setup_logging
+from ccrk_ray.core.precision import autocast_dtype, uses_grad_scaler
 from ccrk_ray.core.runtime import quiet_ray_loggers
 from ccrk_ray.data.batching import EpochBatcher, Started
 from ccrk_ray.data.ingest import stats_actor, stream_blocks
@@ -46,7 +47,7 @@ from ccrk_ray.eval.report import report_from_ranks
 from ccrk_ray.eval.retrieval import evaluate_in_process
 from ccrk_ray.model import CCRKModel, ModelConfig
 from ccrk_ray.model.saved import load_model
-from ccrk_ray.objectives.collectives import all_gather_int, all_min, broadcast_int
+from ccrk_ray.objectives.collectives import all_gather_floats, all_gather_int, all_min, broadcast_int
 from ccrk_ray.objectives.styles import ObjectiveModule, build_objective
 from ccrk_ray.train.best import BestStore
 from ccrk_ray.train.config import LoopConfig
@@ -166,7 +167,7 @@ class WorkerLoop:
         return {}
 
     def save(self, directory: str, state: dict[str, Any]) -> None:
-        save_checkpoint(directory, self.model, self.optimizer, self.scheduler, state)
+        save_checkpoint(directory, self.model, self.optimizer, self.scheduler, state, self.scaler)
 
     def build(self) -> None:
         """Model, optimiser and schedule, with the checkpoint's states when resuming."""
@@ -177,15 +178,19 @@ class WorkerLoop:
                                            betas=tuple(self.t.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(
             warmup_steps(self.t.warmup, self.steps_total), self.steps_total, self.t.schedule))
+        self.device = ray.train.torch.get_device()
+        dtype = autocast_dtype(self.t.precision)
+        self.autocast = torch.autocast(self.device.type, dtype=getattr(torch, dtype or "float32"),
+                                       enabled=dtype is not None)
+        # float16 autocast: the loss is scaled so that small gradients do not underflow
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=uses_grad_scaler(self.t.precision))
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                load_training_state(d, self.model, self.optimizer, self.scheduler)
+                load_training_state(d, self.model, self.optimizer, self.scheduler, self.scaler)
         module = ObjectiveModule(self.model, build_objective(self.cfg.objective, **self.cfg.objective_args))
         self.module = prepare_module(module, module.unused_parameter_names())
         self.forward = torch.compile(self.module) if self.t.compile else self.module
-        self.device = ray.train.torch.get_device()
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.precision == "bf16")
 
     def open_trace(self) -> None:
         """With ``trace_dir``, each worker appends the row keys of every optimiser step (audits, tests)."""
@@ -231,11 +236,15 @@ class WorkerLoop:
             with contextlib.nullcontext() if last else self.module.no_sync():
                 with self.autocast:
                     out = self.forward(b)
-                (out["loss"] / self.accum).backward()
+                self.scaler.scale(out["loss"] / self.accum).backward()
             tally.add(out)
         if self.t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)          # clip the true gradients
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)                  # skipped when a gradient is inf/NaN (fp16)
+        self.scaler.update()
+        if self.scaler.is_enabled():
+            tally.note("grad_scale", self.scaler.get_scale())
         self.scheduler.step()
         self.step += 1
         tally.samples += self.batch_size * self.accum * self.world
@@ -248,7 +257,7 @@ class WorkerLoop:
     def run_epoch(self, phase: Position) -> dict[str, Any]:
         epoch = phase.epoch
         self.module.train()
-        tally, consumed, exhausted = EpochTally(epoch), 0, False
+        tally, consumed, exhausted = EpochTally(epoch, world_share=self.world), 0, False
         bar = epoch_bar(self.steps_for(phase), f"epoch {epoch + 1}/{self.t.epochs}",
                         self.rank == 0 and self.cfg.progress_bars)
         while self.step < self.steps_total:
@@ -258,7 +267,10 @@ class WorkerLoop:
             if micro is None:
                 exhausted = True
                 break
+            t_step = time.perf_counter()
             consumed = self.train_step(micro, tally)
+            tally.compute += time.perf_counter() - t_step
+            tally.steps += 1
             bar.update(1)
             if self.step % self.t.log_every == 0 and self.rank == 0:
                 self.log_step(tally, bar)
@@ -313,6 +325,9 @@ class WorkerLoop:
     def finish_epoch(self, epoch: int, tally: "EpochTally") -> dict[str, Any]:
         metrics = {"epoch": epoch + 1, "step": self.step, **tally.summary(), "world_size": self.world,
                    "grad_accumulation": self.accum}
+        for r, (rate, data_ms, batch_ms) in enumerate(all_gather_floats(tally.timing())):
+            metrics.update({f"worker/{r}/samples_per_s": rate, f"worker/{r}/data_ms_per_step": data_ms,
+                            f"worker/{r}/batch_ms_per_step": batch_ms})
         if self.stats is not None:   # rows read / skipped by reason for this epoch in this run, over every data actor
             now, before = ray.get(self.stats.snapshot.remote(epoch, self.cfg.data.run_id)), self.seen.get(epoch, {})
             metrics["rows_read"] = now["rows_read"] - before.get("rows_read", 0)
@@ -387,10 +402,13 @@ def epoch_bar(total: int, desc: str, show: bool):
 
 @dataclass
 class EpochTally:
-    """Losses, samples and data wait of one epoch on one worker."""
+    """Losses, samples, data wait and step (batch) time of one epoch on one worker."""
     epoch: int
     samples: int = 0
-    wait: float = 0.0
+    wait: float = 0.0                 # seconds waiting for the next batch
+    compute: float = 0.0              # seconds in optimiser steps (forward, backward, update)
+    steps: int = 0
+    world_share: int = 1              # workers the (global) sample count is shared by
     losses: list[torch.Tensor] = field(default_factory=list)
     terms: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
@@ -403,6 +421,17 @@ class EpochTally:
         for name, value in out.items():
             self.terms.setdefault(name, []).append(value.detach().float())
         self.losses.append(out["loss"].detach().float())
+
+    def note(self, name: str, value: float) -> None:
+        """A logged value that is not a loss term (e.g. the float16 gradient scale)."""
+        self.terms.setdefault(name, []).append(torch.tensor(float(value)))
+
+    def timing(self) -> list[float]:
+        """[samples/s, data ms per step, batch ms per step] of this worker in this epoch."""
+        elapsed, steps = time.perf_counter() - self.start, max(1, self.steps)
+        return [self.samples / self.world_share / elapsed if elapsed else 0.0, 1000 * self.wait / steps,
+                1000 * self.compute / steps]
+
 
     def last_loss(self) -> float:
         return float(self.losses[-1]) if self.losses else float("nan")
@@ -427,9 +456,13 @@ def log_epoch(metrics: dict[str, Any], epochs: int) -> None:
     skipped = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("skipped/") and v}
     val = (f", val r_mean {metrics['val/r_mean']:.1f} MRV t2i {metrics['val/mrv_t2i']}"
            if "val/r_mean" in metrics else "")
-    log.info("epoch %d/%d step %d loss %.4f %.0f samples/s, data wait %.0f%%, rows read %s, skipped %s%s",
+    workers = sorted({k.split("/")[1] for k in metrics if k.startswith("worker/")}, key=int)
+    per_worker = "; ".join(f"w{r} {metrics[f'worker/{r}/samples_per_s']:.0f}/s data {metrics[f'worker/{r}/data_ms_per_step']:.0f} ms "
+                           f"batch {metrics[f'worker/{r}/batch_ms_per_step']:.0f} ms" for r in workers)
+    log.info("epoch %d/%d step %d loss %.4f %.0f samples/s, data wait %.0f%%, rows read %s, skipped %s%s%s",
              metrics["epoch"], epochs, metrics["step"], metrics["loss"], metrics["samples_per_s"],
-             100 * metrics["data_wait_fraction"], metrics.get("rows_read", "?"), skipped or 0, val)
+             100 * metrics["data_wait_fraction"], metrics.get("rows_read", "?"), skipped or 0, val,
+             f" [per step: {per_worker}]" if per_worker else "")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:

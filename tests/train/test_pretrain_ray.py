@@ -5,6 +5,7 @@ right at a checkpoint report)."""
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from ccrk_ray.core.config import ConfigError
@@ -119,15 +121,16 @@ def test_config_errors_name_the_key(tmp_path, tiny_data):
 def test_resume_mid_epoch_on_another_worker_count_with_data_and_checkpoints_on_s3(tiny_data, s3_server, tmp_path):
     """Stop after 3 of the epoch's 6 steps on 2 workers; resume on 1 worker (gradient accumulation
     2 keeps the global batch): the epoch's 96 rows are each trained exactly once. Data and
-    checkpoints are on s3:// (a real S3 server on 127.0.0.1, the code path users take), bf16
-    autocast (the CPU supports it too), with the paper recipe's options. Both runs start their own
+    checkpoints are on s3:// (a real S3 server on 127.0.0.1, the code path users take), float16
+    autocast with a gradient scaler (open_clip's ``amp``; the CPU supports it too; the scaler's
+    state travels in the checkpoint), with the paper recipe's options. Both runs start their own
     local cluster (no other Ray instance on the machine, as for a user)."""
     import boto3
 
     endpoint, bucket = s3_server
     upload_dir(endpoint, bucket, tiny_data["train"], "train-run/train")
     out = tmp_path / "run"
-    on_s3 = {"data.train": f"s3://{bucket}/train-run/train", "train.precision": "bf16", **PAPER_RECIPE}
+    on_s3 = {"data.train": f"s3://{bucket}/train-run/train", "train.precision": "amp", **PAPER_RECIPE}
     first = write_config(tmp_path / "a.yaml", tiny_data, out, **on_s3, **{"train.max_steps": 3},
                          storage_path=f"s3://{bucket}/runs")
     m1 = run_pretrain(PretrainConfig.from_yaml(first))
@@ -135,10 +138,18 @@ def test_resume_mid_epoch_on_another_worker_count_with_data_and_checkpoints_on_s
     assert all(np.isfinite(m1[f"loss/{k}"]) and m1[f"loss/{k}"] > 0 for k in ("itc", "itm", "mlm")), m1
     # rows read: the segments decoded ahead of training count too (prefetch), at most the epoch
     assert 48 <= m1["rows_read"] <= 96, m1
+    assert m1["loss/grad_scale"] > 1                      # the float16 loss scale was in use
+    # per-worker throughput, data and batch time per step, for each of the 2 workers
+    assert all(m1[f"worker/{r}/{k}"] > 0 for r in (0, 1) for k in ("samples_per_s", "batch_ms_per_step"))
+    assert all(m1[f"worker/{r}/data_ms_per_step"] >= 0 for r in (0, 1))
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
         Bucket=bucket, Prefix="runs/pretrain/")["Contents"]]
     assert "runs/pretrain/checkpoint_manager_snapshot.json" in keys
     assert any(k.startswith("runs/pretrain/checkpoint_00000003_m/model/") for k in keys), keys
+    state = boto3.client("s3", endpoint_url=endpoint).get_object(
+        Bucket=bucket, Key="runs/pretrain/checkpoint_00000003_m/training_state.pt")["Body"].read()
+    scaler = torch.load(io.BytesIO(state), weights_only=True)["grad_scaler"]
+    assert scaler["scale"] > 1
     with pytest.raises(ConfigError, match="holds a finished run; pass --resume"):
         run_pretrain(PretrainConfig.from_yaml(first))
     # the resume as a user runs it: `ccrk pretrain --resume`, its own local cluster; then the test set
@@ -150,6 +161,7 @@ def test_resume_mid_epoch_on_another_worker_count_with_data_and_checkpoints_on_s
     m2 = json.loads((out / "train_result.json").read_text())["metrics"]
     assert m2["step"] == 6 and m2["world_size"] == 1 and m2["grad_accumulation"] == 2
     assert m2["rows_read"] == 96 - 48 and np.isfinite(m2["loss"])
+    assert "per step: w0 " in res.stdout + res.stderr and "worker/1/samples_per_s" not in m2
     test_report = json.loads((out / "test" / "test" / "report.json").read_text())
     assert test_report["num_images"] == 40 and list(test_report["languages"]) == LANGS
 
