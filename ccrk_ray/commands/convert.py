@@ -11,8 +11,8 @@ from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.core.languages import CCRK_LANGUAGES
 from ccrk_ray.core.log import get_logger
-from ccrk_ray.data.converters import (FORMATS, convert_ccrk, convert_coco, convert_iglue, convert_multi30k,
-                                      convert_wit, multi30k_files)
+from ccrk_ray.data.converters import (BENCHMARK_LAYOUTS, FORMATS, benchmark_files, convert_ccrk, convert_coco,
+                                      convert_iglue, convert_multi30k, convert_wit, convert_xm3600, multi30k_files)
 from ccrk_ray.data.nrccr import VIEW_TAGS, VIEWS, convert_nrccr
 
 log = get_logger(__name__)
@@ -105,6 +105,24 @@ def add_arguments(convert: argparse.ArgumentParser) -> None:
     p.add_argument("--images", action="append", required=True, metavar="DIR", help="image folder (repeatable)")
     _add_common(p)
 
+    for name, (listing, pattern, _) in BENCHMARK_LAYOUTS.items():
+        p = fmt.add_parser(name, help=f"{name} as CLIP_benchmark lays it out: {listing}, {pattern.format('<lang>')} "
+                                      "per language, images/")
+        p.add_argument("--root", required=True, metavar="DIR",
+                       help=f"the {name} folder (images in DIR/images unless --images)")
+        p.add_argument("--languages", type=_lang_list, required=True, metavar="LANGS",
+                       help="comma-separated codes as its files name them" + (
+                           " (jp or ja: Japanese, stored as ja)" if name == "xtd10" else
+                           " (FLORES-200: eng_Latn, jpn_Jpan, ...; kept as they are)"))
+        p.add_argument("--images", action="append", default=None, metavar="DIR", help="image folder (repeatable)")
+        _add_common(p)
+
+    p = fmt.add_parser("xm3600", help="Crossmodal-3600 captions.jsonl (every caption of every language) + images")
+    p.add_argument("--captions", required=True, metavar="FILE", help="captions.jsonl")
+    p.add_argument("--images", action="append", required=True, metavar="DIR", help="folder of <image/key>.jpg")
+    p.add_argument("--languages", type=_lang_list, required=True, metavar="LANGS", help="comma-separated, e.g. en,de,ja")
+    _add_common(p)
+
     p = fmt.add_parser("coco", help="COCO Karpathy-style JSON (one language) + image folder(s)")
     p.add_argument("--json", action="append", required=True, metavar="FILE", help="annotation JSON (repeatable)")
     p.add_argument("--lang", required=True, metavar="LANG", help="language of the captions (en, ja, zh ...)")
@@ -194,6 +212,12 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError("multi30k needs --captions LANG=FILE ... and --image-list FILE "
                               "(or --task1 DIR --name SPLIT --languages ...)")
         result = convert_multi30k(captions, image_list, args.images, args.out, **opts)
+    elif fmt in BENCHMARK_LAYOUTS:
+        captions, image_list = benchmark_files(fmt, args.root, args.languages)
+        images = args.images or [str(Path(args.root) / "images")]
+        result = convert_multi30k(captions, image_list, images, args.out, name=fmt, **opts)
+    elif fmt == "xm3600":
+        result = convert_xm3600(args.captions, args.images, args.out, languages=args.languages, **opts)
     elif fmt == "coco":
         result = convert_coco(args.json, args.images, args.out, lang=args.lang, **opts)
     elif fmt == "wit":

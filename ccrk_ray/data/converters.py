@@ -64,7 +64,7 @@ __all__ = [
     "convert_wit",
 ]
 
-FORMATS = ("ccrk", "iglue", "multi30k", "coco", "wit")
+FORMATS = ("ccrk", "iglue", "multi30k", "coco", "wit", "xtd10", "xtd200", "flickr30k-200", "xm3600")
 SUCCESS_FILE = "_SUCCESS.json"
 _SHARD_RE = re.compile(r"part-(\d{5})\.parquet")
 # Everything a ShardWriter may leave behind; nothing else in the folder is ever touched.
@@ -670,7 +670,7 @@ def multi30k_files(task1_dir: str | os.PathLike, split: str, languages: Sequence
 def convert_multi30k(captions: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]],
                      image_list: str | os.PathLike,
                      image_root: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                     **writer_opts) -> ConvertResult:
+                     *, name: str = "multi30k", **writer_opts) -> ConvertResult:
     """Multi30K → shards. ``captions``: language → one text file (``.gz`` or plain; task1's
     ``raw/val.en.gz``, framed-multi30k's ``raw/val.pt.gz``) or several aligned files, one caption of
     each image in each (task2's ``raw/test_2016.{1..5}.en.gz``: 5 captions); ``image_list``: the split's
@@ -679,6 +679,8 @@ def convert_multi30k(captions: Mapping[str, str | os.PathLike | Sequence[str | o
     written). Lines are taken as bytes minus the line ending and decoded as UTF-8 (bad bytes →
     ``invalid_utf8``, empty lines → ``empty_caption``). ``image_id`` = the image file name without
     extension (test_2017_mscoco's ``name.jpg#123`` → ``name``), the image = ``root/name.jpg``.
+    XTD10, XTD200 and Flickr30k-200 have the same shape (``benchmark_files``); ``name`` is the
+    format recorded in ``_SUCCESS.json``.
     """
     if not isinstance(captions, Mapping) or not captions:
         raise ConfigError(f"multi30k captions: expected a mapping language -> file, got {captions!r}")
@@ -700,12 +702,12 @@ def convert_multi30k(captions: Mapping[str, str | os.PathLike | Sequence[str | o
                          for lang, paths in files.items()},
             "image_list": str(names_path), "image_root": [str(r) for r in roots],
             "input_files": _fingerprint([names_path, *(p for _, p in flat)])}
-    with _writer(out_dir, langs, "multi30k", args, writer_opts) as w:
+    with _writer(out_dir, langs, name, args, writer_opts) as w:
         if w.already_done:
             return w.result
         handles = [_open_binary(names_path)] + [_open_binary(p) for _, p in flat]
         try:
-            for i, lines in _progress(enumerate(zip(*handles)), n, "multi30k"):
+            for i, lines in _progress(enumerate(zip(*handles)), n, name):
                 name = _strip_newline(lines[0]).decode("utf-8", "replace").strip()
                 file_name = name.split("#", 1)[0]
                 iid = Path(file_name).stem if file_name else f"{names_path.name}:{i + 1}"
@@ -717,6 +719,82 @@ def convert_multi30k(captions: Mapping[str, str | os.PathLike | Sequence[str | o
         finally:
             for h in handles:
                 h.close()
+    return w.result
+
+
+# ---------------------------------------------------------------------------------------------
+# XTD10, XTD200, Flickr30k-200: an image list and one aligned caption file per language, in the
+# layouts CLIP_benchmark's loaders read (clip_benchmark/datasets/{xtd10,xtd200,flickr30k_200}.py)
+# ---------------------------------------------------------------------------------------------
+
+# name: (image list, caption file per language code, folders under the root holding caption files)
+BENCHMARK_LAYOUTS = {
+    # adobe-research/Cross-lingual-Test-Dataset-XTD10: XTD10/ (MIC/ for de and fr, STAIR/ for jp)
+    "xtd10": ("test_image_names.txt", "test_1kcaptions_{}.txt", ("", "XTD10", "MIC", "STAIR")),
+    # visheratin/nllb-clip data/xtd200 and data/flickr30k-200: FLORES-200 codes (eng_Latn, ...)
+    "xtd200": ("test_image_names.txt", "{}.txt", ("",)),
+    "flickr30k-200": ("filenames.txt", "{}.txt", ("",)),
+}
+# XTD10's file code for a language whose ccrk-ray code differs (CLIP_benchmark's "jp")
+XTD10_FILE_CODES = {"ja": "jp"}
+
+
+def benchmark_files(name: str, root: str | os.PathLike, languages: Sequence[str]) -> tuple[dict[str, Path], Path]:
+    """(caption file per language, image list) of an XTD10 / XTD200 / Flickr30k-200 folder laid
+    out as CLIP_benchmark downloads it: the image list and ``{code}`` caption files at the root (or,
+    for XTD10, in its XTD10/, MIC/ and STAIR/ folders); images in ``root/images``. XTD10's
+    Japanese file is ``test_1kcaptions_jp.txt``: ``ja`` (or ``jp``) reads it, stored as ``ja``."""
+    if name not in BENCHMARK_LAYOUTS:
+        raise ConfigError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARK_LAYOUTS)}")
+    listing, pattern, folders = BENCHMARK_LAYOUTS[name]
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise ConfigError(f"{name} folder {base} does not exist")
+
+    def find(file_name: str) -> Path | None:
+        return next((base / d / file_name for d in folders if (base / d / file_name).is_file()), None)
+
+    image_list = find(listing)
+    if image_list is None:
+        raise ConfigError(f"{name}: no {listing} in {base} ({', '.join(str(base / d) for d in folders if d)})")
+    captions = {}
+    for lang in _check_languages(languages, f"{name} languages"):
+        canonical = "ja" if lang == "jp" else lang
+        code = XTD10_FILE_CODES.get(canonical, canonical) if name == "xtd10" else lang
+        path = find(pattern.format(code))
+        if path is None:
+            raise ConfigError(f"{name}: no caption file {pattern.format(code)} for {lang} under {base}")
+        captions[canonical] = path
+    return captions, image_list
+
+
+# ---------------------------------------------------------------------------------------------
+# Crossmodal-3600: captions.jsonl (one line per image, every language's captions) + images
+# ---------------------------------------------------------------------------------------------
+
+
+def convert_xm3600(captions_file: str | os.PathLike, image_root: str | os.PathLike | Sequence[str | os.PathLike],
+                   out_dir: str | os.PathLike, *, languages: Sequence[str], **writer_opts) -> ConvertResult:
+    """Crossmodal-3600 → shards: ``captions.jsonl`` lines ``{"image/key": K, "<lang>": {"caption":
+    [...]}, ...}`` (the file CLIP_benchmark's loader reads), images ``<root>/<K>.jpg``. Every caption
+    of each language is kept (CLIP_benchmark keeps the first only; every caption counts here).
+    ``image_id`` = the key. A line that is not JSON is an error naming file and line; a line
+    without a key, or a language without captions, is counted by the writer's skip reasons."""
+    path = _existing_file(captions_file, "crossmodal-3600 captions file")
+    roots = _existing_dirs(image_root, "image folder")
+    langs = _check_languages(languages, "crossmodal-3600 languages")
+    args = {"captions": str(path), "image_root": [str(r) for r in roots], "languages": list(langs),
+            "input_files": _fingerprint([path])}
+    with _writer(out_dir, langs, "xm3600", args, writer_opts) as w:
+        if w.already_done:
+            return w.result
+        for lineno, entry in _progress(_json_lines(path), _count_lines(path), "xm3600"):
+            key = entry.get("image/key") if isinstance(entry, dict) else None
+            iid = str(key) if key not in (None, "") else f"{path.name}:{lineno}"
+            caps = {lang: _as_caption_list((entry.get(lang) or {}).get("caption"))
+                    if isinstance(entry, dict) and isinstance(entry.get(lang), dict) else None for lang in langs}
+            found = _find_image(roots, f"{key}.jpg") if key not in (None, "") else None
+            w.write(iid, found.read_bytes() if found else None, {k: v for k, v in caps.items() if v})
     return w.result
 
 
