@@ -152,3 +152,27 @@ def test_rank_file_with_several_captions_and_a_missing_language(tmp_path):
     np.testing.assert_array_equal(t2i, [[1.5, np.nan], [1, 0], [np.nan, 1]])     # mean over the captions
     np.testing.assert_array_equal(i2t, [[0, np.nan], [1, 1], [np.nan, 0]])       # the best caption
     assert mrv_over_runs([str(tmp_path / "r.parquet")])["mrv"] == {"t2i": 0.5, "i2t": 0.0}   # image b alone
+
+
+def test_clip_benchmark_build_merges_our_files(tmp_path):
+    """CLIP_benchmark's own ``clip_benchmark build`` (the real package, as a subprocess) over the
+    files two runs wrote into one folder: one CSV row per run and language, our extra metrics as
+    columns."""
+    import csv
+    import subprocess
+    import sys
+
+    report, _, _ = small_report()
+    for pretrained in ("/runs/a/model", "/runs/b/model"):
+        for result in clip_benchmark_results(report, "xtd10", "ccrk-resnet10t", pretrained):
+            (tmp_path / clip_benchmark_filename(result)).write_text(json.dumps(result))
+    out = tmp_path / "benchmark.csv"
+    code = "import sys; from clip_benchmark.cli import main; sys.exit(main())"
+    subprocess.run([sys.executable, "-c", code, "build", str(tmp_path), "--output", str(out)], check=True,
+                   capture_output=True, timeout=300)
+    rows = list(csv.DictReader(out.open()))
+    assert sorted((r["model_fullname"], r["language"]) for r in rows) == [
+        (f"ccrk-resnet10t /runs/{x}/model", lang) for x in ("a", "b") for lang in ("de", "en")]
+    en = next(r for r in rows if r["language"] == "en")
+    assert float(en["image_retrieval_recall@1"]) == pytest.approx(0.5)
+    assert float(en["image_retrieval_MRV"]) == pytest.approx(report["mrv"]["t2i"])
