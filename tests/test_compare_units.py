@@ -73,3 +73,15 @@ def test_omit_prob_flag_per_language():
 def test_bad_compare_configs(kwargs, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         CompareConfig(out="x", **kwargs).validate()
+
+
+def test_the_captions_budget_gives_one_to_one_k_times_the_epochs():
+    from ccrk_ray.experiments.compare import budget_lines, epochs_for
+
+    cfg = CompareConfig(out="x", languages=("en", "de", "zh"), epochs=4, train_images=200, budget="captions").validate()
+    assert [epochs_for(cfg, o) for o in ("one_to_k", "one_to_one", "cross_lingual")] == [4, 12, 4]
+    assert "one_to_one 2400 (12 epochs)" in budget_lines(cfg, {})
+    images = CompareConfig(out="x", languages=("en", "de", "zh"), epochs=4).validate()
+    assert [epochs_for(images, o) for o in ("one_to_k", "one_to_one")] == [4, 4]
+    with pytest.raises(ConfigError, match="--budget must be one of images, captions"):
+        CompareConfig(out="x", budget="wall").validate()

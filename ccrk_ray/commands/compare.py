@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ccrk_ray.commands._args import add_run_args, comma_list, run_options
-from ccrk_ray.experiments.compare import STYLES, VARIANTS, CompareConfig, run_compare
+from ccrk_ray.experiments.compare import BUDGETS, STYLES, VARIANTS, CompareConfig, run_compare
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lrs", type=_floats, default=c.lrs,
                    help="learning rates to choose from per arm, on validation with the first seed "
                         "(default: --lr for every arm)")
+    p.add_argument("--budget", choices=BUDGETS, default=c.budget,
+                   help="images: every arm trains --epochs (the same images and steps; 1-to-1 then meets K x "
+                        "fewer captions); captions: 1-to-1 trains K x --epochs, to the same captions seen "
+                        "(default: %(default)s)")
     p.add_argument("--fusion-layers", type=int, default=c.fusion_layers)
     p.add_argument("--itm-weight", type=float, default=c.itm_weight, help="the full variant's MITM weight")
     p.add_argument("--mlm-weight", type=float, default=c.mlm_weight, help="the full variant's CMLM weight")

@@ -51,6 +51,7 @@ MARKER = "ccrk-compare.json"
 OUTPUTS = ("data", "tokenizer", "runs", "compare.json", "compare.md", "compare.png", MARKER)
 STYLES = tuple(STYLE_CLASSES)
 VARIANTS = ("itc", "full")
+BUDGETS = ("images", "captions")
 RANKINGS = {"itc": "ITC objective, ranked by ITC", "full": "full objective (ITC + MITM + CMLM), ranked by ITC",
             "full_two_stage": "full objective, two-stage (ITC top-k re-scored by ITM)"}
 # Controlled data: languages leave details out at different rates (English the most complete,
@@ -73,6 +74,9 @@ class CompareConfig(DemoConfig):
     itm_weight: float = 1.0
     mlm_weight: float = 1.0
     k_test: int | None = 16                      # two-stage re-ranking depth of the full variant; None = ITC only
+    budget: str = "images"                       # images: every arm the same epochs (images and steps);
+                                                 # captions: an arm meeting fewer captions per image-step
+                                                 # trains proportionally longer, to the same captions seen
 
     def validate(self) -> "CompareConfig":
         if self.omit_prob == COMPARE_OMIT:
@@ -87,6 +91,8 @@ class CompareConfig(DemoConfig):
         if bad or not self.variants:
             raise ConfigError(f"--variants must be a comma-separated subset of {', '.join(VARIANTS)}, "
                               f"got {','.join(self.variants) or 'nothing'}")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise ConfigError(f"--seeds must be distinct integers >= 0, got {list(self.seeds)}")
         for lr in self.lrs:
@@ -112,6 +118,12 @@ def captions_per_image_step(objective: str, k: int) -> int:
     """Captions an image meets in one training step: all K (1-to-K; cross-lingual: English with
     the image, the other K−1 against English), or the one drawn (1-to-1)."""
     return 1 if objective == "one_to_one" else k
+
+
+def epochs_for(cfg: CompareConfig, objective: str) -> int:
+    """An arm's epochs: ``cfg.epochs``, times K / (captions per image-step) under the captions budget."""
+    k = cfg.captions_per_image
+    return cfg.epochs * (k // captions_per_image_step(objective, k) if cfg.budget == "captions" else 1)
 
 
 def summarize(report: dict[str, Any]) -> dict[str, float]:
@@ -176,12 +188,16 @@ def sweep_table(sweeps: dict[str, dict[str, dict[float, float]]], chosen: dict[s
 
 def budget_lines(cfg: CompareConfig, budget: dict[str, dict[str, Any]]) -> str:
     k = cfg.captions_per_image
-    lines = [f"Budget per run: {cfg.epochs} epochs of {cfg.train_images} images = "
-             f"{cfg.epochs * cfg.train_images} images seen and the same optimiser steps for every arm.",
+    if cfg.budget == "images":
+        first = (f"Budget per run ({cfg.budget}): {cfg.epochs} epochs of {cfg.train_images} images = "
+                 f"{cfg.epochs * cfg.train_images} images seen and the same optimiser steps for every arm; "
+                 "1-to-1 meets K x fewer captions per image-step, so it sees K x fewer captions.")
+    else:
+        first = (f"Budget per run ({cfg.budget}): the same captions seen by every arm; images seen: " + ", ".join(
+            f"{o} {epochs_for(cfg, o) * cfg.train_images} ({epochs_for(cfg, o)} epochs)" for o in cfg.objectives) + ".")
+    lines = [first,
              "Captions an image meets per step: " + ", ".join(
-                 f"{o} {captions_per_image_step(o, k)}" for o in cfg.objectives)
-             + " (1-to-1 sees K x fewer captions per image-step: the comparison holds images and steps equal, "
-               "as the paper's, not captions).",
+                 f"{o} {captions_per_image_step(o, k)}" for o in cfg.objectives) + ".",
              "Training wall time per run (mean over its runs, on this machine): " + "; ".join(
                  f"{v}/{o} {b['train_seconds_mean']:.0f} s" for v, per in budget.items() for o, b in per.items()) + "."]
     return "\n".join(lines)
@@ -236,7 +252,8 @@ class Experiment:
             return json.loads(done.read_text())
         if run_dir.exists():
             shutil.rmtree(run_dir)           # an interrupted run starts again from scratch
-        cfg = dataclasses.replace(self.cfg, lr=lr, seed=seed)
+        epochs = epochs_for(self.cfg, objective)
+        cfg = dataclasses.replace(self.cfg, lr=lr, seed=seed, epochs=epochs)
         t0 = time.perf_counter()
         metrics = pretrain(cfg, self.out, run_dir, self.tokenizer, self.caption_tokenizer, self.model_cfg,
                            self.objective(variant, objective))
@@ -244,7 +261,7 @@ class Experiment:
         model = CCRKModel.from_pretrained(run_dir / "model")
         report: dict[str, Any] = {"variant": variant, "objective": objective, "lr": lr, "seed": seed,
                                   "train": metrics, "train_seconds": round(seconds, 1),
-                                  "images_seen": self.cfg.epochs * self.cfg.train_images,
+                                  "epochs": epochs, "images_seen": epochs * self.cfg.train_images,
                                   "captions_per_image_step": captions_per_image_step(objective, self.cfg.captions_per_image)}
         rankings = {variant: None} if variant == "itc" or self.cfg.k_test is None else {variant: None, "full_two_stage": self.cfg.k_test}
         report["test"] = {name: report_from_ranks(evaluate_in_process(model, self.test, k_test=k))
