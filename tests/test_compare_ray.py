@@ -83,7 +83,7 @@ def test_reports_are_reproducible_from_the_saved_models(compare_run):
 
 def test_an_arms_learning_rate_is_chosen_on_validation(tmp_path):
     res = ccrk("compare", "--out", tmp_path, *TINY, "--val-images", 16, "--objectives", "one_to_k", "--variants", "itc",
-               "--seeds", "0", "--lrs", "1e-4,3e-3", "--workers", "2,2", "--precision", "bf16", timeout=600)
+               "--seeds", "0", "--lrs", "1e-4,3e-3", "--workers", "2,2", "--chunk-rows", 16, "--precision", "bf16", timeout=600)
     assert noise(res) == [], "\n".join(noise(res))
     summary = json.loads((tmp_path / "compare.json").read_text())
     sweep = summary["sweep"]["itc"]["one_to_k"]
