@@ -42,14 +42,13 @@ def embed_dataset(ds: "ray.data.Dataset", model_dir, languages: Sequence[str], *
     # import this module to rank, with numpy alone)
     model = str(model_dir) if isinstance(model_dir, (str, Path)) else model_dir
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus:
-        num_actors = min(num_actors, gpus)
+    num_actors, gpus_per_actor, device = embedding_placement(gpus, num_actors)
     out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(model_dir=model, threads=int(cpus_per_actor) or 1,
-                                                              device="cuda" if gpus else "cpu", precision=precision,
+                                                              device=device, precision=precision,
                                                               itm_features=itm_features),
                          batch_size=batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
-                         num_cpus=cpus_per_actor, num_gpus=1 if gpus else 0)
+                         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
     t0 = time.perf_counter()
     ids, img, txt, slots, refs = [], [], [], [], []
     bar = progress(total=total, desc="embedding", unit="image", disable=not bars_enabled())
@@ -84,6 +83,15 @@ def embed_dataset(ds: "ray.data.Dataset", model_dir, languages: Sequence[str], *
     slot_of = np.concatenate([np.nonzero(slot_language == j)[1] for j in range(len(languages))])
     features = ItmFeatures(refs, block_of, row_of, captions.owner, slot_of, _keep=blocks)
     return ids_arr[order], np.concatenate(img)[order], captions, features
+
+
+def embedding_placement(cluster_gpus: int, num_actors: int) -> tuple[int, int, str]:
+    """(actors, GPUs each actor reserves, device) for embedding on a cluster with ``cluster_gpus``
+    GPUs: one GPU per actor, at most one actor per GPU, each computing on the one Ray gave it
+    (Ray sets the actor's CUDA_VISIBLE_DEVICES, so "cuda" is that GPU); else CPUs only."""
+    if cluster_gpus > 0:
+        return min(num_actors, cluster_gpus), 1, "cuda"
+    return num_actors, 0, "cpu"
 
 
 def _columns(table, names: Sequence[str]) -> dict[str, np.ndarray]:

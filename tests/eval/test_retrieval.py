@@ -158,3 +158,11 @@ def test_embedding_under_autocast_stays_close_to_fp32_and_names_are_checked(tmp_
             assert cosine.min() > 0.98 and not np.array_equal(low[key], exact[key]), (precision, key)
     with pytest.raises(ValueError, match="precision must be one of fp32, amp_bf16"):
         Embedder(model_dir, device="cpu", precision="half")
+
+
+def test_embedding_actors_reserve_one_gpu_each_on_a_gpu_cluster():
+    from ccrk_ray.eval.actors import embedding_placement
+
+    assert embedding_placement(0, 3) == (3, 0, "cpu")          # CPUs only
+    assert embedding_placement(8, 3) == (3, 1, "cuda")         # one GPU each, Ray picks which
+    assert embedding_placement(2, 4) == (2, 1, "cuda")         # never two actors on one GPU
