@@ -24,7 +24,7 @@ def ccrk(*args, cwd=None):
     (["--captions-per-image", "11"], "--captions-per-image must be in [1, 10], got 11"),
     (["--train-images", "10"], "--train-images 10 is less than one batch per worker"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--precision", "fp16"], "--precision must be fp32 or bf16, got 'fp16'"),
+    (["--precision", "fp8"], "--precision must be one of fp32, amp_bf16, bf16, amp, amp_fp16, fp16, got 'fp8'"),
     (["--vision-kwargs", "[1]"], "expected a JSON object"),
     (["--vision-model", "resnet_nonesuch"], "--vision-model 'resnet_nonesuch' is not a timm model"),
     (["--vision-kwargs", "{oops"], "not valid JSON"),
