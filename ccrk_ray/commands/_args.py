@@ -80,6 +80,16 @@ def omit_probs(text: str) -> float | dict[str, float]:
     return out["*"] if list(out) == ["*"] else out
 
 
+def comma_numbers(cast=float, what: str = "numbers"):
+    """An argparse type: comma-separated values read by ``cast`` (``float``, ``int``)."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(x) for x in comma_list(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    return parse
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 

@@ -5,22 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from ccrk_ray.commands._args import add_run_args, comma_list, run_options
+from ccrk_ray.commands._args import add_run_args, comma_list, comma_numbers, run_options
 from ccrk_ray.experiments.compare import BUDGETS, STYLES, VARIANTS, CompareConfig, run_compare
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in comma_list(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in comma_list(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,9 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", type=comma_list, default=VARIANTS,
                    help="itc (ITC alone, ranked by ITC) and/or full (ITC + MITM + CMLM, ranked by ITC and "
                         "two-stage) (default: %(default)s)")
-    p.add_argument("--seeds", type=_ints, default=c.seeds,
+    p.add_argument("--seeds", type=comma_numbers(int, "integers"), default=c.seeds,
                    help="training seeds per arm: initialisation, data order, augmentation (default: %(default)s)")
-    p.add_argument("--lrs", type=_floats, default=c.lrs,
+    p.add_argument("--lrs", type=comma_numbers(), default=c.lrs,
                    help="learning rates to choose from per arm, on validation with the first seed "
                         "(default: --lr for every arm)")
     p.add_argument("--budget", choices=BUDGETS, default=c.budget,

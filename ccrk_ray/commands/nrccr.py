@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ccrk_ray.commands._args import add_set_flag
+from ccrk_ray.commands._args import add_set_flag, comma_numbers
 from ccrk_ray.commands.convert import _lang_file_arg
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.experiments.nrccr_demo import VARIANTS, NRCCRDemoConfig, run_nrccr_demo
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "+back-translation, +distillation and full NRCCR trained on Ray with one budget; "
                                    "a fused-SumR table on clean native test captions.")
     d.add_argument("--out", required=True, help="output directory (new, or an earlier demo's)")
-    d.add_argument("--noise", type=_rates, default=(0.0, 0.5),
+    d.add_argument("--noise", type=comma_numbers(float, "numbers in [0, 1]"), default=(0.0, 0.5),
                    help="translation error rates, comma-separated (default: 0,0.5)")
     d.add_argument("--variants", type=lambda t: tuple(x for x in t.split(",") if x), default=tuple(VARIANTS),
                    help=f"comma-separated among {','.join(VARIANTS)} (default: all)")
@@ -54,12 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--epochs", type=int, default=6)
     d.add_argument("--seed", type=int, default=0)
 
-
-def _rates(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
 
 
 def _data(values: list[str]) -> str | dict[str, str]:

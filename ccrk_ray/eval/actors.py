@@ -255,8 +255,8 @@ def score_ranges_on_actors(image_emb: np.ndarray, captions: Captions, *, num_act
     pass of a fused evaluation. Only two numbers per task come back."""
     captions, columns = check_inputs(image_emb, captions)
     tasks = plan_tasks(image_emb, captions, columns, num_actors, two_stage=False, chunk=chunk)
-    true = true_scores(image_emb, captions)
-    pool = _start_actors(image_emb, captions, true, None, min(num_actors, len(tasks)), cpus_per_actor)
+    # a range needs no true scores (the views only carry them)
+    pool = _start_actors(image_emb, captions, np.zeros(len(captions.owner)), None, min(num_actors, len(tasks)), cpus_per_actor)
     try:
         parts = _run_tasks(pool, tasks, lambda actor, task: actor.score_range.remote(task), captions,
                            timeout_s, "score ranges")
