@@ -29,6 +29,7 @@ import yaml
 from ccrk_ray.core.config import ConfigError, build, read_config
 from ccrk_ray.core.languages import validate_languages
 from ccrk_ray.core.log import get_logger
+from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.eval.evaluate import RANKS_FILE
 from ccrk_ray.eval.ranks import mrv_over_runs
 from ccrk_ray.tasks.finetune import load_config, run_finetune
@@ -63,10 +64,11 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def plan(config_path: str | Path, checkpoint: str | Path) -> tuple[PaperConfig, dict[str, Path]]:
-    """The config checked, and each run's finetune config written: {"zero_shot" | lang: file}.
-    Every run's config is loaded as ``ccrk finetune`` would (the few-shot ones against the
-    checkpoint's architecture, which the English model keeps) before anything trains."""
+def plan(config_path: str | Path, checkpoint: str | Path) -> tuple[PaperConfig, dict[str, Path], dict[str, float]]:
+    """The config checked, each run's finetune config written ({"zero_shot" | lang: file}), and
+    the CPUs each run holds at once. Every run's config is loaded as ``ccrk finetune`` would (the
+    few-shot ones against the checkpoint's architecture, which the English model keeps) before
+    anything trains."""
     cfg = build(PaperConfig, read_config(config_path), str(config_path))
     few = cfg.few()
     few.languages = validate_languages(few.languages, known=None)
@@ -85,6 +87,7 @@ def plan(config_path: str | Path, checkpoint: str | Path) -> tuple[PaperConfig, 
     runs = {"zero_shot": _write_yaml(out / "configs" / "zero_shot.yaml",
                                      {**cfg.zero_shot, "output_dir": str(out / "zero_shot")})}
     zero, _ = load_config(ZERO, runs["zero_shot"], checkpoint)
+    cpus = {"zero_shot": zero.cpus_held()}
     if zero.data.languages != ("en",):
         raise ConfigError(f"{config_path}: the zero-shot run trains English alone, not {', '.join(zero.data.languages)}")
     for lang in few.languages:
@@ -93,25 +96,30 @@ def plan(config_path: str | Path, checkpoint: str | Path) -> tuple[PaperConfig, 
         user["task"] = {**few.config.get("task", {}), "train_languages": [lang], "val_languages": [lang],
                         "test_languages": [lang]}
         runs[lang] = _write_yaml(out / "configs" / f"few_shot_{lang}.yaml", user)
-        load_config(FEW, runs[lang], checkpoint)
-    return cfg, runs
+        cpus[lang] = load_config(FEW, runs[lang], checkpoint)[0].cpus_held()
+    return cfg, runs, cpus
 
 
 def run_paper_tables(config_path: str | Path, checkpoint: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
-    cfg, runs = plan(config_path, checkpoint)
+    cfg, runs, cpus = plan(config_path, checkpoint)
     out = Path(cfg.output_dir)
-    reports = {}
-    for name, run_cfg in runs.items():
-        run_dir = out / ("zero_shot" if name == "zero_shot" else f"few_shot/{name}")
-        done = run_dir / "report.json"
+    reports, pending = {}, []
+    for name in runs:
+        done = out / ("zero_shot" if name == "zero_shot" else f"few_shot/{name}") / "report.json"
         if done.is_file():
             log.info("%s: already done (%s)", name, done)
             reports[name] = json.loads(done.read_text())
-            continue
-        start = checkpoint if name == "zero_shot" else out / "zero_shot" / "model"
-        log.info("paper tables: %s run from %s", name, start)
-        reports[name] = run_finetune(ZERO if name == "zero_shot" else FEW, run_cfg, start)
+        else:
+            pending.append(name)
+    if pending:
+        # one cluster for every run (each run's own session joins it): a cluster start and its
+        # worker processes' imports once, not once per language
+        with ray_session(local_cpus(max(cpus[name] for name in pending))):
+            for name in pending:
+                start = checkpoint if name == "zero_shot" else out / "zero_shot" / "model"
+                log.info("paper tables: %s run from %s", name, start)
+                reports[name] = run_finetune(ZERO if name == "zero_shot" else FEW, runs[name], start)
     tables = build_tables(cfg, reports, out)
     tables["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "paper_tables.json").write_text(json.dumps(tables, indent=2))

@@ -40,7 +40,8 @@ from ccrk_ray.core.log import get_logger, setup_logging
 from ccrk_ray.core.precision import autocast_dtype, uses_grad_scaler
 from ccrk_ray.core.runtime import quiet_ray_loggers
 from ccrk_ray.data.batching import EpochBatcher, Started
-from ccrk_ray.data.ingest import stats_actor, stream_blocks
+from ccrk_ray.data.ingest import stream_blocks
+from ccrk_ray.data.stats import stats_actor
 from ccrk_ray.data.plan import CYCLE_COLUMN, EPOCH_COLUMN, KEY_COLUMN, POS_COLUMN, Position, epoch_segments
 from ccrk_ray.data.transforms import ImageTransform, load_split
 from ccrk_ray.eval.report import report_from_ranks

@@ -40,7 +40,8 @@ from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError, check_range
 from ccrk_ray.core.log import bars_enabled, get_logger, verbosity
 from ccrk_ray.data.batching import EpochBatcher, Started
-from ccrk_ray.data.ingest import DatasetCheck, NRCCRStreamTransform, check_dataset, stats_actor, stream_blocks
+from ccrk_ray.data.ingest import DatasetCheck, NRCCRStreamTransform, check_dataset, stream_blocks
+from ccrk_ray.data.stats import stats_actor
 from ccrk_ray.data.nrccr import FEATURES, IMAGE, TRAIN_VIEWS, check_nrccr_schema, item_column, load_nrccr_split
 from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from ccrk_ray.data.transforms import ImageTransform

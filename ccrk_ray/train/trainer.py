@@ -21,7 +21,8 @@ from ray.train.torch import TorchTrainer
 from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError
 from ccrk_ray.core.log import bars_enabled, get_logger, verbosity
-from ccrk_ray.data.ingest import DatasetCheck, check_dataset, stats_actor
+from ccrk_ray.data.ingest import DatasetCheck, check_dataset
+from ccrk_ray.data.stats import stats_actor
 from ccrk_ray.model.saved import Preprocess, load_model, save_model_dir
 from ccrk_ray.train.config import LoopConfig, PretrainConfig, loop_config
 from ccrk_ray.train.loop import train_loop_per_worker

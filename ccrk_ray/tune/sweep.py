@@ -84,7 +84,8 @@ from ccrk_ray.core import storage
 from ccrk_ray.core.config import ConfigError, deep_merge, read_config
 from ccrk_ray.core.log import get_logger, verbosity
 from ccrk_ray.core.runtime import local_cpus, ray_session
-from ccrk_ray.data.ingest import check_dataset, stats_actor
+from ccrk_ray.data.ingest import check_dataset
+from ccrk_ray.data.stats import stats_actor
 from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from ccrk_ray.model.saved import Preprocess
 from ccrk_ray.tasks.finetune import StartingPoint

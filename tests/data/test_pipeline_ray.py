@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from ccrk_ray.data import schema
-from ccrk_ray.data.ingest import check_dataset, one_to_k_dataset, stats_actor
+from ccrk_ray.data.ingest import check_dataset, one_to_k_dataset
+from ccrk_ray.data.stats import stats_actor
 from ccrk_ray.core.storage import count_rows
 from ccrk_ray.data.transforms import ImageTransform
 from ccrk_ray.core.languages import CCRK_LANGUAGES
