@@ -25,7 +25,6 @@ from ccrk_ray.data.stats import stats_actor
 from ccrk_ray.data.transforms import EvalCaptionsTransform, ImageTransform, OneToKBatchTransform
 from ccrk_ray.data.tokenizer import CaptionTokenizer
 
-
 log = get_logger(__name__)
 
 
