@@ -6,11 +6,11 @@ import logging
 import os
 
 from ccrk_ray.core.log import ROOT as LOG_ROOT
-from ccrk_ray.core.runtime import LOCAL_TRAIN_ENV, QUIET_ENV
+from ccrk_ray.core.runtime import LOCAL_ENV, LOCAL_SYSTEM_CONFIG, QUIET_ENV
 
 # Quiet, fast Ray on 2 cores, as a ccrk command's own local cluster has it (set before ray is
 # imported anywhere; subprocesses inherit it).
-for _key, _value in {**QUIET_ENV, **LOCAL_TRAIN_ENV, "HF_HUB_OFFLINE": "1"}.items():
+for _key, _value in {**QUIET_ENV, **LOCAL_ENV, "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(_key, _value)
 
 import numpy as np
@@ -54,8 +54,8 @@ def ray_local():
     import ray
 
     # The dashboard stays on: without it Train's placement-group cleaner cannot query the State API.
-    ray.init(num_cpus=4, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in {**QUIET_ENV, **LOCAL_TRAIN_ENV}}})
+    ray.init(num_cpus=4, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG,
+             runtime_env={"env_vars": {k: os.environ[k] for k in {**QUIET_ENV, **LOCAL_ENV}}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield ray

@@ -33,13 +33,18 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-# Ray Train settings of a local cluster only (a cluster we join keeps its own): the controller
-# polls its workers every 2 s by default, which adds seconds to every start, report and finish of
-# a short run; a one-machine cluster has no preemptible nodes to watch and no metrics scraper.
-LOCAL_TRAIN_ENV = {
+# Ray settings of a local cluster only (a cluster we join keeps its own):
+# - Train's controller polls its workers every 2 s by default, which adds seconds to every start,
+#   report and finish of a short run; one machine has no preemptible nodes to watch and no
+#   metrics scraper;
+# - Ray Data lists parquet footers with a pool of 32 actors per read (sized for many nodes reading
+#   object storage); on one machine each is a process importing Ray Data for a few files' footers,
+#   and one actor reading 128 footers at a time keeps up with any local disk or bucket.
+LOCAL_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
 }
 # What one Ray Data pipeline of ours needs besides its actors: its list/read tasks.
 DATA_TASK_CPUS = 1
@@ -58,9 +63,17 @@ def quiet_ray() -> dict[str, str]:
 # its progress bars are off, Ray Train reports every checkpoint at INFO); errors still show.
 RAY_LOGGERS = {"ray": logging.ERROR, "ray.tune": logging.WARNING, "ray.train": logging.WARNING,
                "ray.data": logging.ERROR}
-# A local cluster starts this many worker processes at once (Ray's default: one per CPU, and a
-# raylet warning each time more are running); our commands start a few actors and workers together.
-STARTUP_CONCURRENCY = 16
+# A local cluster's raylet:
+# - starts this many worker processes at once (Ray's default: one per CPU, and a raylet warning
+#   each time more are running); our commands start a few actors and workers together;
+# - starts no idle workers ahead of demand: Ray prestarts one per logical CPU when a driver
+#   connects, but our commands run actors, each in a process of its own, so the prestarted ones
+#   only import Ray and wait (measured: a dozen idle processes, ~20 CPU-s per cluster on 2 cores).
+LOCAL_SYSTEM_CONFIG = {
+    "worker_maximum_startup_concurrency": 16,
+    "enable_worker_prestart": False,
+    "prestart_worker_first_driver": False,
+}
 
 
 def quiet_ray_loggers(*extra: str) -> None:
@@ -223,10 +236,9 @@ def _session(num_cpus: int) -> Iterator[None]:
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         log.debug("starting a local Ray cluster of %d logical CPUs", num_cpus)
-        for key, value in LOCAL_TRAIN_ENV.items():
+        for key, value in LOCAL_ENV.items():
             env[key] = os.environ.setdefault(key, value)
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env},
-                 _system_config={"worker_maximum_startup_concurrency": STARTUP_CONCURRENCY}, **kwargs)
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
     quiet_ray_loggers()
     filter_worker_output()
     try:
