@@ -144,18 +144,11 @@ def one_to_k_dataset(uri: str, *, languages: Sequence[str], k: int, tokenizer: C
     )
 
 
-def eval_dataset(uri: str, *, languages: Sequence[str], tokenizer: CaptionTokenizer, image_transform: ImageTransform,
-                 slots: int, batch_size: int = 64, endpoint_url: str | None = None) -> ray.data.Dataset:
-    """A dataset of evaluation batches where every caption counts (``EvalCaptionsTransform``, ``slots``
-    from ``caption_slots``) streamed from ``uri`` in file order; unusable rows are skipped and
-    counted in the DataStats actor (when the driver created one)."""
-    ds = read_captions(uri, languages, shuffle_files=False, endpoint_url=endpoint_url, override_num_blocks=8)
-    return ds.map_batches(
-        CountingEvalTransform,
-        fn_constructor_kwargs=dict(tokenizer=tokenizer, languages=tuple(languages), image_transform=image_transform,
-                                   slots=slots, on_bad_row="skip"),
-        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
-        num_cpus=1)
+def eval_rows(uri: str, *, languages: Sequence[str], endpoint_url: str | None = None) -> ray.data.Dataset:
+    """The rows of an evaluation split (id, image, the languages' captions) streamed from ``uri`` in
+    file order: what a ``CountingEvalTransform`` turns into evaluation batches (where it runs:
+    ``ccrk_ray.eval.actors.embed_dataset``)."""
+    return read_captions(uri, languages, shuffle_files=False, endpoint_url=endpoint_url, override_num_blocks=8)
 
 
 def read_call(call_segments, epoch: int, open_file, seed: int, columns: Sequence[str]) -> dict[str, np.ndarray]:

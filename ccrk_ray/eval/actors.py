@@ -29,23 +29,34 @@ SMALL_COLUMNS = ("image_id", "image_emb", "text_emb", "caption_language")
 ITM_COLUMNS = ("image_tokens", "text_hidden", "text_mask")
 
 
-def embed_dataset(ds: "ray.data.Dataset", model_dir, languages: Sequence[str], *, num_actors: int = 1,
+def embed_dataset(ds: "ray.data.Dataset", model_dir, languages: Sequence[str], *, transform=None, num_actors: int = 1,
                   batch_size: int = 128, cpus_per_actor: float = 1.0, total: int | None = None,
-                  precision: str = "fp32", itm_features: bool = False):
+                  precision: str = "fp32", itm_features: bool = False, transform_actor: bool | None = None):
     """(image_ids, image_emb N×d, every caption as ``Captions``) for a dataset of eval batches
-    (``ccrk_ray.data.ingest.eval_dataset``), in id order; ``total`` images, when known, for the
-    progress bar. On a cluster with GPUs each embedding actor reserves one (at most one actor per
-    GPU) and computes on it; else on CPUs. ``itm_features``: a fourth value, the ``ItmFeatures``
-    of the split (what two-stage re-scoring fuses), left in the object store: this process only
-    holds the embeddings."""
+    (``EvalCaptionsTransform``'s), or of rows with the ``transform`` that makes them batches
+    (``ccrk_ray.data.ingest.eval_rows`` and a ``CountingEvalTransform``), in id order; ``total``
+    images, when known, for the progress bar. On a cluster with GPUs each embedding actor reserves
+    one (at most one actor per GPU) and computes on it; else on CPUs. ``itm_features``: a fourth
+    value, the ``ItmFeatures`` of the split (what two-stage re-scoring fuses), left in the object
+    store: this process only holds the embeddings.
+
+    Where ``transform`` runs (``transform_actor``; None: by the hardware): on GPUs in a CPU actor of
+    its own ahead of the embedding actors, so a GPU never waits on decoding; on CPUs inside each
+    embedding actor, as a separate actor there would only add a process (seconds of imports on every
+    evaluation) and a copy of every batch through the object store."""
     # a saved model goes as its path; an OpenClipSpec as itself (not imported here: the eval actors
     # import this module to rank, with numpy alone)
     model = str(model_dir) if isinstance(model_dir, (str, Path)) else model_dir
     gpus = int(ray.cluster_resources().get("GPU", 0))
     num_actors, gpus_per_actor, device = embedding_placement(gpus, num_actors)
+    if transform is not None and (gpus_per_actor > 0 if transform_actor is None else transform_actor):
+        ds = ds.map_batches(RowTransform, fn_constructor_kwargs=dict(transform=transform), batch_size=batch_size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),
+                            num_cpus=1)
+        transform = None
     out = ds.map_batches(Embedder, fn_constructor_kwargs=dict(model_dir=model, threads=int(cpus_per_actor) or 1,
                                                               device=device, precision=precision,
-                                                              itm_features=itm_features),
+                                                              itm_features=itm_features, transform=transform),
                          batch_size=batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
                          num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
@@ -83,6 +94,16 @@ def embed_dataset(ds: "ray.data.Dataset", model_dir, languages: Sequence[str], *
     slot_of = np.concatenate([np.nonzero(slot_language == j)[1] for j in range(len(languages))])
     features = ItmFeatures(refs, block_of, row_of, captions.owner, slot_of, _keep=blocks)
     return ids_arr[order], np.concatenate(img)[order], captions, features
+
+
+class RowTransform:
+    """A data actor applying a row → batch transform (``embed_dataset`` on GPUs)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, batch):
+        return self.transform(batch)
 
 
 def embedding_placement(cluster_gpus: int, num_actors: int) -> tuple[int, int, str]:

@@ -39,7 +39,7 @@ from ccrk_ray.core.log import get_logger
 from ccrk_ray.core.precision import PRECISIONS
 from ccrk_ray.core.runtime import local_cpus, ray_session
 from ccrk_ray.data import schema
-from ccrk_ray.data.ingest import eval_dataset
+from ccrk_ray.data.ingest import CountingEvalTransform, eval_rows
 from ccrk_ray.data.tokenizer import CaptionTokenizer
 from ccrk_ray.data.transforms import ImageTransform, caption_slots
 from ccrk_ray.eval.actors import BlockRescorer, embed_dataset, rank_on_actors
@@ -55,7 +55,7 @@ from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
 log = get_logger(__name__)
 DEFAULT_K_TEST = 128      # the paper's re-ranking depth (X-VLM / CCLM's k_test)
 RANKS_FILE = "ranks.parquet"
-ROW_CHECK_ACTORS = 1      # the Ray Data actor that decodes and checks rows ahead of the embedders
+ROW_CHECK_ACTORS = 1      # on GPUs, the Ray Data actor that decodes and checks rows ahead of the embedders
 
 
 def evaluate_cpus(actors: int) -> int:
@@ -280,9 +280,10 @@ def embed_split(data: str, model_dir, languages: Sequence[str], tokenizer, image
     empty = [lang for lang, n in per_language.items() if n == 0]
     if empty:
         raise ConfigError(f"{data} has no caption in {', '.join(empty)}")
-    ds = eval_dataset(data, languages=languages, tokenizer=tokenizer, slots=slots, batch_size=batch_size,
-                      image_transform=image_transform or ImageTransform(image_size, train=False))
-    return embed_dataset(ds, model_dir, languages, num_actors=actors, total=total or storage.count_rows(data),
+    transform = CountingEvalTransform(tokenizer=tokenizer, languages=tuple(languages), slots=slots, on_bad_row="skip",
+                                      image_transform=image_transform or ImageTransform(image_size, train=False))
+    return embed_dataset(eval_rows(data, languages=languages), model_dir, languages, transform=transform,
+                         num_actors=actors, total=total or storage.count_rows(data),
                          batch_size=batch_size, precision=precision, itm_features=itm_features)
 
 

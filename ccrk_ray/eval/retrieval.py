@@ -43,10 +43,12 @@ class Embedder:
     """Eval batch (``ccrk_ray.data.transforms.EvalCaptionsTransform``: ``input_ids`` N×S×L with
     ``caption_language`` N×S, −1 for an empty slot) or 1-to-K batch (N×K×L, every slot a caption) →
     ``image_emb`` N×d and ``text_emb`` N×S×d (float32, zeros in empty slots; computed under
-    autocast for a ``precision`` other than fp32). Only real captions are encoded."""
+    autocast for a ``precision`` other than fp32). Only real captions are encoded. With a
+    ``transform``, the batches it is given are rows, and ``transform`` (e.g. an
+    ``EvalCaptionsTransform``) turns them into such a batch first."""
 
     def __init__(self, model_dir, threads: int | None = None, device: str | None = None, precision: str = "fp32",
-                 itm_features: bool = False):
+                 itm_features: bool = False, transform: Callable[[Mapping[str, np.ndarray]], Mapping] | None = None):
         """``model_dir``: a saved model (directory or training checkpoint) or an ``OpenClipSpec``;
         ``device`` None: CUDA when this process sees a GPU (a GPU actor sees only its own).
         ``itm_features``: also ``image_tokens`` N×T×h, ``text_hidden`` N×S×L×h and ``text_mask``
@@ -60,7 +62,7 @@ class Embedder:
             torch.set_num_threads(threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_encoders(model_dir).to(self.device)
-        self.itm_features = itm_features
+        self.itm_features, self.transform = itm_features, transform
         self.autocast = torch.autocast(self.device.type, dtype=getattr(torch, dtype or "float32"),
                                        enabled=dtype is not None)
 
@@ -68,6 +70,8 @@ class Embedder:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        if self.transform is not None:
+            batch = self.transform(batch)
         # Ray Data hands read-only arrays (object-store memory); torch wants writable ones
         ids = np.asarray(batch["input_ids"])
         n, k, length = ids.shape
@@ -87,7 +91,7 @@ class Embedder:
                 all_hidden = np.zeros((n * k, length, width), dtype=np.float32)
                 if hidden is not None:
                     all_hidden[real] = hidden.float().cpu().numpy()
-                extra = {"image_tokens": tokens.float().cpu().numpy(), "text_hidden": all_hidden.reshape(n, k, length, -1),
+                extra = {"image_tokens": tokens.float().cpu().numpy(), "text_hidden": all_hidden.reshape(n, k, length, width),
                          "text_mask": np.asarray(batch["attention_mask"])}
             else:
                 img = self.model.encode_image(pixels)
@@ -96,7 +100,7 @@ class Embedder:
         if txt is not None:
             text_emb[real] = txt.float().cpu().numpy()
         out = {"image_id": np.asarray(batch["image_id"], dtype=object), "image_emb": img.float().cpu().numpy(),
-               "text_emb": text_emb.reshape(n, k, -1), **extra}
+               "text_emb": text_emb.reshape(n, k, img.shape[-1]), **extra}
         if "caption_language" in batch:
             out["caption_language"] = slot_lang
         return out

@@ -102,6 +102,43 @@ def test_evaluate_two_stage_on_actors_equals_in_process(saved_model, tiny_data, 
     assert np.isfinite(report["mrv"]["i2t"])
 
 
+def test_rows_are_decoded_inside_the_embedders_or_ahead_of_them_alike_and_bad_rows_are_counted(
+        saved_model, tiny_data, tmp_path, ray_local):
+    """On CPUs each embedding actor decodes its own rows; on GPUs a CPU actor ahead of them does.
+    Both give the same embeddings of the same rows. A batch whose rows are all bad (the first 4,
+    at 4 rows a batch) is an empty batch to the embedder; the bad rows are left out and counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ccrk_ray.data.ingest import CountingEvalTransform, eval_rows
+    from ccrk_ray.data.tokenizer import CaptionTokenizer
+    from ccrk_ray.data.transforms import ImageTransform, caption_slots
+    from ccrk_ray.eval.actors import embed_dataset
+    from ccrk_ray.eval.evaluate import run_evaluate
+
+    table = pq.read_table(tiny_data["test"])
+    bad = [0, 1, 2, 3, 17]
+    images = table.column("image").to_pylist()
+    for i in bad:
+        images[i] = b"not an image"
+    (tmp_path / "bad").mkdir()
+    data = tmp_path / "bad" / "part-0.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())), data)
+    ids = table.column("image_id").to_pylist()
+
+    transform = CountingEvalTransform(tokenizer=CaptionTokenizer(saved_model, 16), languages=tuple(LANGS),
+                                      slots=caption_slots(str(data), LANGS)[0], on_bad_row="skip",
+                                      image_transform=ImageTransform(32, train=False))
+    inside, ahead = (embed_dataset(eval_rows(str(data), languages=LANGS), saved_model, LANGS, transform=transform,
+                                   batch_size=4, transform_actor=where) for where in (False, True))
+    assert list(inside[0]) == list(ahead[0]) == sorted(i for n, i in enumerate(ids) if n not in bad)
+    np.testing.assert_allclose(inside[1], ahead[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inside[2].emb, ahead[2].emb, rtol=1e-5, atol=1e-6)
+    assert list(inside[2].owner) == list(ahead[2].owner) and len(inside[2].owner) > 0
+    report = run_evaluate(str(saved_model), str(data), str(tmp_path / "e"), actors=1, itc_only=True, batch_size=4)
+    assert report["rows"] == 40 and report["rows_not_evaluated"] == len(bad) and report["num_images"] == 35
+
+
 def test_ccrk_evaluate_with_its_default_flags_finishes_on_its_own_cluster(saved_model, tiny_data, tmp_path):
     """As a user runs it: its own local cluster on this machine's CPUs, one embedding actor and
     one ranking actor, two-stage by default for a model with an ITM head. This command once hung
