@@ -1,8 +1,9 @@
 """``ccrk compare`` at tiny size as a user runs it (a subprocess starting its own local cluster):
-three styles x two seeds of the full variant, aggregated with their spread; resumed runs are kept;
-the ITC variant's learning rate chosen on validation."""
+three styles x two seeds of the full variant, aggregated with their spread; resumed runs are kept,
+also under another selection of seeds and arms; the ITC variant's learning rate chosen on validation."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,16 +27,24 @@ TINY = ["--train-images", 64, "--test-images", 24, "--languages", ",".join(LANGS
 
 @pytest.fixture(scope="module")
 def compare_run(tmp_path_factory):
+    """Three commands on one folder: the experiment, the same command again, and another
+    selection of its runs (one seed of two arms)."""
     out = tmp_path_factory.mktemp("compare")
     args = ["compare", "--out", out, *TINY, "--val-images", 0, "--seeds", "0,1", "--variants", "full"]
     res = ccrk(*args, timeout=900)
     assert noise(res) == [], "\n".join(noise(res))
+    summary = json.loads((out / "compare.json").read_text())
     again = ccrk(*args, timeout=300)
-    return out, res, again, json.loads((out / "compare.json").read_text())
+    again_summary = json.loads((out / "compare.json").read_text())
+    data = {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*") if p.is_file()}
+    subset = ccrk("compare", "--out", out, *TINY, "--val-images", 0, "--seeds", "1", "--variants", "full",
+                  "--objectives", "cross_lingual,one_to_k", timeout=300)
+    return SimpleNamespace(out=out, res=res, summary=summary, again=again, again_summary=again_summary,
+                           data=data, subset=subset, chosen=json.loads((out / "compare.json").read_text()))
 
 
 def test_every_arm_is_trained_per_seed_evaluated_and_aggregated(compare_run):
-    out, res, _, summary = compare_run
+    out, res, summary = compare_run.out, compare_run.res, compare_run.summary
     assert summary["config"]["omit_prob"] == {"zh": 0.1, "en": 0.1, "de": 0.5}
     assert set(summary["results"]) == {"full", "full_two_stage"}
     table = (out / "compare.md").read_text()
@@ -63,15 +72,32 @@ def test_every_arm_is_trained_per_seed_evaluated_and_aggregated(compare_run):
 
 
 def test_the_same_command_again_keeps_every_finished_run(compare_run):
-    out, _, again, summary = compare_run
+    again = compare_run.again
     assert noise(again) == [], "\n".join(noise(again))
     text = again.stdout + again.stderr
     assert text.count("kept from an earlier run") == 6 and "training resnet10t" not in text
-    assert json.loads((out / "compare.json").read_text())["results"] == summary["results"]
+    assert compare_run.again_summary["results"] == compare_run.summary["results"]
+
+
+def test_another_selection_of_seeds_and_arms_keeps_the_runs_it_names(compare_run):
+    """Seeds and arms only choose runs: the folder keeps its data and runs, and reports the chosen."""
+    out, summary, subset, chosen = compare_run.out, compare_run.summary, compare_run.subset, compare_run.chosen
+    assert noise(subset) == [], "\n".join(noise(subset))
+    text = subset.stdout + subset.stderr
+    assert text.count("kept from an earlier run") == 2 and "training resnet10t" not in text
+    assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*") if p.is_file()} == compare_run.data
+    assert chosen["config"]["seeds"] == [1] and chosen["config"]["objectives"] == ["cross_lingual", "one_to_k"]
+    for ranking in ("full", "full_two_stage"):
+        assert list(chosen["results"][ranking]) == ["cross_lingual", "one_to_k"]
+        for objective, result in chosen["results"][ranking].items():
+            seed1 = summary["results"][ranking][objective]["aggregate"]["SumR"]["values"][1]
+            assert result["seeds"] == [1] and result["aggregate"]["SumR"]["values"] == [seed1]
+    # every run stays on disk, also those this selection leaves out
+    assert len(list((out / "runs").glob("*/*/*/report.json"))) == 6
 
 
 def test_reports_are_reproducible_from_the_saved_models(compare_run):
-    out, _, _, summary = compare_run
+    out = compare_run.out
     run = out / "runs" / "full" / "one_to_k" / "lr0.002-seed1"
     model = CCRKModel.from_pretrained(run / "model")
     assert len(model.fusion) == 1 and model.has_fusion

@@ -4,6 +4,7 @@ choice, per-language omission flags and the configuration checks."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -85,3 +86,26 @@ def test_the_captions_budget_gives_one_to_one_k_times_the_epochs():
     assert [epochs_for(images, o) for o in ("one_to_k", "one_to_one")] == [4, 4]
     with pytest.raises(ConfigError, match="--budget must be one of images, captions"):
         CompareConfig(out="x", budget="wall").validate()
+
+
+def test_a_folder_keeps_its_runs_across_selections_and_starts_afresh_on_any_other_change(tmp_path):
+    """Seeds, arms and learning rates only choose runs (each has its own folder); anything else
+    (here the epochs) makes the runs another experiment's, so the folder is cleared."""
+    from ccrk_ray.experiments.compare import MARKER, OUTPUTS, SELECTION
+    from ccrk_ray.experiments.demo import prepare_experiment
+
+    base = dict(out=str(tmp_path / "c"), train_images=8, val_images=4, test_images=4, languages=("en", "de"),
+                image_size=32, vocab_size=120, epochs=2, seeds=(0, 1), batch_size=4, workers=(1, 1), k_test=2)
+    out, *_ = prepare_experiment(CompareConfig(**base), MARKER, OUTPUTS, "compare", True, SELECTION)
+    run = out / "runs" / "itc" / "one_to_k" / "lr0.002-seed1" / "report.json"
+    run.parent.mkdir(parents=True)
+    run.write_text("{}")
+    data = sorted((p, p.stat().st_mtime_ns) for p in (out / "data").rglob("*"))
+    for selection in (dict(seeds=(1, 2)), dict(objectives=("one_to_one",), variants=("full",)), dict(lrs=(1e-3, 3e-3)),
+                      dict(lr=1e-3)):
+        prepare_experiment(CompareConfig(**base | selection), MARKER, OUTPUTS, "compare", True, SELECTION)
+        assert run.is_file() and sorted((p, p.stat().st_mtime_ns) for p in (out / "data").rglob("*")) == data
+        assert CompareConfig(**base | selection).validate().seeds == tuple(
+            json.loads((out / MARKER).read_text())["seeds"])                 # the marker records the last command
+    prepare_experiment(CompareConfig(**base | dict(epochs=3)), MARKER, OUTPUTS, "compare", True, SELECTION)
+    assert not run.exists() and (out / "data" / "test").is_dir()

@@ -18,8 +18,10 @@ in images seen, captions seen and training seconds.
     DIR/runs/<variant>/<objective>/lr<LR>-seed<S>/   ray_results/, tensorboard/, model/, report.json
     DIR/compare.json, compare.md, compare.png        the sweep, every run, the aggregates, the plot
 
-Runs that wrote their report.json are kept when the same command runs again on the same folder,
-so an interrupted experiment resumes where it stopped.
+Runs that wrote their report.json are kept when the command runs again on the same folder, also
+with other ``--objectives``, ``--variants``, ``--seeds``, ``--lr`` or ``--lrs`` (every run has its own
+folder): an interrupted experiment resumes where it stopped, and one can grow by seeds or arms.
+Any other change (data, model, schedule) starts the folder afresh.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ OUTPUTS = ("data", "tokenizer", "runs", "compare.json", "compare.md", "compare.p
 STYLES = tuple(STYLE_CLASSES)
 VARIANTS = ("itc", "full")
 BUDGETS = ("images", "captions")
+# Config fields that only choose which runs to train and report: a folder keeps its runs across them.
+SELECTION = ("objectives", "variants", "seeds", "lrs", "lr")
 RANKINGS = {"itc": "ITC objective, ranked by ITC", "full": "full objective (ITC + MITM + CMLM), ranked by ITC",
             "full_two_stage": "full objective, two-stage (ITC top-k re-scored by ITM)"}
 # Controlled data: languages leave details out at different rates (English the most complete,
@@ -278,7 +282,8 @@ class Experiment:
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
-    out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "compare", keep_same=True)
+    out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "compare", keep_same=True,
+                                                           selection=SELECTION)
     exp = Experiment(cfg, out, tokenizer, caption_tokenizer)
     lrs = tuple(cfg.lrs) or (cfg.lr,)
     sweeps: dict[str, dict[str, dict[float, float]]] = {}

@@ -194,18 +194,29 @@ def evaluate_split(uri: str, model_dir: str, languages, tokenizer, image_size: i
 
 
 def prepare_experiment(cfg: DemoConfig, marker: str, outputs: tuple[str, ...], command: str,
-                       keep_same: bool = False):
+                       keep_same: bool = False, selection: tuple[str, ...] = ()):
     """The output folder (with ``marker`` holding the config), the synthetic data and the tokenizer
     of a demo or a comparison: (output folder, HF tokenizer, CaptionTokenizer). ``keep_same``: a
-    folder whose marker holds this very config keeps what it has (its data, tokenizer and runs:
-    the experiment resumes); any other earlier output is cleared."""
+    folder whose marker holds this config keeps what it has (its data, tokenizer and runs: the
+    experiment resumes or grows); the config fields in ``selection`` only choose which runs to
+    report (each run has its own folder), so they may differ. Any other earlier output is cleared."""
     cfg.validate()
     out = Path(cfg.out).resolve()
     config = json.dumps(dataclasses.asdict(cfg), indent=2, default=list)
-    same = keep_same and (out / marker).is_file() and (out / marker).read_text() == config \
-        and (out / "data" / "test").is_dir() and (cfg.tokenizer or cfg.text_model or (out / "tokenizer").is_dir())
+
+    def fixed(c: dict[str, Any]) -> str:
+        return json.dumps({k: v for k, v in c.items() if k not in selection}, default=list)
+
+    same = False
+    if keep_same and (out / marker).is_file() and (out / "data" / "test").is_dir() \
+            and (cfg.tokenizer or cfg.text_model or (out / "tokenizer").is_dir()):
+        try:
+            same = fixed(json.loads((out / marker).read_text())) == fixed(json.loads(config))
+        except json.JSONDecodeError:
+            same = False
     if same:
         log.info("%s holds this experiment's data and runs: finished runs are kept", out)
+        (out / marker).write_text(config)
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.text_model or str(out / "tokenizer"))
         return out, tokenizer, CaptionTokenizer(tokenizer, cfg.max_length)
     prepare_out_dir(out, marker, outputs, command)
