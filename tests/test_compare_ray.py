@@ -34,20 +34,20 @@ def compare_run(tmp_path_factory):
     res = ccrk(*args, timeout=900)
     assert noise(res) == [], "\n".join(noise(res))
     summary = json.loads((out / "compare.json").read_text())
+    table = (out / "compare.md").read_text()
     again = ccrk(*args, timeout=300)
     again_summary = json.loads((out / "compare.json").read_text())
     data = {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*") if p.is_file()}
     subset = ccrk("compare", "--out", out, *TINY, "--val-images", 0, "--seeds", "1", "--variants", "full",
                   "--objectives", "cross_lingual,one_to_k", timeout=300)
-    return SimpleNamespace(out=out, res=res, summary=summary, again=again, again_summary=again_summary,
+    return SimpleNamespace(out=out, res=res, summary=summary, table=table, again=again, again_summary=again_summary,
                            data=data, subset=subset, chosen=json.loads((out / "compare.json").read_text()))
 
 
 def test_every_arm_is_trained_per_seed_evaluated_and_aggregated(compare_run):
-    out, res, summary = compare_run.out, compare_run.res, compare_run.summary
+    out, res, summary, table = compare_run.out, compare_run.res, compare_run.summary, compare_run.table
     assert summary["config"]["omit_prob"] == {"zh": 0.1, "en": 0.1, "de": 0.5}
     assert set(summary["results"]) == {"full", "full_two_stage"}
-    table = (out / "compare.md").read_text()
     for ranking, per_objective in summary["results"].items():
         assert list(per_objective) == list(STYLES)
         for objective, result in per_objective.items():
@@ -92,6 +92,9 @@ def test_another_selection_of_seeds_and_arms_keeps_the_runs_it_names(compare_run
         for objective, result in chosen["results"][ranking].items():
             seed1 = summary["results"][ranking][objective]["aggregate"]["SumR"]["values"][1]
             assert result["seeds"] == [1] and result["aggregate"]["SumR"]["values"] == [seed1]
+    table = (out / "compare.md").read_text()
+    assert "| one_to_k | 0.002 | 1 |" in table and "| cross_lingual | 0.002 | 1 |" in table
+    assert "| one_to_one |" not in table
     # every run stays on disk, also those this selection leaves out
     assert len(list((out / "runs").glob("*/*/*/report.json"))) == 6
 
