@@ -39,7 +39,8 @@ def compare_run(tmp_path_factory):
     again_summary = json.loads((out / "compare.json").read_text())
     data = {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*") if p.is_file()}
     subset = ccrk("compare", "--out", out, *TINY, "--val-images", 0, "--seeds", "1", "--variants", "full",
-                  "--objectives", "cross_lingual,one_to_k", timeout=300)
+                  "--objectives", "cross_lingual,one_to_k", "--lr", "1e-3",
+                  "--objective-lrs", "one_to_k=2e-3,cross_lingual=2e-3", timeout=300)
     return SimpleNamespace(out=out, res=res, summary=summary, table=table, again=again, again_summary=again_summary,
                            data=data, subset=subset, chosen=json.loads((out / "compare.json").read_text()))
 
@@ -80,7 +81,8 @@ def test_the_same_command_again_keeps_every_finished_run(compare_run):
 
 
 def test_another_selection_of_seeds_and_arms_keeps_the_runs_it_names(compare_run):
-    """Seeds and arms only choose runs: the folder keeps its data and runs, and reports the chosen."""
+    """Seeds, arms and learning rates only choose runs: the folder keeps its data and runs, and
+    reports the chosen (here at the rate fixed per objective, over ``--lr``)."""
     out, summary, subset, chosen = compare_run.out, compare_run.summary, compare_run.subset, compare_run.chosen
     assert noise(subset) == [], "\n".join(noise(subset))
     text = subset.stdout + subset.stderr
@@ -95,6 +97,7 @@ def test_another_selection_of_seeds_and_arms_keeps_the_runs_it_names(compare_run
     table = (out / "compare.md").read_text()
     assert "| one_to_k | 0.002 | 1 |" in table and "| cross_lingual | 0.002 | 1 |" in table
     assert "| one_to_one |" not in table
+    assert "Learning rates fixed per objective (--objective-lrs, no sweep here): one_to_k 0.002, cross_lingual 0.002." in table
     # every run stays on disk, also those this selection leaves out
     assert len(list((out / "runs").glob("*/*/*/report.json"))) == 6
 

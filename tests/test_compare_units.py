@@ -9,10 +9,12 @@ import json
 import numpy as np
 import pytest
 
-from ccrk_ray.commands._args import omit_probs
+from ccrk_ray.commands._args import objective_numbers, omit_probs
 from ccrk_ray.core.config import ConfigError
-from ccrk_ray.experiments.compare import (COMPARE_OMIT, CompareConfig, aggregate, captions_per_image_step, choose_lr,
-                                          results_table, summarize)
+from ccrk_ray.experiments.compare import (COMPARE_OMIT, MARKER, OUTPUTS, SELECTION, CompareConfig, aggregate, budget_lines,
+                                          captions_per_image_step, choose_lr, epochs_for, lrs_for, results_table,
+                                          summarize)
+from ccrk_ray.experiments.demo import prepare_experiment
 
 
 def report(t2i, i2t, mrv=(3.0, 2.0), std=(1.0, 2.0)):
@@ -70,6 +72,9 @@ def test_omit_prob_flag_per_language():
     (dict(objectives=("one_to_k", "clip")), "--objectives must be a comma-separated subset"),
     (dict(languages=("zh", "de")), "cross_lingual needs 'en'"),
     (dict(k_test=501), "--k-test must be in [1, 500], got 501"),
+    (dict(objective_lrs={"one_to_k": 1e-3, "clip": 1e-3}), "--objective-lrs names clip: objectives are"),
+    (dict(objective_lrs={"one_to_k": 2.0}), "--objective-lrs one_to_k must be in [1e-08, 1.0], got 2.0"),
+    (dict(lrs=(1e-3, 2e-3), val_images=0, objective_lrs={"one_to_k": 1e-3}), "--val-images must be > 0"),
 ])
 def test_bad_compare_configs(kwargs, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
@@ -77,8 +82,6 @@ def test_bad_compare_configs(kwargs, needle):
 
 
 def test_the_captions_budget_gives_one_to_one_k_times_the_epochs():
-    from ccrk_ray.experiments.compare import budget_lines, epochs_for
-
     cfg = CompareConfig(out="x", languages=("en", "de", "zh"), epochs=4, train_images=200, budget="captions").validate()
     assert [epochs_for(cfg, o) for o in ("one_to_k", "one_to_one", "cross_lingual")] == [4, 12, 4]
     assert "one_to_one 2400 (12 epochs)" in budget_lines(cfg, {})
@@ -91,9 +94,6 @@ def test_the_captions_budget_gives_one_to_one_k_times_the_epochs():
 def test_a_folder_keeps_its_runs_across_selections_and_starts_afresh_on_any_other_change(tmp_path):
     """Seeds, arms and learning rates only choose runs (each has its own folder); anything else
     (here the epochs) makes the runs another experiment's, so the folder is cleared."""
-    from ccrk_ray.experiments.compare import MARKER, OUTPUTS, SELECTION
-    from ccrk_ray.experiments.demo import prepare_experiment
-
     base = dict(out=str(tmp_path / "c"), train_images=8, val_images=4, test_images=4, languages=("en", "de"),
                 image_size=32, vocab_size=120, epochs=2, seeds=(0, 1), batch_size=4, workers=(1, 1), k_test=2)
     out, *_ = prepare_experiment(CompareConfig(**base), MARKER, OUTPUTS, "compare", True, SELECTION)
@@ -102,10 +102,38 @@ def test_a_folder_keeps_its_runs_across_selections_and_starts_afresh_on_any_othe
     run.write_text("{}")
     data = sorted((p, p.stat().st_mtime_ns) for p in (out / "data").rglob("*"))
     for selection in (dict(seeds=(1, 2)), dict(objectives=("one_to_one",), variants=("full",)), dict(lrs=(1e-3, 3e-3)),
-                      dict(lr=1e-3)):
+                      dict(lr=1e-3), dict(objective_lrs={"one_to_k": 1e-3})):
         prepare_experiment(CompareConfig(**base | selection), MARKER, OUTPUTS, "compare", True, SELECTION)
         assert run.is_file() and sorted((p, p.stat().st_mtime_ns) for p in (out / "data").rglob("*")) == data
         assert CompareConfig(**base | selection).validate().seeds == tuple(
             json.loads((out / MARKER).read_text())["seeds"])                 # the marker records the last command
     prepare_experiment(CompareConfig(**base | dict(epochs=3)), MARKER, OUTPUTS, "compare", True, SELECTION)
     assert not run.exists() and (out / "data" / "test").is_dir()
+
+
+def test_a_moved_folder_is_the_same_experiment(tmp_path):
+    """The folder's path is not part of the experiment: runs copied or moved elsewhere are kept."""
+    base = dict(train_images=8, val_images=4, test_images=4, languages=("en", "de"), image_size=32, vocab_size=120,
+                epochs=2, seeds=(0,), batch_size=4, workers=(1, 1), k_test=2)
+    out, *_ = prepare_experiment(CompareConfig(out=str(tmp_path / "a"), **base), MARKER, OUTPUTS, "compare", True, SELECTION)
+    run = out / "runs" / "itc" / "one_to_k" / "lr0.002-seed0" / "report.json"
+    run.parent.mkdir(parents=True)
+    run.write_text("{}")
+    moved = out.rename(tmp_path / "b")
+    prepare_experiment(CompareConfig(out=str(moved), **base), MARKER, OUTPUTS, "compare", True, SELECTION)
+    assert (moved / "runs" / "itc" / "one_to_k" / "lr0.002-seed0" / "report.json").read_text() == "{}"
+    assert json.loads((moved / MARKER).read_text())["out"] == str(moved)
+
+
+def test_learning_rates_fixed_per_objective_take_precedence_and_are_stated():
+    cfg = CompareConfig(out="x", languages=("en", "de"), objectives=("one_to_k", "one_to_one", "cross_lingual"),
+                        lr=5e-4, lrs=(1e-3, 3e-3), objective_lrs={"cross_lingual": 3e-3, "one_to_k": 2e-3}).validate()
+    assert [lrs_for(cfg, o) for o in cfg.objectives] == [(2e-3,), (1e-3, 3e-3), (3e-3,)]
+    assert lrs_for(CompareConfig(out="x", lr=5e-4).validate(), "one_to_one") == (5e-4,)
+    assert ("Learning rates fixed per objective (--objective-lrs, no sweep here): cross_lingual 0.003, one_to_k 0.002."
+            in budget_lines(cfg, {}))
+    assert "--objective-lrs" not in budget_lines(CompareConfig(out="x").validate(), {})
+    assert objective_numbers("one_to_k=1e-3, cross_lingual=3e-3") == {"one_to_k": 1e-3, "cross_lingual": 3e-3}
+    for bad in ("1e-3", "one_to_k=fast", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected NAME=X items"):
+            objective_numbers(bad)

@@ -66,18 +66,32 @@ def json_object(text: str) -> dict:
     return value
 
 
-def omit_probs(text: str) -> float | dict[str, float]:
-    """``0.2`` or ``0.1,zh=0.5,ja=0.4`` (the bare number for the unnamed languages, key ``*``)."""
+def keyed_numbers(text: str, what: str = "KEY=X") -> dict[str, float]:
+    """``a=1,b=2e-3`` as {"a": 1.0, "b": 0.002}; an item without a key is stored under ``*``."""
     out: dict[str, float] = {}
     for item in comma_list(text):
         key, _, value = item.rpartition("=")
         try:
             out[key.strip() or "*"] = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected P or LANG=P items, got {item!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what} items, got {item!r}") from None
     if not out:
-        raise argparse.ArgumentTypeError("expected P or LANG=P items, got nothing")
+        raise argparse.ArgumentTypeError(f"expected {what} items, got nothing")
+    return out
+
+
+def omit_probs(text: str) -> float | dict[str, float]:
+    """``0.2`` or ``0.1,zh=0.5,ja=0.4`` (the bare number for the unnamed languages, key ``*``)."""
+    out = keyed_numbers(text, "P or LANG=P")
     return out["*"] if list(out) == ["*"] else out
+
+
+def objective_numbers(text: str) -> dict[str, float]:
+    """``one_to_k=1e-3,cross_lingual=3e-3``: every item names its key."""
+    out = keyed_numbers(text, "NAME=X")
+    if "*" in out:
+        raise argparse.ArgumentTypeError(f"expected NAME=X items, each with its name, got {text!r}")
+    return out
 
 
 def comma_numbers(cast=float, what: str = "numbers"):

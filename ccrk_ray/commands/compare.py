@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ccrk_ray.commands._args import add_run_args, comma_list, comma_numbers, run_options
+from ccrk_ray.commands._args import add_run_args, comma_list, comma_numbers, objective_numbers, run_options
 from ccrk_ray.experiments.compare import BUDGETS, STYLES, VARIANTS, CompareConfig, run_compare
 
 
@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lrs", type=comma_numbers(), default=c.lrs,
                    help="learning rates to choose from per arm, on validation with the first seed "
                         "(default: --lr for every arm)")
+    p.add_argument("--objective-lrs", type=objective_numbers, default=c.objective_lrs, metavar="OBJ=LR,...",
+                   help="a learning rate fixed per objective (e.g. one an earlier sweep chose), over --lrs and "
+                        "--lr for the objectives it names: one_to_k=1e-3,cross_lingual=3e-3")
     p.add_argument("--budget", choices=BUDGETS, default=c.budget,
                    help="images: every arm trains --epochs (the same images and steps; 1-to-1 then meets K x "
                         "fewer captions); captions: 1-to-1 trains K x --epochs, to the same captions seen "

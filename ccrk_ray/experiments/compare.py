@@ -9,7 +9,8 @@ Three training styles on the same data, model and budget:
 Two variants of each: ``itc`` (ITC alone, ranked by ITC similarity) and ``full`` (ITC + MITM +
 CMLM, ranked by ITC and two-stage: ITC top ``k_test`` re-scored by ITM). Each arm's learning rate
 is chosen on the validation split among ``lrs`` (the first seed's runs; the best mean SumR by
-ITC), then the arm trains once per seed (initialisation, data order and augmentation follow the
+ITC), or fixed per objective by ``objective_lrs`` (a rate an earlier sweep chose: no sweep), then
+the arm trains once per seed (initialisation, data order and augmentation follow the
 seed; the data set is one). Reported per ranking: mean ± sample std over seeds of recall
 (averaged over languages), SumR, MRV and the spread of recall across languages, with the budget
 in images seen, captions seen and training seconds.
@@ -19,8 +20,8 @@ in images seen, captions seen and training seconds.
     DIR/compare.json, compare.md, compare.png        the sweep, every run, the aggregates, the plot
 
 Runs that wrote their report.json are kept when the command runs again on the same folder, also
-with other ``--objectives``, ``--variants``, ``--seeds``, ``--lr`` or ``--lrs`` (every run has its own
-folder): an interrupted experiment resumes where it stopped, and one can grow by seeds or arms.
+with other ``--objectives``, ``--variants``, ``--seeds``, ``--lr``, ``--lrs`` or ``--objective-lrs``
+(every run has its own folder): an interrupted experiment resumes where it stopped, and one can grow by seeds or arms.
 Any other change (data, model, schedule) starts the folder afresh.
 """
 
@@ -55,7 +56,7 @@ STYLES = tuple(STYLE_CLASSES)
 VARIANTS = ("itc", "full")
 BUDGETS = ("images", "captions")
 # Config fields that only choose which runs to train and report: a folder keeps its runs across them.
-SELECTION = ("objectives", "variants", "seeds", "lrs", "lr")
+SELECTION = ("objectives", "variants", "seeds", "lrs", "lr", "objective_lrs")
 RANKINGS = {"itc": "ITC objective, ranked by ITC", "full": "full objective (ITC + MITM + CMLM), ranked by ITC",
             "full_two_stage": "full objective, two-stage (ITC top-k re-scored by ITM)"}
 # Controlled data: languages leave details out at different rates (English the most complete,
@@ -73,6 +74,7 @@ class CompareConfig(DemoConfig):
     variants: tuple[str, ...] = VARIANTS
     seeds: tuple[int, ...] = (0, 1, 2)           # training seeds (the data set follows ``seed``)
     lrs: tuple[float, ...] = ()                  # per-arm sweep on validation; empty: ``lr`` for every arm
+    objective_lrs: dict[str, float] = field(default_factory=dict)  # fixed per objective, over ``lrs``/``lr``
     omit_prob: float | dict[str, float] = field(default_factory=lambda: dict(COMPARE_OMIT))
     fusion_layers: int = 1
     itm_weight: float = 1.0
@@ -101,7 +103,12 @@ class CompareConfig(DemoConfig):
             raise ConfigError(f"--seeds must be distinct integers >= 0, got {list(self.seeds)}")
         for lr in self.lrs:
             check_range("--lrs", lr, 1e-8, 1.0)
-        if len(self.lrs) > 1 and not self.val_images:
+        unknown = [o for o in self.objective_lrs if o not in STYLES]
+        if unknown:
+            raise ConfigError(f"--objective-lrs names {', '.join(unknown)}: objectives are {', '.join(STYLES)}")
+        for objective, lr in self.objective_lrs.items():
+            check_range(f"--objective-lrs {objective}", lr, 1e-8, 1.0)
+        if len(self.lrs) > 1 and not self.val_images and set(self.objectives) - set(self.objective_lrs):
             raise ConfigError("--lrs with several values chooses on validation: --val-images must be > 0")
         check_range("--fusion-layers", self.fusion_layers, 1, 12)
         check_range("--itm-weight", self.itm_weight, 0.0)
@@ -128,6 +135,14 @@ def epochs_for(cfg: CompareConfig, objective: str) -> int:
     """An arm's epochs: ``cfg.epochs``, times K / (captions per image-step) under the captions budget."""
     k = cfg.captions_per_image
     return cfg.epochs * (k // captions_per_image_step(objective, k) if cfg.budget == "captions" else 1)
+
+
+def lrs_for(cfg: CompareConfig, objective: str) -> tuple[float, ...]:
+    """The learning rates an arm trains with on its first seed: the one ``--objective-lrs`` fixes,
+    else the ``--lrs`` to choose from on validation, else ``--lr``."""
+    if objective in cfg.objective_lrs:
+        return (cfg.objective_lrs[objective],)
+    return tuple(cfg.lrs) or (cfg.lr,)
 
 
 def summarize(report: dict[str, Any]) -> dict[str, float]:
@@ -204,6 +219,10 @@ def budget_lines(cfg: CompareConfig, budget: dict[str, dict[str, Any]]) -> str:
                  f"{o} {captions_per_image_step(o, k)}" for o in cfg.objectives) + ".",
              "Training wall time per run (mean over its runs, on this machine): " + "; ".join(
                  f"{v}/{o} {b['train_seconds_mean']:.0f} s" for v, per in budget.items() for o, b in per.items()) + "."]
+    fixed = {o: lr for o, lr in cfg.objective_lrs.items() if o in cfg.objectives}
+    if fixed:
+        lines.append("Learning rates fixed per objective (--objective-lrs, no sweep here): "
+                     + ", ".join(f"{o} {lr:g}" for o, lr in fixed.items()) + ".")
     return "\n".join(lines)
 
 
@@ -285,7 +304,6 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "compare", keep_same=True,
                                                            selection=SELECTION)
     exp = Experiment(cfg, out, tokenizer, caption_tokenizer)
-    lrs = tuple(cfg.lrs) or (cfg.lr,)
     sweeps: dict[str, dict[str, dict[float, float]]] = {}
     chosen: dict[str, dict[str, float]] = {}
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -294,6 +312,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     with ray_session(demo_cpus(cfg)):
         for variant in cfg.variants:
             for objective in cfg.objectives:
+                lrs = lrs_for(cfg, objective)
                 first = {lr: exp.run(variant, objective, lr, cfg.seeds[0]) for lr in lrs}
                 if len(lrs) > 1:
                     sweeps.setdefault(variant, {})[objective] = {lr: r["val"]["mean"]["SumR"] for lr, r in first.items()}

@@ -199,13 +199,14 @@ def prepare_experiment(cfg: DemoConfig, marker: str, outputs: tuple[str, ...], c
     of a demo or a comparison: (output folder, HF tokenizer, CaptionTokenizer). ``keep_same``: a
     folder whose marker holds this config keeps what it has (its data, tokenizer and runs: the
     experiment resumes or grows); the config fields in ``selection`` only choose which runs to
-    report (each run has its own folder), so they may differ. Any other earlier output is cleared."""
+    report (each run has its own folder), so they may differ, and so may the folder's path (a
+    moved or copied folder is the same experiment). Any other earlier output is cleared."""
     cfg.validate()
     out = Path(cfg.out).resolve()
     config = json.dumps(dataclasses.asdict(cfg), indent=2, default=list)
 
     def fixed(c: dict[str, Any]) -> str:
-        return json.dumps({k: v for k, v in c.items() if k not in selection}, default=list)
+        return json.dumps({k: v for k, v in c.items() if k not in selection and k != "out"}, default=list)
 
     same = False
     if keep_same and (out / marker).is_file() and (out / "data" / "test").is_dir() \
