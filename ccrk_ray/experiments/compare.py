@@ -21,7 +21,8 @@ in images seen, captions seen and training seconds.
 
 Runs that wrote their report.json are kept when the command runs again on the same folder, also
 with other ``--objectives``, ``--variants``, ``--seeds``, ``--lr``, ``--lrs`` or ``--objective-lrs``
-(every run has its own folder): an interrupted experiment resumes where it stopped, and one can grow by seeds or arms.
+(every run has its own folder): an interrupted experiment resumes where it stopped, and one can
+grow by seeds or arms.
 Any other change (data, model, schedule) starts the folder afresh.
 """
 
@@ -108,7 +109,7 @@ class CompareConfig(DemoConfig):
             raise ConfigError(f"--objective-lrs names {', '.join(unknown)}: objectives are {', '.join(STYLES)}")
         for objective, lr in self.objective_lrs.items():
             check_range(f"--objective-lrs {objective}", lr, 1e-8, 1.0)
-        if len(self.lrs) > 1 and not self.val_images and set(self.objectives) - set(self.objective_lrs):
+        if sweeps_any(self) and not self.val_images:
             raise ConfigError("--lrs with several values chooses on validation: --val-images must be > 0")
         check_range("--fusion-layers", self.fusion_layers, 1, 12)
         check_range("--itm-weight", self.itm_weight, 0.0)
@@ -143,6 +144,11 @@ def lrs_for(cfg: CompareConfig, objective: str) -> tuple[float, ...]:
     if objective in cfg.objective_lrs:
         return (cfg.objective_lrs[objective],)
     return tuple(cfg.lrs) or (cfg.lr,)
+
+
+def sweeps_any(cfg: CompareConfig) -> bool:
+    """Whether some arm chooses its learning rate on validation (so the runs are scored there)."""
+    return any(len(lrs_for(cfg, o)) > 1 for o in cfg.objectives)
 
 
 def summarize(report: dict[str, Any]) -> dict[str, float]:
@@ -258,7 +264,7 @@ class Experiment:
         self.cfg, self.out, self.tokenizer, self.caption_tokenizer = cfg, out, tokenizer, caption_tokenizer
         self.test = load_split(str(out / "data" / "test"), cfg.languages, caption_tokenizer, cfg.image_size)
         self.val = (load_split(str(out / "data" / "val"), cfg.languages, caption_tokenizer, cfg.image_size)
-                    if cfg.val_images and len(cfg.lrs) > 1 else None)
+                    if cfg.val_images and sweeps_any(cfg) else None)
         self.model_cfg = demo_model_config(cfg, tokenizer, fusion_layers=cfg.fusion_layers)
 
     def objective(self, variant: str, objective: str) -> dict[str, Any]:
