@@ -41,7 +41,9 @@ def rows(tmp_path_factory):
 
 
 def user_config(tmp_path: Path, out: Path, data: dict, task: dict | None = None, **train) -> Path:
-    cfg = {"output_dir": str(out), "data": {"max_length": 24, **data, "cpus_per_actor": 0.5},    # the tiny models' length
+    # the tiny models' length and resolution (the tasks' own 384 px would make every step and
+    # embedding ~100x dearer, testing nothing more: the task defaults are checked on their own)
+    cfg = {"output_dir": str(out), "data": {"max_length": 24, "image_size": 32, **data, "cpus_per_actor": 0.5},
            "train": {"epochs": 2, "batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "warmup": 1, **train},
            "scaling": {"workers": [1, 1], "max_failures": 0}}
     if task:
@@ -80,7 +82,7 @@ def test_a_model_spec_loads_pretrained_encoders_and_fresh_layers_get_lr_mult(enc
 
     from ccrk_ray.model import ModelConfig
 
-    cfg = user_config(tmp_path, tmp_path / "out", {"train": "x", "image_size": 32}, task={"k_test": 4})
+    cfg = user_config(tmp_path, tmp_path / "out", {"train": "x"}, task={"k_test": 4})
     d = yaml.safe_load(cfg.read_text())
     d["model"] = {"lr_mult": 3.0}
     cfg.write_text(yaml.safe_dump(d))
@@ -115,7 +117,7 @@ def test_multi30k_from_pretrained_encoders_as_a_user_runs_it(encoders, rows, tmp
     root, r = rows
     data = task_data.multi30k(root, {"train": r["train"], "val": r["val"], "test_2016_flickr": r["test"]})
     cfg = user_config(tmp_path, tmp_path / "out", {"train": str(data["train"]), "val": str(data["val"]),
-                                                   "test": str(data["test_2016_flickr"]), "image_size": 32},
+                                                   "test": str(data["test_2016_flickr"])},
                       task={"k_test": 4})
     d = yaml.safe_load(cfg.read_text())
     d["model"] = {"lr_mult": 3.0}
@@ -256,6 +258,9 @@ def test_bad_finetune_configs_are_clear_errors(base_model, tmp_path):
         load_config("multi30k", path, base_model)
     # the shipped defaults reach the config, the user's values win
     cfg = user_config(tmp_path, tmp_path / "o", {"train": "x"}, lr=0.5)
+    d = yaml.safe_load(cfg.read_text())
+    del d["data"]["image_size"]                   # the task's own resolution
+    cfg.write_text(yaml.safe_dump(d))
     loaded, _ = load_config("multi30k", cfg, base_model)
     assert loaded.train.lr == 0.5 and loaded.train.schedule == "linear" and loaded.task.k_test == 128
     assert loaded.data.image_size == 384 and loaded.data.image_keys and loaded.data.languages == ("en",)
