@@ -18,8 +18,8 @@ import ray.data
 from ccrk_ray.core.log import bars_enabled, get_logger, progress
 from ccrk_ray.eval.ranks import RankSet
 from ccrk_ray.eval.retrieval import (Captions, Embedder, LanguageView, ShardRanks, Task, check_inputs, check_tasks,
-                                     itm_scores, merge_ranges, merge_tasks, pair_indices, plan_tasks, rank_task,
-                                     score_range_task, true_scores)
+                                     gallery_subset, itm_scores, merge_ranges, merge_tasks, pair_indices, plan_tasks,
+                                     rank_task, score_range_task, true_scores)
 
 
 log = get_logger(__name__)
@@ -199,22 +199,35 @@ class BlockRescorer:
 
 class RankActor:
     """Holds the gallery once (read zero-copy from the object store) and ranks tasks; each
-    language's view of it is built on its first task."""
+    language's view of it is built on its first task. ``galleries``: the galleries its tasks are
+    ranked in (None: the whole split; else image indices, e.g. COCO's 1K folds: a gallery of their
+    own, built on first use), so one set of actors serves them all."""
 
-    def __init__(self, image_emb: np.ndarray, captions: Captions, true: np.ndarray, rescore=None):
+    def __init__(self, image_emb: np.ndarray, captions: Captions, true: np.ndarray, rescore=None,
+                 galleries: Sequence[np.ndarray | None] = (None,)):
         self.image_emb, self.captions, self.true, self.rescore = image_emb, captions, true, rescore
-        self.views: dict[int, LanguageView] = {}
+        self.galleries = list(galleries)
+        self.parts: dict[int, tuple] = {}
+        self.views: dict[tuple[int, int], LanguageView] = {}
 
-    def rank(self, task: Task, k_test: int | None, tile: int | None = None) -> ShardRanks:
-        return rank_task(self._view(task), task, k_test=k_test, rescore=self.rescore, tile=tile)
+    def rank(self, task: Task, k_test: int | None, tile: int | None = None, gallery: int = 0) -> ShardRanks:
+        return rank_task(self._view(task, gallery), task, k_test=k_test, rescore=self._part(gallery)[3], tile=tile)
 
     def score_range(self, task: Task) -> tuple[float, float]:
         return score_range_task(self._view(task), task)
 
-    def _view(self, task: Task) -> LanguageView:
-        if task.column not in self.views:
-            self.views[task.column] = LanguageView.build(self.image_emb, self.captions, self.true, task.column)
-        return self.views[task.column]
+    def _part(self, gallery: int) -> tuple:
+        if gallery not in self.parts:
+            self.parts[gallery] = gallery_subset(self.image_emb, self.captions, self.true, self.rescore,
+                                                 self.galleries[gallery])
+        return self.parts[gallery]
+
+    def _view(self, task: Task, gallery: int = 0) -> LanguageView:
+        key = (gallery, task.column)
+        if key not in self.views:
+            emb, captions, true, _ = self._part(gallery)
+            self.views[key] = LanguageView.build(emb, captions, true, task.column)
+        return self.views[key]
 
     def peak_rss_bytes(self) -> int:
         """This actor process's peak resident memory (shared object-store pages included)."""
@@ -244,28 +257,57 @@ def rank_on_actors(image_emb: np.ndarray, text_emb, *, languages: Sequence[str] 
     error inside an actor is re-raised here, naming the task, and every actor is stopped.
     ``stats``, when given, gets the tasks, wall seconds and each actor's peak RSS and CPU seconds.
     """
+    return rank_galleries_on_actors(image_emb, text_emb, [None], languages=languages, query_languages=query_languages,
+                                    num_actors=num_actors, tasks=tasks, k_test=k_test, rescore=rescore, chunk=chunk,
+                                    tile=tile, cpus_per_actor=cpus_per_actor, timeout_s=timeout_s, stats=stats)[0]
+
+
+def rank_galleries_on_actors(image_emb: np.ndarray, text_emb, galleries: Sequence[np.ndarray | None], *,
+                             languages: Sequence[str] | None = None,
+                             query_languages: Sequence[str] | None = None, num_actors: int = 1,
+                             tasks: Sequence[Task] | None = None, k_test: int | None = None, rescore=None,
+                             chunk: int | None = None, tile: int | None = None, cpus_per_actor: float = 1.0,
+                             timeout_s: float | None = None, stats: dict[str, Any] | None = None) -> list[RankSet]:
+    """``rank_on_actors`` in each of ``galleries`` (None: the whole split; else sorted image
+    indices ranked as a gallery of their own with their images' captions and ``rescore`` mapped
+    to them: COCO's 1K folds), one ``RankSet`` each, on one set of actors started once (each fold
+    would otherwise start its own: seconds of process start-up per fold). ``tasks``: the whole
+    split's, when ``galleries`` is ``[None]``."""
     captions, columns = check_inputs(image_emb, text_emb, languages, query_languages)
     if num_actors < 1:
         raise ValueError(f"num_actors must be >= 1, got {num_actors}")
-    if tasks is None:
-        tasks = plan_tasks(image_emb, captions, columns, num_actors, two_stage=rescore is not None, chunk=chunk)
-    tasks = list(tasks)
-    check_tasks(tasks, captions, columns, two_stage=rescore is not None)
+    if tasks is not None and list(galleries) != [None]:
+        raise ValueError("explicit tasks are the whole split's: pass galleries=[None]")
     t0 = time.perf_counter()
     true = true_scores(image_emb, captions)
-    pool = _start_actors(image_emb, captions, true, rescore, min(num_actors, len(tasks)), cpus_per_actor)
+    parts = [gallery_subset(image_emb, captions, true, rescore, images) for images in galleries]
+    planned: list[tuple[int, Task]] = []
+    for g, (emb, caps, _, _) in enumerate(parts):
+        mine = list(tasks) if tasks is not None else plan_tasks(emb, caps, columns, num_actors,
+                                                                two_stage=rescore is not None, chunk=chunk)
+        check_tasks(mine, caps, columns, two_stage=rescore is not None)
+        planned += [(g, task) for task in mine]
+    pool = _start_actors(image_emb, captions, true, rescore, min(num_actors, len(planned)), cpus_per_actor, galleries)
+
+    def describe(item: tuple[int, Task]) -> str:
+        g, task = item
+        return _describe(task, parts[g][1]) + (f" of gallery {g}" if galleries[g] is not None else "")
+
     try:
-        parts = _run_tasks(pool, tasks, lambda actor, task: actor.rank.remote(task, k_test, tile), captions,
-                           timeout_s, "ranking")
+        done = _run_tasks(pool, planned, lambda actor, item: actor.rank.remote(item[1], k_test, tile, item[0]),
+                          describe, timeout_s, "ranking")
         if stats is not None:
-            stats.update(seconds=time.perf_counter() - t0, tasks=list(tasks),
+            stats.update(seconds=time.perf_counter() - t0, tasks=[task for _, task in planned],
                          actor_peak_rss_bytes=ray.get([a.peak_rss_bytes.remote() for a in pool]),
                          actor_cpu_seconds=ray.get([a.cpu_seconds.remote() for a in pool]))
     finally:
         for actor in pool:
             ray.kill(actor)
-    views = {j: LanguageView.build(image_emb, captions, true, j) for j in columns}
-    return merge_tasks([part for _, part in parts], views, captions, image_emb.shape[0])
+    out = []
+    for g, (emb, caps, tr, _) in enumerate(parts):
+        views = {j: LanguageView.build(emb, caps, tr, j) for j in columns}
+        out.append(merge_tasks([part for (h, _), part in done if h == g], views, caps, emb.shape[0]))
+    return out
 
 
 def score_ranges_on_actors(image_emb: np.ndarray, captions: Captions, *, num_actors: int = 1,
@@ -279,8 +321,8 @@ def score_ranges_on_actors(image_emb: np.ndarray, captions: Captions, *, num_act
     # a range needs no true scores (the views only carry them)
     pool = _start_actors(image_emb, captions, np.zeros(len(captions.owner)), None, min(num_actors, len(tasks)), cpus_per_actor)
     try:
-        parts = _run_tasks(pool, tasks, lambda actor, task: actor.score_range.remote(task), captions,
-                           timeout_s, "score ranges")
+        parts = _run_tasks(pool, tasks, lambda actor, task: actor.score_range.remote(task),
+                           lambda task: _describe(task, captions), timeout_s, "score ranges")
     finally:
         for actor in pool:
             ray.kill(actor)
@@ -305,21 +347,20 @@ class ActorRanking:
 
 
 def _start_actors(image_emb: np.ndarray, captions: Captions, true: np.ndarray, rescore, count: int,
-                  cpus_per_actor: float) -> list:
+                  cpus_per_actor: float, galleries: Sequence[np.ndarray | None] = (None,)) -> list:
     """``count`` RankActors sharing one copy of the gallery (and ``rescore``) in the object store."""
     refs = [ray.put(np.ascontiguousarray(image_emb, dtype=np.float32)), ray.put(captions), ray.put(true),
-            ray.put(rescore) if rescore is not None else None]
+            ray.put(rescore) if rescore is not None else None, ray.put(list(galleries))]
     # Ray sets OMP_NUM_THREADS (which OpenBLAS follows) to the actor's CPUs; a runtime_env with
     # thread variables instead made actor start-up 3-4x slower here.
     actor_cls = ray.remote(RankActor).options(num_cpus=cpus_per_actor)
     return [actor_cls.remote(*refs) for _ in range(count)]
 
 
-def _run_tasks(pool: list, tasks: Sequence[Task], call, captions: Captions, timeout_s: float | None,
-               desc: str) -> list:
-    """Every task's result, the actors taking the next task as they finish (``call(actor, task)``
-    submits one). An error inside an actor is re-raised here naming the task; ``timeout_s`` bounds
-    the whole run. The caller stops the actors."""
+def _run_tasks(pool: list, tasks: Sequence, call, describe, timeout_s: float | None, desc: str) -> list:
+    """(task, result) of every task, the actors taking the next task as they finish (``call(actor,
+    task)`` submits one). An error inside an actor is re-raised here naming the task
+    (``describe(task)``); ``timeout_s`` bounds the whole run. The caller stops the actors."""
     todo = list(tasks)
     pending: dict[ray.ObjectRef, tuple[Any, Task]] = {}
     parts: list = []
@@ -335,12 +376,12 @@ def _run_tasks(pool: list, tasks: Sequence[Task], call, captions: Captions, time
             done, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             if not done:
                 raise TimeoutError(f"{desc} did not finish in {timeout_s} s; tasks still running: "
-                                   f"{[_describe(t, captions) for _, t in pending.values()]}")
+                                   f"{[describe(t) for _, t in pending.values()]}")
             actor, task = pending.pop(done[0])
             try:
                 parts.append((task, ray.get(done[0])))
             except ray.exceptions.RayTaskError as exc:
-                raise _with_task(exc, _describe(task, captions)) from exc
+                raise _with_task(exc, describe(task)) from exc
             bar.update(1)
             if todo:
                 nxt = todo.pop(0)

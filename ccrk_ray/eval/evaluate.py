@@ -42,13 +42,12 @@ from ccrk_ray.data import schema
 from ccrk_ray.data.ingest import CountingEvalTransform, eval_rows
 from ccrk_ray.data.tokenizer import CaptionTokenizer
 from ccrk_ray.data.transforms import ImageTransform, caption_slots
-from ccrk_ray.eval.actors import BlockRescorer, embed_dataset, rank_on_actors
+from ccrk_ray.eval.actors import BlockRescorer, embed_dataset, rank_galleries_on_actors
 from ccrk_ray.eval.plots import log_tensorboard, make_figures, write_plots
 from ccrk_ray.eval.ranks import RankSet
 from ccrk_ray.eval.ranks import save_ranks as write_ranks
 from ccrk_ray.eval.report import (DIRECTIONS, average_reports, clip_benchmark_filename, clip_benchmark_results,
                                   format_table, language_rank_correlation, report_from_ranks)
-from ccrk_ray.eval.retrieval import SubsetRescorer
 from ccrk_ray.model.openclip import PREFIX, OpenClipModel, OpenClipSpec, OpenClipTokenizer, is_openclip
 from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
 
@@ -170,13 +169,10 @@ def run_evaluate(model_dir: str, data: str, out: str, *, languages: Sequence[str
                      "actors", len(ids), len(captions.owner), k_test)
             rescore = BlockRescorer(str(subject.path), embedded[3])
         kwargs = dict(k_test=k_test, rescore=rescore) if two_stage else {}
-        ranks = _rank(data, image_emb, captions, actors, **kwargs)
-        fold_reports = []
-        for images in fold_images(data, ids, folds or 0):
-            sub, index = captions.subset(images)
-            if two_stage:
-                kwargs["rescore"] = SubsetRescorer(rescore, images, index)
-            fold_reports.append(report_from_ranks(_rank(data, image_emb[images], sub, actors, **kwargs)))
+        # the split and each fold as a gallery of its own, on one set of eval actors
+        ranks, *fold_ranks = _rank(data, image_emb, captions, actors,
+                                   galleries=[None, *fold_images(data, ids, folds or 0)], **kwargs)
+        fold_reports = [report_from_ranks(r) for r in fold_ranks]
     report = finish_report(ranks)
     if fold_reports:
         report["folds"] = {"count": len(fold_reports), "sizes": [r["num_images"] for r in fold_reports],
@@ -266,7 +262,7 @@ def rank_split_itc(data: str, model_dir, languages: Sequence[str], tokenizer, im
     ids, image_emb, captions = embed_split(data, model_dir, languages, tokenizer, image_size, actors=actors,
                                            image_transform=image_transform, batch_size=batch_size,
                                            precision=precision)
-    return ids, _rank(data, image_emb, captions, actors)
+    return ids, _rank(data, image_emb, captions, actors)[0]
 
 
 def embed_split(data: str, model_dir, languages: Sequence[str], tokenizer, image_size: int, *,
@@ -287,9 +283,10 @@ def embed_split(data: str, model_dir, languages: Sequence[str], tokenizer, image
                          batch_size=batch_size, precision=precision, itm_features=itm_features)
 
 
-def _rank(data: str, image_emb, captions, actors: int, **kwargs) -> RankSet:
+def _rank(data: str, image_emb, captions, actors: int, galleries=(None,), **kwargs) -> list[RankSet]:
+    """The ranks in each of ``galleries`` (``rank_galleries_on_actors``)."""
     try:
-        return rank_on_actors(image_emb, captions, num_actors=actors, **kwargs)
+        return rank_galleries_on_actors(image_emb, captions, galleries, num_actors=actors, **kwargs)
     except ValueError as exc:       # bad embeddings (e.g. NaN from a diverged model), named
         raise ConfigError(f"cannot rank {data}: {exc}") from None
 

@@ -724,6 +724,17 @@ class SubsetRescorer:
         return self.rescore(direction, self.images[queries], self.captions[candidates])
 
 
+def gallery_subset(image_emb: np.ndarray, captions: Captions, true: np.ndarray, rescore: Rescore | None,
+                   images: np.ndarray | None) -> tuple[np.ndarray, Captions, np.ndarray, Rescore | None]:
+    """(image embeddings, captions, true scores, re-scorer) of the gallery made of ``images``
+    (sorted indices; None: the whole split) and their captions, ranked as a gallery of its own."""
+    if images is None:
+        return image_emb, captions, true, rescore
+    sub, index = captions.subset(images)
+    return (image_emb[images], sub, true[index],
+            SubsetRescorer(rescore, images, index) if rescore is not None else None)
+
+
 def pair_indices(direction: str, queries: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(image indices, caption indices) of a re-scorer's Q×k (query, candidate) pairs, row-major."""
     q = np.repeat(queries, candidates.shape[1])

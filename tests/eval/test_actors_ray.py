@@ -6,12 +6,13 @@ import time
 import numpy as np
 import pytest
 
-from ccrk_ray.eval.actors import ActorRanking, rank_on_actors, score_ranges_on_actors
+from ccrk_ray.eval.actors import ActorRanking, rank_galleries_on_actors, rank_on_actors, score_ranges_on_actors
 from ccrk_ray.eval.nrccr import rank_split
 from ccrk_ray.data.transforms import split_from_batch
-from ccrk_ray.eval.retrieval import Captions, ItmRescorer, Task, encode_split, rank_sharded, score_ranges_sharded
+from ccrk_ray.eval.retrieval import (Captions, ItmRescorer, SubsetRescorer, Task, encode_split, rank_sharded,
+                                     score_ranges_sharded)
 from tests.eval.test_retrieval import dense_ranks
-from tests.eval.test_every_caption import multi_caption_gallery
+from tests.eval.test_every_caption import assert_ranks_equal, multi_caption_gallery
 from tests.eval.test_nrccr_eval import multi_caption_case
 from tests.eval.test_sharded import planted_ties, toy_setup
 from tests.eval.rescorers import Boom, ItmTable
@@ -66,6 +67,29 @@ def test_actors_equal_single_process_on_multi_caption_data(ray_local):
         for lang in caps.languages:
             for name in ("owner", "t2i", "i2t", "own"):
                 np.testing.assert_array_equal(getattr(got.languages[lang], name), getattr(want.languages[lang], name))
+
+
+def test_folds_rank_on_one_set_of_actors_as_galleries_of_their_own(ray_local):
+    """COCO's 1K protocol on actors: the split and each fold (a gallery of its own, with its own
+    slice of the ITM table) ranked by one set of actors started once, equal to ranking each fold
+    alone in one process."""
+    img, caps = multi_caption_gallery(n=45, seed=7)
+    itm = np.round(np.random.default_rng(4).normal(size=(len(caps.owner), len(img))), 1)
+    folds = [np.arange(0, 15), np.arange(15, 30), np.arange(30, 45)]
+    for kwargs in ({}, {"k_test": 4, "rescore": ItmTable(itm)}):
+        created = len(rank_actors(None))
+        whole, *got = rank_galleries_on_actors(img, caps, [None, *folds], num_actors=2, chunk=8, **kwargs)
+        assert len(rank_actors(None)) - created == 2
+        want = rank_sharded(img, caps, **kwargs)
+        assert_ranks_equal(whole, {lang: (r.t2i, r.i2t, r.own) for lang, r in want.languages.items()})
+        for images, ranks in zip(folds, got):
+            sub, index = caps.subset(images)
+            rescore = {"rescore": SubsetRescorer(kwargs["rescore"], images, index)} if kwargs else {}
+            want = rank_sharded(img[images], sub, **{**kwargs, **rescore})
+            assert ranks.num_images == 15
+            assert_ranks_equal(ranks, {lang: (r.t2i, r.i2t, r.own) for lang, r in want.languages.items()})
+    with pytest.raises(ValueError, match="explicit tasks are the whole split's"):
+        rank_galleries_on_actors(img, caps, [None, folds[0]], tasks=[Task(0, "t2i", 0, 10, 8)])
 
 
 def test_nrccr_fused_ranking_on_actors_equals_in_process(ray_local):
