@@ -362,7 +362,7 @@ def _run_tasks(pool: list, tasks: Sequence, call, describe, timeout_s: float | N
     task)`` submits one). An error inside an actor is re-raised here naming the task
     (``describe(task)``); ``timeout_s`` bounds the whole run. The caller stops the actors."""
     todo = list(tasks)
-    pending: dict[ray.ObjectRef, tuple[Any, Task]] = {}
+    pending: dict[ray.ObjectRef, tuple[Any, Any]] = {}
     parts: list = []
     bar = progress(total=len(tasks), desc=desc, unit="task", disable=not bars_enabled())
     try:

@@ -143,7 +143,8 @@ def test_ccrk_evaluate_with_its_default_flags_finishes_on_its_own_cluster(saved_
     """As a user runs it: its own local cluster on this machine's CPUs, one embedding actor and
     one ranking actor, two-stage by default for a model with an ITM head. This command once hung
     forever: its two actor pools held every CPU of the cluster it started, and Ray Data's file
-    listing never ran."""
+    listing never ran. ``--folds`` (COCO's 1K protocol) adds no actor: the folds are ranked on
+    the same one."""
     from ccrk_ray.data.tokenizer import CaptionTokenizer
     from ccrk_ray.data.transforms import load_split
     from ccrk_ray.eval.report import report_from_ranks
@@ -152,9 +153,13 @@ def test_ccrk_evaluate_with_its_default_flags_finishes_on_its_own_cluster(saved_
     from tests.commands import ccrk, noise
 
     res = ccrk("evaluate", "--checkpoint", saved_model, "--data", tiny_data["test"], "--out", tmp_path / "e",
-               timeout=300)
+               "--folds", 4, timeout=300)
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["num_images"] == 40 and report["k_test"] == 128 and list(report["languages"]) == LANGS
+    # and the four folds of the split, each a 10-image gallery of its own, on the same eval actors
+    folds = report["folds"]
+    assert folds["count"] == 4 and folds["sizes"] == [10] * 4 and folds["num_images"] == 40
+    assert all(folds["languages"][lang]["t2i"]["chance@1"] == pytest.approx(10.0) for lang in LANGS)
     # two-stage at the paper's depth, capped at each language's gallery: what one process computes
     batch = load_split(str(tiny_data["test"]), LANGS, CaptionTokenizer(saved_model, 16), 32)
     model = CCRKModel.from_pretrained(saved_model)
