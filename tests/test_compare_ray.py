@@ -35,14 +35,17 @@ def compare_run(tmp_path_factory):
     assert noise(res) == [], "\n".join(noise(res))
     summary = json.loads((out / "compare.json").read_text())
     table = (out / "compare.md").read_text()
-    again = ccrk(*args, timeout=300)
+    # Ray's session folders go under RAY_TMPDIR: the commands that only keep runs must leave it empty
+    ray_tmp = tmp_path_factory.mktemp("ray_tmp")
+    again = ccrk(*args, timeout=300, env={"RAY_TMPDIR": str(ray_tmp)})
     again_summary = json.loads((out / "compare.json").read_text())
     data = {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*") if p.is_file()}
     subset = ccrk("compare", "--out", out, *TINY, "--val-images", 0, "--seeds", "1", "--variants", "full",
                   "--objectives", "cross_lingual,one_to_k", "--lr", "1e-3",
-                  "--objective-lrs", "one_to_k=2e-3,cross_lingual=2e-3", timeout=300)
+                  "--objective-lrs", "one_to_k=2e-3,cross_lingual=2e-3", timeout=300, env={"RAY_TMPDIR": str(ray_tmp)})
     return SimpleNamespace(out=out, res=res, summary=summary, table=table, again=again, again_summary=again_summary,
-                           data=data, subset=subset, chosen=json.loads((out / "compare.json").read_text()))
+                           data=data, subset=subset, chosen=json.loads((out / "compare.json").read_text()),
+                           ray_sessions=sorted(p.name for p in ray_tmp.rglob("session_*")))
 
 
 def test_every_arm_is_trained_per_seed_evaluated_and_aggregated(compare_run):
@@ -77,6 +80,7 @@ def test_the_same_command_again_keeps_every_finished_run(compare_run):
     assert noise(again) == [], "\n".join(noise(again))
     text = again.stdout + again.stderr
     assert text.count("kept from an earlier run") == 6 and "training resnet10t" not in text
+    assert compare_run.ray_sessions == []          # nothing to train: no Ray cluster started
     assert compare_run.again_summary["results"] == compare_run.summary["results"]
 
 

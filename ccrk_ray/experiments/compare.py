@@ -28,6 +28,7 @@ Any other change (data, model, schedule) starts the folder afresh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -258,10 +259,12 @@ def comparison_figure(results: dict[str, dict[str, dict[str, Any]]]):
 
 class Experiment:
     """The runs of one comparison: each trains on Ray Train, is evaluated here, and leaves its
-    report.json (read back instead of training again)."""
+    report.json (read back instead of training again). Ray starts (in ``cluster``) with the first
+    run that has to train: a command whose runs are all kept only reads their reports."""
 
-    def __init__(self, cfg: CompareConfig, out: Path, tokenizer, caption_tokenizer):
+    def __init__(self, cfg: CompareConfig, out: Path, tokenizer, caption_tokenizer, cluster: contextlib.ExitStack):
         self.cfg, self.out, self.tokenizer, self.caption_tokenizer = cfg, out, tokenizer, caption_tokenizer
+        self.cluster, self.ray_started = cluster, False
         self.test = load_split(str(out / "data" / "test"), cfg.languages, caption_tokenizer, cfg.image_size)
         self.val = (load_split(str(out / "data" / "val"), cfg.languages, caption_tokenizer, cfg.image_size)
                     if cfg.val_images and sweeps_any(cfg) else None)
@@ -281,6 +284,9 @@ class Experiment:
             return json.loads(done.read_text())
         if run_dir.exists():
             shutil.rmtree(run_dir)           # an interrupted run starts again from scratch
+        if not self.ray_started:
+            self.cluster.enter_context(ray_session(demo_cpus(self.cfg)))
+            self.ray_started = True
         epochs = epochs_for(self.cfg, objective)
         cfg = dataclasses.replace(self.cfg, lr=lr, seed=seed, epochs=epochs)
         t0 = time.perf_counter()
@@ -309,13 +315,13 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "compare", keep_same=True,
                                                            selection=SELECTION)
-    exp = Experiment(cfg, out, tokenizer, caption_tokenizer)
     sweeps: dict[str, dict[str, dict[float, float]]] = {}
     chosen: dict[str, dict[str, float]] = {}
     results: dict[str, dict[str, dict[str, Any]]] = {}
     budget: dict[str, dict[str, Any]] = {}
     runs: list[dict[str, Any]] = []
-    with ray_session(demo_cpus(cfg)):
+    with contextlib.ExitStack() as cluster:
+        exp = Experiment(cfg, out, tokenizer, caption_tokenizer, cluster)
         for variant in cfg.variants:
             for objective in cfg.objectives:
                 lrs = lrs_for(cfg, objective)
