@@ -17,7 +17,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+import transformers
+from transformers import PreTrainedTokenizerFast
 
 from ccrk_ray.core.config import ConfigError, first_line
 from ccrk_ray.data.schema import caption_column
@@ -60,7 +61,9 @@ def load_tokenizer(name_or_path: str | Path):
     """Load a tokenizer by HF name (e.g. ``xlm-roberta-large``) or local path, never running code
     shipped with it; one that cannot be loaded is a ConfigError naming it."""
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
+        # AutoTokenizer on first use (transformers' lazy attribute): it imports torch, which the data
+        # actors (that import this module for CaptionTokenizer) never need
+        return transformers.AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"tokenizer {name_or_path}: cannot be loaded ({first_line(exc)})") from None
 
