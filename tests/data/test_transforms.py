@@ -1,4 +1,8 @@
 import io
+import json
+import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -170,3 +174,36 @@ def test_total_steps_count_every_pass():
 
     assert total_steps([[100, 28]], 16, 3) == 8 * 3
     assert total_steps([[100, 28]], 16, 3, passes=5) == 40 * 3
+
+
+# A training stream's data actor in a fresh interpreter: the module it loads, the tokenizer as Ray
+# ships it (pickled in the driver), the 1-to-K transform with the training crop on real rows
+DATA_ACTOR = """
+import json, pickle, sys
+import pyarrow.parquet as pq
+import ccrk_ray.data.ingest
+from ccrk_ray.data.transforms import ImageTransform, OneToKBatchTransform
+shard, tokenizer, randaugment = sys.argv[1], pickle.load(open(sys.argv[2], "rb")), json.loads(sys.argv[3])
+crop = ImageTransform(32, train=True, hflip_prob=0.5, randaugment=tuple(randaugment) if randaugment else None)
+table = pq.read_table(shard).slice(0, 4)
+out = OneToKBatchTransform(tokenizer, ("en", "de"), 2, crop)({c: table.column(c).to_numpy(zero_copy_only=False)
+                                                             for c in table.column_names})
+assert out["pixel_values"].shape == (4, 3, 32, 32)
+print("torch" in sys.modules)
+"""
+
+
+def test_a_data_actor_loads_torch_only_for_randaugment(tiny_data, tmp_path):
+    """Decoding is PIL and tokenising the ``tokenizers`` backend: a data actor without RandAugment
+    never imports torch (seconds of start-up and ~470 MB per actor); RandAugment, which draws from
+    torch's generator, brings it."""
+    tokenizer = tmp_path / "tokenizer.pkl"
+    tokenizer.write_bytes(pickle.dumps(CaptionTokenizer(tiny_data["tokenizer"], max_length=16)))
+    shard = sorted(tiny_data["train"].glob("*.parquet"))[0]
+    loaded = []
+    for randaugment in (None, [2, 7]):
+        res = subprocess.run([sys.executable, "-c", DATA_ACTOR, str(shard), str(tokenizer), json.dumps(randaugment)],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        loaded.append(res.stdout.split()[-1])
+    assert loaded == ["False", "True"]
