@@ -102,7 +102,7 @@ class ImageTransform:
 
     def rand_augment(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         # optional: torch and torchvision load only in data actors of runs that ask for it (torch
-        # alone adds seconds to every data actor's start and ~450 MB to its memory)
+        # alone adds seconds to every data actor's start and ~470 MB to its memory)
         import torch
         from torchvision.transforms import RandAugment
 
