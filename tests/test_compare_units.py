@@ -1,20 +1,25 @@
 """``ccrk compare``'s experiment logic without Ray: aggregation over seeds, the learning-rate
-choice, per-language omission flags and the configuration checks."""
+choice, per-language omission flags, the configuration checks and the runs a folder keeps."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from ccrk_ray.commands._args import objective_numbers, omit_probs
 from ccrk_ray.core.config import ConfigError
-from ccrk_ray.experiments.compare import (COMPARE_OMIT, MARKER, OUTPUTS, SELECTION, CompareConfig, aggregate, budget_lines,
-                                          captions_per_image_step, choose_lr, epochs_for, lrs_for, results_table,
-                                          summarize)
+from ccrk_ray.eval.report import report_from_ranks
+from ccrk_ray.eval.retrieval import evaluate_in_process
+from ccrk_ray.experiments.compare import (COMPARE_OMIT, MARKER, OUTPUTS, SELECTION, CompareConfig, Experiment, aggregate,
+                                          budget_lines, captions_per_image_step, choose_lr, epochs_for, lrs_for,
+                                          results_table, summarize)
 from ccrk_ray.experiments.demo import prepare_experiment
+from ccrk_ray.model import CCRKModel
 
 
 def report(t2i, i2t, mrv=(3.0, 2.0), std=(1.0, 2.0)):
@@ -137,3 +142,25 @@ def test_learning_rates_fixed_per_objective_take_precedence_and_are_stated():
     for bad in ("1e-3", "one_to_k=fast", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="expected NAME=X items"):
             objective_numbers(bad)
+
+
+def test_a_sweep_scores_a_run_kept_from_a_command_without_one_on_validation(tmp_path):
+    """A run trained by a command that chose no learning rate has no validation score; a later
+    sweep on the folder scores its saved model in place (no training, no cluster) and keeps the
+    rest of its report."""
+    cfg = CompareConfig(out=str(tmp_path / "c"), train_images=8, val_images=6, test_images=4, languages=("en", "de"),
+                        image_size=32, vocab_size=120, text_width=32, embed_dim=16, seeds=(0,), objectives=("one_to_k",),
+                        variants=("itc",), lrs=(1e-3, 3e-3), batch_size=4, workers=(1, 1), k_test=2)
+    out, tokenizer, caption_tokenizer = prepare_experiment(cfg, MARKER, OUTPUTS, "compare", True, SELECTION)
+    exp = Experiment(cfg, out, tokenizer, caption_tokenizer, contextlib.ExitStack())
+    run = out / "runs" / "itc" / "one_to_k" / "lr0.001-seed0"
+    torch.manual_seed(0)
+    model = CCRKModel(exp.model_cfg).eval()
+    model.save_pretrained(run / "model")
+    kept = {"variant": "itc", "objective": "one_to_k", "lr": 1e-3, "seed": 0, "train": {"step": 2},
+            "test": {"itc": report_from_ranks(evaluate_in_process(model, exp.test))}}
+    (run / "report.json").write_text(json.dumps(kept))
+    report = exp.run("itc", "one_to_k", 1e-3, 0)
+    assert report["val"] == report_from_ranks(evaluate_in_process(model, exp.val, k_test=None))
+    assert report["val"]["num_images"] == 6 and {k: v for k, v in report.items() if k != "val"} == kept
+    assert json.loads((run / "report.json").read_text()) == report and not exp.ray_started

@@ -281,7 +281,13 @@ class Experiment:
         done = run_dir / "report.json"
         if done.exists():
             log.info("%s/%s lr %g seed %d: kept from an earlier run", variant, objective, lr, seed)
-            return json.loads(done.read_text())
+            report = json.loads(done.read_text())
+            if self.val is not None and "val" not in report:
+                # kept from a command that chose no learning rate: a sweep now needs its validation score
+                model = CCRKModel.from_pretrained(run_dir / "model")
+                report["val"] = report_from_ranks(evaluate_in_process(model, self.val, k_test=None))
+                done.write_text(json.dumps(report, indent=2))
+            return report
         if run_dir.exists():
             shutil.rmtree(run_dir)           # an interrupted run starts again from scratch
         if not self.ray_started:
