@@ -1,7 +1,7 @@
 """``ccrk compare`` at tiny size as a user runs it (a subprocess starting its own local cluster):
 every style of the full variant trained, evaluated and aggregated; resumed runs are kept, also
-under another selection of arms; the ITC variant's learning rate chosen on validation, then a second
-seed at that rate, aggregated with its spread."""
+under another selection of arms or seeds; the ITC variant's learning rate chosen on validation, then
+a second seed at that rate, aggregated with its spread."""
 
 import json
 from types import SimpleNamespace
@@ -117,10 +117,11 @@ def test_reports_are_reproducible_from_the_saved_models(compare_run):
 
 def test_an_arms_learning_rate_is_chosen_on_validation_and_trains_the_other_seeds(tmp_path):
     """Both rates train the first seed and are scored on validation; the better one trains seed 1,
-    and the arm is reported over both seeds with their spread (2 workers, bf16)."""
-    res = ccrk("compare", "--out", tmp_path, *TINY, "--val-images", 16, "--objectives", "one_to_k", "--variants", "itc",
-               "--seeds", "0,1", "--lrs", "1e-4,3e-3", "--workers", "2,2", "--chunk-rows", 16, "--precision", "bf16",
-               timeout=600)
+    and the arm is reported over both seeds with their spread (2 workers, bf16), or over the one
+    seed a later command selects."""
+    common = ["compare", "--out", tmp_path, *TINY, "--val-images", 16, "--objectives", "one_to_k", "--variants", "itc",
+              "--workers", "2,2", "--chunk-rows", 16, "--precision", "bf16"]
+    res = ccrk(*common, "--seeds", "0,1", "--lrs", "1e-4,3e-3", timeout=600)
     assert noise(res) == [], "\n".join(noise(res))
     summary = json.loads((tmp_path / "compare.json").read_text())
     sweep = summary["sweep"]["itc"]["one_to_k"]
@@ -142,3 +143,9 @@ def test_an_arms_learning_rate_is_chosen_on_validation_and_trains_the_other_seed
     assert model.has_fusion                                # same model; its fusion layers unused, skipped by DDP
     table = (tmp_path / "compare.md").read_text()
     assert f"| one_to_k | {best} | 2 |" in table and "## Learning rate per arm" in table
+    # a selection of the folder's seeds (here the second, at the chosen rate) reports that run alone
+    one = ccrk(*common, "--seeds", "1", "--lr", best, timeout=300)
+    assert noise(one) == [], "\n".join(noise(one))
+    assert (one.stdout + one.stderr).count("kept from an earlier run") == 1
+    chosen = json.loads((tmp_path / "compare.json").read_text())["results"]["itc"]["one_to_k"]
+    assert chosen["seeds"] == [1] and chosen["aggregate"]["SumR"]["values"] == values[1:]
