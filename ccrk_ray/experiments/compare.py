@@ -276,6 +276,10 @@ class Experiment:
         _, args = objective_args(weights, self.tokenizer, self.cfg.languages)
         return {"name": objective, **args}
 
+    def validation(self, model: CCRKModel) -> dict[str, Any]:
+        """A run's score on the validation split, by ITC: what a sweep chooses its rate on."""
+        return report_from_ranks(evaluate_in_process(model, self.val, k_test=None))
+
     def run(self, variant: str, objective: str, lr: float, seed: int) -> dict[str, Any]:
         run_dir = self.out / "runs" / variant / objective / f"lr{lr:g}-seed{seed}"
         done = run_dir / "report.json"
@@ -284,8 +288,7 @@ class Experiment:
             report = json.loads(done.read_text())
             if self.val is not None and "val" not in report:
                 # kept from a command that chose no learning rate: a sweep now needs its validation score
-                model = CCRKModel.from_pretrained(run_dir / "model")
-                report["val"] = report_from_ranks(evaluate_in_process(model, self.val, k_test=None))
+                report["val"] = self.validation(CCRKModel.from_pretrained(run_dir / "model"))
                 done.write_text(json.dumps(report, indent=2))
             return report
         if run_dir.exists():
@@ -308,7 +311,7 @@ class Experiment:
         report["test"] = {name: report_from_ranks(evaluate_in_process(model, self.test, k_test=k))
                           for name, k in rankings.items()}
         if self.val is not None:
-            report["val"] = report_from_ranks(evaluate_in_process(model, self.val, k_test=None))
+            report["val"] = self.validation(model)
         done.write_text(json.dumps(report, indent=2))
         itc = report["test"][variant]
         log.info("%s/%s lr %g seed %d: test t2i R@10 %.1f, SumR %.1f, MRV t2i %.2f / i2t %.2f (%.0f s training)",
