@@ -1,6 +1,6 @@
 """The per-worker training function run by Ray Train's TorchTrainer: orchestration of named steps.
 
-``train_loop_per_worker({"loop": LoopConfig})`` (``ccrk_ray.train.config.LoopConfig``):
+``train_loop_per_worker(ray_train_config(LoopConfig))`` (``ccrk_ray.train.config.LoopConfig``):
 
 1. ``resume_point``: step, best and data position of the latest committed checkpoint, read
    without fetching its weights;
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -466,13 +467,23 @@ def log_epoch(metrics: dict[str, Any], epochs: int) -> None:
              f" [per step: {per_worker}]" if per_worker else "")
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's entry point: ``config["loop"]`` is the run's ``LoopConfig``."""
-    return run_worker(WorkerLoop, config["loop"])
+def ray_train_config(cfg) -> dict[str, bytes]:
+    """The ``train_loop_config`` of a run's trainer: its loop config, pickled. Ray Train's
+    controller unpickles this dict too, and as bytes it imports nothing there; the config object
+    itself would make the controller import its module's torch, timm and transformers (~5 s of
+    CPU, before the controller starts any worker)."""
+    return {"loop": pickle.dumps(cfg)}
 
 
-def run_worker(loop_class: type[WorkerLoop], cfg) -> dict[str, Any]:
-    """A worker's logging set up as the command's, then ``loop_class(cfg).run()``."""
+def train_loop_per_worker(config: dict[str, bytes]) -> dict[str, Any]:
+    """Ray Train's entry point: ``config`` is ``ray_train_config`` of the run's ``LoopConfig``."""
+    return run_worker(WorkerLoop, config)
+
+
+def run_worker(loop_class: type[WorkerLoop], config: dict[str, bytes]) -> dict[str, Any]:
+    """A worker's logging set up as the command's, then ``loop_class(cfg).run()`` on the loop
+    config of ``ray_train_config``."""
+    cfg = pickle.loads(config["loop"])
     setup_logging(cfg.verbosity)
     # Ray Train logs each report at INFO under a logger named by its file, not under "ray.train"
     quiet_ray_loggers(_train_context.__file__)

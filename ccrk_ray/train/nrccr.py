@@ -308,8 +308,8 @@ class NRCCRWorkerLoop(WorkerLoop):
         torch.save(self.disc_optimizer.state_dict(), Path(directory) / DISCRIMINATOR_STATE)
 
 
-def nrccr_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    return run_worker(NRCCRWorkerLoop, config["loop"])
+def nrccr_loop_per_worker(config: dict[str, bytes]) -> dict[str, Any]:
+    return run_worker(NRCCRWorkerLoop, config)
 
 
 def check_nrccr_data(cfg: NRCCRTrainConfig) -> tuple[DatasetCheck, str, int | None]:

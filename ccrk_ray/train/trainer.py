@@ -25,7 +25,7 @@ from ccrk_ray.data.ingest import DatasetCheck, check_dataset
 from ccrk_ray.data.stats import stats_actor
 from ccrk_ray.model.saved import Preprocess, load_model, save_model_dir
 from ccrk_ray.train.config import LoopConfig, PretrainConfig, loop_config
-from ccrk_ray.train.loop import train_loop_per_worker
+from ccrk_ray.train.loop import ray_train_config, train_loop_per_worker
 
 log = get_logger(__name__)
 RESULT_FILE = "train_result.json"
@@ -55,7 +55,7 @@ def build_trainer(loop: LoopConfig, *, storage_path: str, name: str,
         # with --verbose
         logging_config=ray.train.LoggingConfig(log_level="INFO" if verbosity() > 0 else "WARNING"),
     )
-    return TorchTrainer(train_fn, train_loop_config={"loop": loop}, scaling_config=scaling,
+    return TorchTrainer(train_fn, train_loop_config=ray_train_config(loop), scaling_config=scaling,
                         run_config=run)
 
 

@@ -29,7 +29,6 @@ HYPERPARAMETERS: dict[str, tuple[str, str, type]] = {   # name: (config section,
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "qloguniform": 3, "randint": 2, "choice": None,
                  "grid": None}
 SWEEP_METRICS = ("r_mean", "-mrv", "r_mean-mrv")     # what a sweep maximises (tune.objective)
-METRIC = "objective"             # the name Tune sees it under
 TRIAL_NAME = "finetune"          # the Ray Train run name of every trial
 
 

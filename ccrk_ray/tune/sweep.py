@@ -90,7 +90,8 @@ from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
 from ccrk_ray.model.saved import Preprocess
 from ccrk_ray.tasks.finetune import StartingPoint
 from ccrk_ray.train.best import BestStore
-from ccrk_ray.tune.space import (METRIC, TRIAL_NAME, Dist, TuneSection, absolute_paths, default_space,
+from ccrk_ray.tune.callbacks import METRIC
+from ccrk_ray.tune.space import (TRIAL_NAME, Dist, TuneSection, absolute_paths, default_space,
                                  load_finetune, overrides, parse_dist, parse_space, trial_config, write_yaml)
 from ccrk_ray.tune.trial import ReleaseStoppedTrials, run_trial
 

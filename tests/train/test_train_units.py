@@ -13,7 +13,7 @@ from ccrk_ray.tasks.finetune import TASKS, load_config
 from ccrk_ray.objectives.styles import build_objective
 from ccrk_ray.train.best import BEST_FILE, BestStore
 from ccrk_ray.train.schedule import accumulation, lr_factor
-from ccrk_ray.train.trainer import clean_orphan_checkpoints, run_exists
+from ccrk_ray.train.trainer import build_trainer, clean_orphan_checkpoints, run_exists
 from tests.conftest import tiny_text_config
 
 
@@ -211,3 +211,43 @@ def test_set_items_override_the_file_and_are_checked_like_it(tmp_path):
         PretrainConfig.from_yaml(path, ["train.lrr=1"])
     with pytest.raises(ConfigError, match="--set 'train.lr': expected section.key=value"):
         PretrainConfig.from_yaml(path, ["train.lr"])
+
+
+def test_what_ray_trains_controller_unpickles_imports_no_torch(tmp_path):
+    """A run's Ray Train controller unpickles the trainer's ``train_loop_config`` and its callbacks
+    before it starts any worker: they must not make it import torch, timm or transformers (the
+    workers do; the controller would spend ~2–5 s of CPU on it at every run's start). Checked in a
+    fresh process, as the controller is one."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    from ccrk_ray.train.config import LoopConfig, TrainSection
+    from ccrk_ray.train.loop import run_worker
+    from ccrk_ray.tune.callbacks import SweepReportCallback, TrialPlacementGroups
+
+    loop = LoopConfig(model={"embed_dim": 16}, objective="itc", objective_args={}, data=None,
+                      train=TrainSection(epochs=3, lr=2e-4))
+    trainer = build_trainer(loop, storage_path=str(tmp_path), name="run", num_workers=(1, 1),
+                            callbacks=[TrialPlacementGroups(str(tmp_path / "pg.txt"))])
+    shipped = tmp_path / "controller.pkl"
+    # (a SweepReportCallback is made only inside a Tune trial: its class, which the controller
+    # imports the same way, stands for it)
+    shipped.write_bytes(cloudpickle.dumps((trainer.train_loop_config, trainer.run_config.callbacks,
+                                           SweepReportCallback)))
+    check = ("import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
+             "print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", check, str(shipped)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    # and every worker gets the loop config back as it was built
+
+    class Echo:
+        def __init__(self, cfg):
+            self.cfg = cfg
+
+        def run(self):
+            return self.cfg
+
+    assert run_worker(Echo, trainer.train_loop_config) == loop
