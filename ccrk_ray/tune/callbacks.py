@@ -4,7 +4,7 @@ groups (``TrialPlacementGroups``).
 
 Kept apart from ``trial.py`` because the controller imports the module its callbacks come from:
 this one imports Ray and file helpers only, where ``trial.py`` brings torch, timm and
-transformers (~2 s of CPU before the controller starts any worker)."""
+transformers (~4 s of CPU before the controller starts any worker)."""
 
 from __future__ import annotations
 
