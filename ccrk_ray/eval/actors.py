@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import time
@@ -47,7 +48,7 @@ def embed_dataset(ds: "ray.data.Dataset", model_dir, languages: Sequence[str], *
     # a saved model goes as its path; an OpenClipSpec as itself (not imported here: the eval actors
     # import this module to rank, with numpy alone)
     model = str(model_dir) if isinstance(model_dir, (str, Path)) else model_dir
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = cluster_gpus()
     num_actors, gpus_per_actor, device = embedding_placement(gpus, num_actors)
     if transform is not None and (gpus_per_actor > 0 if transform_actor is None else transform_actor):
         ds = ds.map_batches(RowTransform, fn_constructor_kwargs=dict(transform=transform), batch_size=batch_size,
@@ -104,6 +105,16 @@ class RowTransform:
 
     def __call__(self, batch):
         return self.transform(batch)
+
+
+def cluster_gpus() -> int:
+    """GPUs in the cluster."""
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def free_cpus() -> float:
+    """CPUs no actor or task of the cluster holds now."""
+    return ray.available_resources().get("CPU", 0.0)
 
 
 def embedding_placement(cluster_gpus: int, num_actors: int) -> tuple[int, int, str]:
@@ -166,6 +177,15 @@ class ItmFeatures:
         return out
 
 
+@functools.lru_cache(maxsize=1)
+def itm_model(model_dir: str):
+    """The saved model two-stage re-scoring fuses with, loaded once per eval actor process: a
+    ``RankPool`` started ahead loads it while the split is still being embedded."""
+    from ccrk_ray.model import CCRKModel
+
+    return CCRKModel.from_pretrained(model_dir).eval()
+
+
 class BlockRescorer:
     """Two-stage re-scorer reading the ITM features from the embedding blocks (``ItmFeatures``):
     the ITM head's "match" logit of (query, candidate) pairs, ``batch_size`` pairs at a time. The
@@ -181,10 +201,8 @@ class BlockRescorer:
     def __call__(self, direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         import torch
 
-        from ccrk_ray.model import CCRKModel
-
         if self.model is None:
-            self.model = CCRKModel.from_pretrained(self.model_dir).eval()
+            self.model = itm_model(self.model_dir)
         image_idx, text_idx = pair_indices(direction, queries, candidates)
         out = np.empty(len(image_idx), dtype=np.float64)
         step = self.batch_size * 16            # pairs gathered at once (bounded memory)
@@ -203,12 +221,21 @@ class RankActor:
     ranked in (None: the whole split; else image indices, e.g. COCO's 1K folds: a gallery of their
     own, built on first use), so one set of actors serves them all."""
 
-    def __init__(self, image_emb: np.ndarray, captions: Captions, true: np.ndarray, rescore=None,
-                 galleries: Sequence[np.ndarray | None] = (None,)):
+    def __init__(self, image_emb: np.ndarray | None = None, captions: Captions | None = None,
+                 true: np.ndarray | None = None, rescore=None, galleries: Sequence[np.ndarray | None] = (None,)):
+        self.load(image_emb, captions, true, rescore, galleries)
+
+    def load(self, image_emb: np.ndarray | None, captions: Captions | None, true: np.ndarray | None, rescore=None,
+             galleries: Sequence[np.ndarray | None] = (None,)) -> None:
+        """The gallery to rank in (an actor started ahead of its data gets it here)."""
         self.image_emb, self.captions, self.true, self.rescore = image_emb, captions, true, rescore
         self.galleries = list(galleries)
         self.parts: dict[int, tuple] = {}
         self.views: dict[tuple[int, int], LanguageView] = {}
+
+    def warm(self, model_dir: str) -> None:
+        """Load the ITM model two-stage re-scoring will use (``itm_model``) before any task needs it."""
+        itm_model(model_dir)
 
     def rank(self, task: Task, k_test: int | None, tile: int | None = None, gallery: int = 0) -> ShardRanks:
         return rank_task(self._view(task, gallery), task, k_test=k_test, rescore=self._part(gallery)[3], tile=tile)
@@ -267,12 +294,14 @@ def rank_galleries_on_actors(image_emb: np.ndarray, text_emb, galleries: Sequenc
                              query_languages: Sequence[str] | None = None, num_actors: int = 1,
                              tasks: Sequence[Task] | None = None, k_test: int | None = None, rescore=None,
                              chunk: int | None = None, tile: int | None = None, cpus_per_actor: float = 1.0,
-                             timeout_s: float | None = None, stats: dict[str, Any] | None = None) -> list[RankSet]:
+                             timeout_s: float | None = None, stats: dict[str, Any] | None = None,
+                             pool: RankPool | None = None) -> list[RankSet]:
     """``rank_on_actors`` in each of ``galleries`` (None: the whole split; else sorted image
     indices ranked as a gallery of their own with their images' captions and ``rescore`` mapped
     to them: COCO's 1K folds), one ``RankSet`` each, on one set of actors started once (each fold
     would otherwise start its own: seconds of process start-up per fold). ``tasks``: the whole
-    split's, when ``galleries`` is ``[None]``."""
+    split's, when ``galleries`` is ``[None]``. ``pool``: actors the caller started ahead (and
+    stops); else ``num_actors`` are started here and stopped on return."""
     captions, columns = check_inputs(image_emb, text_emb, languages, query_languages)
     if num_actors < 1:
         raise ValueError(f"num_actors must be >= 1, got {num_actors}")
@@ -287,22 +316,25 @@ def rank_galleries_on_actors(image_emb: np.ndarray, text_emb, galleries: Sequenc
                                                                 two_stage=rescore is not None, chunk=chunk)
         check_tasks(mine, caps, columns, two_stage=rescore is not None)
         planned += [(g, task) for task in mine]
-    pool = _start_actors(image_emb, captions, true, rescore, min(num_actors, len(planned)), cpus_per_actor, galleries)
+    owned = pool is None
+    if owned:
+        pool = RankPool(min(num_actors, len(planned)), cpus_per_actor)
 
     def describe(item: tuple[int, Task]) -> str:
         g, task = item
         return _describe(task, parts[g][1]) + (f" of gallery {g}" if galleries[g] is not None else "")
 
     try:
-        done = _run_tasks(pool, planned, lambda actor, item: actor.rank.remote(item[1], k_test, tile, item[0]),
+        actors = pool.load(image_emb, captions, true, rescore, galleries, len(planned))
+        done = _run_tasks(actors, planned, lambda actor, item: actor.rank.remote(item[1], k_test, tile, item[0]),
                           describe, timeout_s, "ranking")
         if stats is not None:
             stats.update(seconds=time.perf_counter() - t0, tasks=[task for _, task in planned],
-                         actor_peak_rss_bytes=ray.get([a.peak_rss_bytes.remote() for a in pool]),
-                         actor_cpu_seconds=ray.get([a.cpu_seconds.remote() for a in pool]))
+                         actor_peak_rss_bytes=ray.get([a.peak_rss_bytes.remote() for a in actors]),
+                         actor_cpu_seconds=ray.get([a.cpu_seconds.remote() for a in actors]))
     finally:
-        for actor in pool:
-            ray.kill(actor)
+        if owned:
+            pool.close()
     out = []
     for g, (emb, caps, tr, _) in enumerate(parts):
         views = {j: LanguageView.build(emb, caps, tr, j) for j in columns}
@@ -318,14 +350,11 @@ def score_ranges_on_actors(image_emb: np.ndarray, captions: Captions, *, num_act
     pass of a fused evaluation. Only two numbers per task come back."""
     captions, columns = check_inputs(image_emb, captions)
     tasks = plan_tasks(image_emb, captions, columns, num_actors, two_stage=False, chunk=chunk)
-    # a range needs no true scores (the views only carry them)
-    pool = _start_actors(image_emb, captions, np.zeros(len(captions.owner)), None, min(num_actors, len(tasks)), cpus_per_actor)
-    try:
-        parts = _run_tasks(pool, tasks, lambda actor, task: actor.score_range.remote(task),
+    with RankPool(min(num_actors, len(tasks)), cpus_per_actor) as pool:
+        # a range needs no true scores (the views only carry them)
+        actors = pool.load(image_emb, captions, np.zeros(len(captions.owner)), None, (None,), len(tasks))
+        parts = _run_tasks(actors, tasks, lambda actor, task: actor.score_range.remote(task),
                            lambda task: _describe(task, captions), timeout_s, "score ranges")
-    finally:
-        for actor in pool:
-            ray.kill(actor)
     return merge_ranges(parts, captions)
 
 
@@ -346,15 +375,43 @@ class ActorRanking:
                                       cpus_per_actor=self.cpus_per_actor, timeout_s=self.timeout_s)
 
 
-def _start_actors(image_emb: np.ndarray, captions: Captions, true: np.ndarray, rescore, count: int,
-                  cpus_per_actor: float, galleries: Sequence[np.ndarray | None] = (None,)) -> list:
-    """``count`` RankActors sharing one copy of the gallery (and ``rescore``) in the object store."""
-    refs = [ray.put(np.ascontiguousarray(image_emb, dtype=np.float32)), ray.put(captions), ray.put(true),
-            ray.put(rescore) if rescore is not None else None, ray.put(list(galleries))]
-    # Ray sets OMP_NUM_THREADS (which OpenBLAS follows) to the actor's CPUs; a runtime_env with
-    # thread variables instead made actor start-up 3-4x slower here.
-    actor_cls = ray.remote(RankActor).options(num_cpus=cpus_per_actor)
-    return [actor_cls.remote(*refs) for _ in range(count)]
+class RankPool:
+    """Eval actors (``RankActor``) that can start before their data exists: ``ccrk evaluate``
+    starts them while the split is being embedded, so their process start-up and, with
+    ``itm_model_dir`` (two-stage), the ITM model's load overlap the embedding instead of following
+    it. ``load`` hands them one shared copy of the gallery; ``close`` (or leaving the ``with``
+    block) stops them."""
+
+    def __init__(self, count: int, cpus_per_actor: float = 1.0, itm_model_dir: str | None = None):
+        # Ray sets OMP_NUM_THREADS (which OpenBLAS follows) to the actor's CPUs; a runtime_env with
+        # thread variables instead made actor start-up 3-4x slower here.
+        actor_cls = ray.remote(RankActor).options(num_cpus=cpus_per_actor)
+        self.actors = [actor_cls.remote() for _ in range(count)]
+        self.warming = [a.warm.remote(itm_model_dir) for a in self.actors] if itm_model_dir else []
+
+    def load(self, image_emb: np.ndarray, captions: Captions, true: np.ndarray, rescore,
+             galleries: Sequence[np.ndarray | None], tasks: int) -> list:
+        """The actors that will rank ``tasks`` tasks (at most one each), each given the gallery
+        (and ``rescore``) from one copy in the object store. A failed model load surfaces here."""
+        try:
+            ray.get(self.warming)
+        except ray.exceptions.RayTaskError as exc:
+            raise _with_task(exc, "loading the ITM model") from exc
+        refs = [ray.put(np.ascontiguousarray(image_emb, dtype=np.float32)), ray.put(captions), ray.put(true),
+                ray.put(rescore) if rescore is not None else None, ray.put(list(galleries))]
+        actors = self.actors[:max(1, tasks)]
+        ray.get([actor.load.remote(*refs) for actor in actors])
+        return actors
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _run_tasks(pool: list, tasks: Sequence, call, describe, timeout_s: float | None, desc: str) -> list:

@@ -33,9 +33,9 @@ from typing import Any, Sequence
 from ccrk_ray.core.config import ConfigError, build, check_range, deep_merge, read_config, read_yaml
 from ccrk_ray.core.languages import validate_languages
 from ccrk_ray.core.log import get_logger
-from ccrk_ray.core.runtime import local_cpus, ray_session
+from ccrk_ray.core.runtime import ray_session
 from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
-from ccrk_ray.eval.evaluate import evaluate_test_sets
+from ccrk_ray.eval.evaluate import evaluate_test_sets, run_cpus
 from ccrk_ray.model.ccrk import TEMPERATURE_MAX, TEMPERATURE_MIN, CCRKModel, ModelConfig
 from ccrk_ray.model.saved import Preprocess, model_config, resolve_model_dir
 from ccrk_ray.train.best import BestStore
@@ -236,7 +236,7 @@ def run_finetune(task: str, config_path: str | Path, checkpoint: str | Path, res
     caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length, cfg.data.pre_caption)
     best_store = BestStore(f"{cfg.run_storage.rstrip('/')}/{cfg.name}/best")
     check = check_training_data(cfg)
-    with ray_session(local_cpus(cfg.cpus_held())):
+    with ray_session(run_cpus(cfg.cpus_held())):
         log.info("fine-tuning %s on task %s (train %s; test %s)", start.describe(), task,
                  ", ".join(cfg.task.train_languages), ", ".join(cfg.task.test_languages))
         metrics = run_training(cfg, tokenizer, caption_tokenizer, resume=resume, init_from=start.init_from,

@@ -29,8 +29,8 @@ import yaml
 from ccrk_ray.core.config import ConfigError, build, read_config
 from ccrk_ray.core.languages import validate_languages
 from ccrk_ray.core.log import get_logger
-from ccrk_ray.core.runtime import local_cpus, ray_session
-from ccrk_ray.eval.evaluate import RANKS_FILE
+from ccrk_ray.core.runtime import ray_session
+from ccrk_ray.eval.evaluate import RANKS_FILE, run_cpus
 from ccrk_ray.eval.ranks import mrv_over_runs
 from ccrk_ray.tasks.finetune import load_config, run_finetune
 
@@ -115,7 +115,7 @@ def run_paper_tables(config_path: str | Path, checkpoint: str | Path) -> dict[st
     if pending:
         # one cluster for every run (each run's own session joins it): a cluster start and its
         # worker processes' imports once, not once per language
-        with ray_session(local_cpus(max(cpus[name] for name in pending))):
+        with ray_session(run_cpus(max(cpus[name] for name in pending))):
             for name in pending:
                 start = checkpoint if name == "zero_shot" else out / "zero_shot" / "model"
                 log.info("paper tables: %s run from %s", name, start)

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ccrk_ray.core.config import ConfigError
-from ccrk_ray.core.runtime import local_cpus, ray_session
+from ccrk_ray.core.runtime import ray_session
 from ccrk_ray.data.tokenizer import CaptionTokenizer, load_tokenizer
-from ccrk_ray.eval.evaluate import evaluate_test_sets
+from ccrk_ray.eval.evaluate import evaluate_test_sets, run_cpus
 from ccrk_ray.train.config import PretrainConfig
 from ccrk_ray.train.trainer import check_training_data, prepare_run, run_training
 
@@ -23,7 +23,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(source)
     caption_tokenizer = CaptionTokenizer(tokenizer, cfg.data.max_length, cfg.data.pre_caption)
     check = check_training_data(cfg)
-    with ray_session(local_cpus(cfg.cpus_held())):
+    with ray_session(run_cpus(cfg.cpus_held())):
         metrics = run_training(cfg, tokenizer, caption_tokenizer, resume=resume, check=check)
         if cfg.data.test or cfg.data.translate_test:
             out = Path(cfg.output_dir).resolve()

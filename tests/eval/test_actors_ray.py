@@ -172,3 +172,40 @@ def test_an_error_inside_an_actor_surfaces_and_stops_every_actor(ray_local):
     while alive_rank_actors() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not alive_rank_actors()
+
+
+def test_eval_actors_start_ahead_only_where_the_embedding_keeps_its_cpus(ray_local, tmp_path):
+    """``rank_pool_ahead`` starts the eval actors before the embedding only when the cluster (4
+    CPUs) has room for both (one of each plus the read tasks: 3); the actors it started rank like
+    any others and are stopped on exit. A model that fails to load while they wait is named."""
+    import ray
+
+    from ccrk_ray.eval.actors import RankPool
+    from ccrk_ray.eval.evaluate import rank_pool_ahead
+
+    img, txt = planted_ties()
+    before = len(rank_actors(None))
+    with rank_pool_ahead(1) as pool:
+        assert pool is not None and len(rank_actors(None)) == before + 1
+        got = rank_galleries_on_actors(img, txt, [None], pool=pool)[0].matrices()
+        # the pool's actor ranked: none was started for the ranking
+        assert len(rank_actors(None)) == before + 1 and len(alive_rank_actors()) == 1
+    ref = dense_ranks(img, txt)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    deadline = time.monotonic() + 120                           # ray.kill is asynchronous
+    while alive_rank_actors() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive_rank_actors()
+    with rank_pool_ahead(2) as pool:                            # 2 + 2 + 1 > 4
+        assert pool is None
+    holder = ray.remote(num_cpus=2)(type("Hold", (), {"ping": lambda self: 1})).remote()
+    ray.get(holder.ping.remote())
+    try:
+        with rank_pool_ahead(1) as pool:                        # 2 free < 3
+            assert pool is None and len(rank_actors(None)) == before + 1
+    finally:
+        ray.kill(holder)
+    with RankPool(1, itm_model_dir=str(tmp_path / "no_model")) as pool:
+        with pytest.raises(Exception, match="loading the ITM model"):
+            pool.load(img, Captions.one_per_image(txt), np.zeros(len(img) * txt.shape[1]), None, (None,), 1)
