@@ -180,11 +180,17 @@ def test_eval_actors_start_ahead_only_where_the_embedding_keeps_its_cpus(ray_loc
     any others and are stopped on exit. A model that fails to load while they wait is named."""
     import ray
 
-    from ccrk_ray.eval.actors import RankPool
+    from ccrk_ray.eval.actors import RankPool, free_cpus
     from ccrk_ray.eval.evaluate import rank_pool_ahead
 
     img, txt = planted_ties()
     before = len(rank_actors(None))
+    # the previous tests' actors give their CPUs back asynchronously after ray.kill: start from an
+    # idle cluster, not from whatever is still being released
+    deadline = time.monotonic() + 120
+    while free_cpus() < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert free_cpus() == 4
     with rank_pool_ahead(1) as pool:
         assert pool is not None and len(rank_actors(None)) == before + 1
         got = rank_galleries_on_actors(img, txt, [None], pool=pool)[0].matrices()
