@@ -189,20 +189,15 @@ def itm_model(model_dir: str):
 class BlockRescorer:
     """Two-stage re-scorer reading the ITM features from the embedding blocks (``ItmFeatures``):
     the ITM head's "match" logit of (query, candidate) pairs, ``batch_size`` pairs at a time. The
-    model (a saved model's path) loads on first use, in the eval actor."""
+    model (a saved model's path) loads once per eval actor process (``itm_model``)."""
 
     def __init__(self, model_dir: str, features: ItmFeatures, batch_size: int = 256):
         self.model_dir, self.features, self.batch_size = str(model_dir), features, batch_size
-        self.model = None
-
-    def __getstate__(self):
-        return dict(self.__dict__, model=None)
 
     def __call__(self, direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         import torch
 
-        if self.model is None:
-            self.model = itm_model(self.model_dir)
+        model = itm_model(self.model_dir)
         image_idx, text_idx = pair_indices(direction, queries, candidates)
         out = np.empty(len(image_idx), dtype=np.float64)
         step = self.batch_size * 16            # pairs gathered at once (bounded memory)
@@ -210,7 +205,7 @@ class BlockRescorer:
             tokens = self.features.images(image_idx[s:s + step])
             hidden, mask = self.features.texts(text_idx[s:s + step])
             n = len(tokens)
-            out[s:s + n] = itm_scores(self.model, torch.as_tensor(tokens), torch.as_tensor(hidden),
+            out[s:s + n] = itm_scores(model, torch.as_tensor(tokens), torch.as_tensor(hidden),
                                       torch.as_tensor(mask), np.arange(n), np.arange(n), batch_size=self.batch_size)
         return out.reshape(candidates.shape)
 
