@@ -21,7 +21,9 @@ from tests.ports import free_port
 
 # Tests that start Ray carry this (``pytestmark = RAY``): pytest-xdist's ``--dist loadgroup`` (as
 # ``./run test`` runs the suite) then runs them one after another on one worker, one Ray cluster at
-# a time as a user has it, while the other tests run beside them on a second worker.
+# a time as a user has it, while the other tests run beside them on a second worker. (Two groups
+# of Ray tests side by side, each with its own Ray temp dir, measured on 2 cores: 9 % less wall
+# time for 12 % more CPU work, and a command failed in Ray Train's placement-group cleaner.)
 RAY = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
 
