@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     args, pytest_args = parser.parse_known_args(argv)
     if not Path("/proc/stat").is_file():
         sys.exit("suite_work.py reads /proc/stat: Linux only")
-    rows_file = args.json or Path(tempfile.mkstemp(suffix=".json")[1])
+    if args.json:
+        rows_file = args.json
+    else:
+        fd, name = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        rows_file = Path(name)
     before = busy_seconds()
     time.sleep(args.idle_seconds)
     idle_load = (busy_seconds() - before) / args.idle_seconds
